@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make run` (the main job) and `make test`.
+# Both create a virtualenv in .venv with the pinned dependencies from pyproject.toml.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; tracetune needs Python 3.11 (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/tracetune validate
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/rewards.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

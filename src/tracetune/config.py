@@ -1,0 +1,195 @@
+"""Frozen, keyword-only config dataclasses; YAML presets only override their defaults.
+
+A preset (``presets/<name>.yaml``) is a nested mapping of section -> field -> value.
+Command-line overrides use dotted keys (``data.seed=7``). Unknown sections or
+fields are errors that name the file and the key, so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A preset, config file or override that cannot be applied."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardWeights:
+    """Weights (w_c, w_t, w_k) of R = w_c * correctness + w_t * trace + w_k * confidence.
+
+    The recipe's values are (0.6, 0.25, 0.15); an ablation sets a weight to 0.
+    """
+
+    correctness: float = 0.6
+    trace: float = 0.25
+    confidence: float = 0.15
+
+    def __post_init__(self) -> None:
+        values = self.as_dict()
+        if any(v < 0 for v in values.values()) or sum(values.values()) <= 0:
+            raise ConfigError(f"reward weights must be >= 0 and not all 0, got {values}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"correctness": self.correctness, "trace": self.trace, "confidence": self.confidence}
+
+    @classmethod
+    def parse(cls, text: str) -> RewardWeights:
+        """``"0.6,0,0.15"`` -> RewardWeights(correctness=0.6, trace=0.0, confidence=0.15)."""
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"reward weights must be three numbers 'c,t,k', got {text!r}") from None
+        if len(values) != 3:
+            raise ConfigError(f"reward weights must be three numbers 'c,t,k', got {text!r}")
+        return cls(correctness=values[0], trace=values[1], confidence=values[2])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where examples come from and how SFT traces are curated.
+
+    source: "gsm8k" (shipped with tracetune), a path to a JSONL file, or a Hugging
+      Face dataset id (needs network).
+    val_fraction: share of the train split held out for validation (seeded split).
+    max_tokens: traces longer than this (prompt + completion) are dropped once a
+      tokenizer is available; the recipe's sequence budget.
+    """
+
+    source: str = "gsm8k"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    val_fraction: float = 0.05
+    seed: int = 42
+    max_tokens: int = 1400
+    prompt_style: str = "plain"
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.prompt_style not in ("plain", "chat"):
+            raise ConfigError(f"data.prompt_style must be 'plain' or 'chat', got {self.prompt_style!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run's configuration: what a preset resolves to."""
+
+    preset: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardWeights = field(default_factory=RewardWeights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("tracetune.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check or convert a YAML / command-line value to the field's declared type."""
+    kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        try:
+            if not isinstance(value, bool) and float(value) == int(float(value)):
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif kind is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind in (types.UnionType, typing.Union):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown field {key!r} (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping of fields, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    tree[leaf] = value
+
+
+def load_config(preset: str | Path = "default", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Resolve a preset name (or a YAML file, e.g. a run's saved config) plus overrides.
+
+    >>> load_config("default", ["data.seed=7"]).data.seed
+    7
+    """
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text, where, name = path.read_text(), str(path), path.stem
+    else:
+        name = str(preset)
+        if name not in preset_names():
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+        text = resources.files("tracetune.presets").joinpath(f"{name}.yaml").read_text()
+        where = f"preset {name}"
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    tree.setdefault("preset", name)
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            key, value = item.split("=", 1)
+            pairs[key.strip()] = value.strip()
+        overrides = pairs
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, where)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config; ``load_config(path)`` reproduces it exactly."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,310 @@
+"""Examples from GSM8K-shaped sources, and their curation into SFT traces.
+
+Sources: ``gsm8k`` (train/test shipped inside tracetune, MIT licence, OpenAI 2021),
+a local JSONL file, or a Hugging Face dataset id / local dataset folder read with
+``datasets``. A row has a question and an answer; the reference is the number after
+``#### `` (GSM8K's convention), or the whole answer when it is just a number.
+
+Curation turns a GSM8K solution into the trace format::
+
+    Natalia sold 48/2 = <<48/2=24>>24 clips in May.        Step 1: Natalia sold 48/2 = 24 clips in May.
+    Natalia sold 48+24 = <<48+24=72>>72 clips ...     ->   Step 2: Natalia sold 48+24 = 72 clips ...
+    #### 72                                                Therefore, the answer is 72.  + <answer>72</answer>
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tracetune.format import TAGS, build_prompt, format_completion, parse_number
+
+SHIPPED = {"gsm8k": ("train", "test")}
+
+
+class DataError(ValueError):
+    """A row that cannot be used, named by file, line and field."""
+
+    def __init__(self, source: str, line: int | None, field_name: str | None, message: str):
+        self.source, self.line, self.field, self.message = source, line, field_name, message
+        where = source if line is None else f"{source}:{line}"
+        what = f" field '{field_name}':" if field_name else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. ``reference`` is the canonical number string ("1200", "0.5", "-3")."""
+
+    id: str
+    question: str
+    reference: str
+    solution: str = ""
+
+
+@dataclass
+class LoadResult:
+    examples: list[Example]
+    skipped: list[DataError] = field(default_factory=list)
+
+
+def canonical_number(value: float) -> str:
+    """``1200.0`` -> ``"1200"``, ``0.5`` -> ``"0.5"``: how references are written."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def example_from_row(row: Any, source: str, line: int, question_field: str = "question", answer_field: str = "answer") -> Example:
+    """Validate one row; raise DataError naming the field at fault."""
+    if not isinstance(row, dict):
+        raise DataError(source, line, None, f"expected a JSON object, got {type(row).__name__}")
+    for name in (question_field, answer_field):
+        if name not in row:
+            raise DataError(source, line, name, "missing")
+    question, answer = row[question_field], row[answer_field]
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(source, line, question_field, "must be a non-empty string")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise DataError(source, line, answer_field, f"must be a string, got {type(answer).__name__}")
+    solution, marker, final = answer.rpartition("####")
+    if not marker:
+        solution, final = "", answer
+    reference = parse_number(final) if re.fullmatch(r"\s*[-\u2212$]?\s*[0-9][0-9,./]*\s*", final) else None
+    if reference is None:
+        raise DataError(source, line, answer_field, f"reference {final.strip()!r} is not a number (expected '#### <number>')")
+    return Example(
+        id=f"{Path(source).stem}-{line}",
+        question=question.strip(),
+        reference=canonical_number(reference),
+        solution=solution.strip(),
+    )
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or DataError) for each non-blank line.
+
+    A malformed line is yielded as its error, so a caller that skips bad rows can
+    go on reading; ``read_jsonl`` raises instead.
+    """
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as error:
+        raise DataError(str(path), None, None, f"cannot open: {error.strerror}") from None
+    with handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                yield number, DataError(str(path), number, None, f"malformed JSON: {error.msg} (column {error.colno})")
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; DataError on bad JSON."""
+    for number, value in iter_jsonl(path):
+        if isinstance(value, DataError):
+            raise value
+        yield number, value
+
+
+def shipped_path(name: str, split: str) -> Path:
+    """Path of a split shipped inside the package, e.g. ``shipped_path("gsm8k", "test")``."""
+    if split not in SHIPPED[name]:
+        raise DataError(name, None, None, f"unknown split {split!r}; shipped splits: {', '.join(SHIPPED[name])}")
+    return Path(str(resources.files(f"tracetune.datasets.{name}").joinpath(f"{split}.jsonl")))
+
+
+def _hf_rows(source: str, split: str) -> Iterator[tuple[int, Any]]:
+    try:
+        import datasets  # imported here: it is slow to import and rarely needed
+    except ImportError:
+        raise DataError(source, None, None, "reading Hugging Face datasets needs the 'datasets' package") from None
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    # datasets raises a dozen exception types for "not found", "offline", "gated"...;
+    # whichever it is, the user needs the same sentence, with datasets' reason.
+    except Exception as error:  # noqa: BLE001
+        raise DataError(
+            source, None, None,
+            f"cannot load Hugging Face dataset split {split!r}: {error}. "
+            "Check the id and the network, or pass a local JSONL file.",
+        ) from None
+    for index, row in enumerate(dataset, start=1):
+        yield index, row
+
+
+def load_examples(
+    source: str = "gsm8k",
+    split: str = "train",
+    *,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    skip_invalid: bool = False,
+    limit: int | None = None,
+) -> LoadResult:
+    """Load and validate examples. Invalid rows raise DataError, or with
+    ``skip_invalid`` are skipped and returned in ``LoadResult.skipped``."""
+    if source in SHIPPED:
+        name, rows = f"{source}/{split}.jsonl", iter_jsonl(shipped_path(source, split))
+    elif Path(source).is_file():
+        name, rows = source, iter_jsonl(Path(source))
+    else:
+        name, rows = source, _hf_rows(source, split)
+
+    result = LoadResult(examples=[])
+    for line, row in rows:
+        if limit is not None and len(result.examples) >= limit:
+            break
+        try:
+            if isinstance(row, DataError):
+                raise row
+            example = example_from_row(row, name, line, question_field, answer_field)
+        except DataError as error:
+            if not skip_invalid:
+                raise
+            result.skipped.append(error)
+            continue
+        result.examples.append(example)
+    return result
+
+
+# ------------------------------------------------------------------------ curation
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+class CurationError(ValueError):
+    """Why a solution cannot become a trace (a drop reason, counted and reported)."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """An SFT example: the prompt and the target completion in the trace format."""
+
+    id: str
+    question: str
+    reference: str
+    prompt: str
+    completion: str
+    n_steps: int
+    n_tokens: int | None = None
+
+
+def solution_steps(solution: str) -> list[str]:
+    """The non-empty lines of a GSM8K solution, calculator annotations removed;
+    CurationError says why the solution cannot become a trace."""
+    cleaned = _CALCULATOR.sub("", solution)
+    if "<<" in cleaned or ">>" in cleaned:
+        raise CurationError("unbalanced calculator annotation")
+    if any(tag in solution for tag in TAGS):
+        raise CurationError("solution contains trace tags")
+    steps = [re.sub(r"\s+", " ", line).strip() for line in cleaned.splitlines()]
+    steps = [step for step in steps if step]
+    if not steps:
+        raise CurationError("no solution steps")
+    return steps
+
+
+def target_completion(steps: Sequence[str], reference: str) -> str:
+    """The SFT target: the steps, the recipe's "Therefore, ..." conclusion, the answer."""
+    return format_completion(list(steps), f"Therefore, the answer is {reference}.", reference)
+
+
+def curate_solution(solution: str, reference: str) -> str:
+    """A GSM8K solution -> the target completion in the trace format."""
+    return target_completion(solution_steps(solution), reference)
+
+
+def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/validation split: shuffle with ``seed``, hold out a fraction."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(examples) * val_fraction)
+    held = set(order[:n_val])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    validation = [e for i, e in enumerate(examples) if i in held]
+    return train, validation
+
+
+@dataclass
+class CurationResult:
+    train: list[Trace]
+    validation: list[Trace]
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def write(self, out_dir: Path) -> dict[str, Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for split, traces in (("train", self.train), ("validation", self.validation)):
+            path = out_dir / f"{split}.jsonl"
+            tmp = path.with_suffix(".jsonl.tmp")
+            with tmp.open("w", encoding="utf-8") as handle:
+                for trace in traces:
+                    handle.write(json.dumps(asdict(trace), ensure_ascii=False) + "\n")
+            tmp.replace(path)  # never leave a half-written file where a reader looks
+            paths[split] = path
+        return paths
+
+
+def curate(
+    examples: Sequence[Example],
+    *,
+    val_fraction: float = 0.05,
+    seed: int = 42,
+    prompt_style: str = "plain",
+    count_tokens: Callable[[str], int] | None = None,
+    max_tokens: int = 1400,
+) -> CurationResult:
+    """Curate examples into SFT traces with a seeded train/validation split.
+
+    With ``count_tokens`` (a tokenizer), traces whose prompt + completion exceed
+    ``max_tokens`` are dropped as "too long"; without one there is no length filter.
+    """
+    train, validation = split_examples(examples, val_fraction, seed)
+    result = CurationResult(train=[], validation=[])
+    for part, out in ((train, result.train), (validation, result.validation)):
+        for example in part:
+            try:
+                steps = solution_steps(example.solution)
+            except CurationError as error:
+                result.dropped[str(error)] += 1
+                result.dropped_ids.setdefault(str(error), []).append(example.id)
+                continue
+            completion = target_completion(steps, example.reference)
+            prompt = build_prompt(example.question, prompt_style)
+            n_tokens = count_tokens(prompt + completion) if count_tokens else None
+            if n_tokens is not None and n_tokens > max_tokens:
+                reason = f"longer than {max_tokens} tokens"
+                result.dropped[reason] += 1
+                result.dropped_ids.setdefault(reason, []).append(example.id)
+                continue
+            out.append(
+                Trace(
+                    id=example.id,
+                    question=example.question,
+                    reference=example.reference,
+                    prompt=prompt,
+                    completion=completion,
+                    n_steps=len(steps),
+                    n_tokens=n_tokens,
+                )
+            )
+    return result
+
+
+def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99, 100)) -> dict[str, float]:
+    """Nearest-rank percentiles, e.g. ``{"p50": ..., "p100": max}``; empty input -> {}."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {f"p{q}": ordered[min(len(ordered) - 1, max(0, -(-q * len(ordered) // 100) - 1))] for q in qs}

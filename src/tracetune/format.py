@@ -1,0 +1,227 @@
+"""The trace format: prompts, the completion parser, numbers, and the format check.
+
+Every stage reads completions through this module, so training rewards and
+evaluation metrics cannot drift apart (the habit nanochat's ``tasks/gsm8k.py``
+and maxtext's ``utils_rl.py`` share). A well-formed completion is::
+
+    <reasoning>Step 1: ... Step 2: ... Therefore, ...</reasoning>
+    <answer>40 km/h</answer>
+
+>>> parse_completion("<reasoning>Step 1: 2 + 2 = 4</reasoning> <answer>4</answer>").answer
+'4'
+>>> parse_number("$1,000.50")
+1000.5
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+# The recipe's prompt: no instruction, the fine-tuned model learns the format.
+PROMPT_TEMPLATE = "Q: {question}\nA:\n"
+
+# For instruction-tuned checkpoints (gemma3-*-it) zero-shot: Gemma's chat turns with
+# the format spelled out, since such a model has never seen our tags. Gemma has no
+# system role, so the instruction goes into the user turn (Gemma 3 model card).
+CHAT_INSTRUCTION = (
+    "Solve the math problem. Reason step by step inside <reasoning></reasoning>, "
+    "writing each step as 'Step N: ...' and ending with 'Therefore, ...'. "
+    "Then give only the final number inside <answer></answer>."
+)
+CHAT_TEMPLATE = (
+    "<start_of_turn>user\n{instruction}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+)
+
+PROMPT_STYLES = ("plain", "chat")
+
+REASONING_OPEN, REASONING_CLOSE = "<reasoning>", "</reasoning>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (REASONING_OPEN, REASONING_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# The whole completion, with nothing but whitespace outside the two blocks.
+_STRICT = re.compile(
+    r"\A\s*<reasoning>(?P<reasoning>.*?)</reasoning>\s*<answer>(?P<answer>.*?)</answer>\s*\Z",
+    re.DOTALL,
+)
+
+# A number as it appears in answers: optional sign, optional currency, thousands
+# separators, decimals, and an optional "/ denominator" for simple fractions.
+# The sign only counts when it does not follow a digit or word ("10-5" is not -5).
+# ASCII digits only: Python's \d also matches other scripts' digits.
+_NUMBER = re.compile(
+    r"""
+    (?P<sign>(?<![\w)\]])[-\u2212])?\s*
+    (?:[$\u00a3\u20ac]\s*)?
+    (?=\.?[0-9])  # a digit must follow, so the optional parts never match empty
+    (?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?
+    (?P<frac>\.[0-9]+)?
+    (?:\s*/\s*(?P<den>[0-9]+)(?![0-9.,]))?
+    """,
+    re.VERBOSE,
+)
+
+
+def build_prompt(question: str, style: str = "plain") -> str:
+    """The prompt for ``question``: the recipe's ``Q: ...\\nA:\\n`` or Gemma chat turns.
+
+    >>> build_prompt("What is 2 + 2?")
+    'Q: What is 2 + 2?\\nA:\\n'
+    """
+    if style == "plain":
+        return PROMPT_TEMPLATE.format(question=question.strip())
+    if style == "chat":
+        return CHAT_TEMPLATE.format(instruction=CHAT_INSTRUCTION, question=question.strip())
+    raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+
+
+def format_completion(steps: list[str], conclusion: str, answer: str) -> str:
+    """Write a completion in the trace format (the shape SFT targets take).
+
+    >>> format_completion(["2 + 2 = 4"], "Therefore, the answer is 4.", "4")
+    '<reasoning>Step 1: 2 + 2 = 4\\nTherefore, the answer is 4.</reasoning>\\n<answer>4</answer>'
+    """
+    lines = [f"Step {i}: {step}" for i, step in enumerate(steps, start=1)] + [conclusion]
+    return f"{REASONING_OPEN}{chr(10).join(lines)}{REASONING_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+@dataclass(frozen=True)
+class ParsedCompletion:
+    """What a completion contains.
+
+    ``reasoning`` / ``answer`` are the block contents when the block occurs exactly
+    once, properly closed and not nested; otherwise None. ``outside`` is the text
+    outside the two blocks (whitespace-only in a well-formed completion).
+    ``answer_span`` is the (start, end) character range of the answer content.
+    """
+
+    reasoning: str | None
+    answer: str | None
+    outside: str
+    strict: bool
+    answer_span: tuple[int, int] | None
+
+
+def _single_block(text: str, open_tag: str, close_tag: str) -> tuple[int, int] | None:
+    """Content span of the only ``open_tag...close_tag`` block, if there is exactly one.
+
+    Two opening tags, two closing tags, an unclosed tag, or another tag of ours
+    inside the block (nesting) all make the block ambiguous: None.
+    """
+    if text.count(open_tag) != 1 or text.count(close_tag) != 1:
+        return None
+    start = text.index(open_tag) + len(open_tag)
+    end = text.index(close_tag)
+    if end < start:
+        return None
+    if any(tag in text[start:end] for tag in TAGS):
+        return None
+    return start, end
+
+
+def parse_completion(text: str) -> ParsedCompletion:
+    """Split a completion into reasoning and answer, and check the strict format.
+
+    The strict format is exactly one ``<reasoning>...</reasoning>`` followed by
+    exactly one ``<answer>...</answer>``, only whitespace outside, and a non-empty
+    answer (an empty answer cannot be checked).
+    """
+    reasoning_span = _single_block(text, REASONING_OPEN, REASONING_CLOSE)
+    answer_span = _single_block(text, ANSWER_OPEN, ANSWER_CLOSE)
+    reasoning = text[slice(*reasoning_span)] if reasoning_span else None
+    answer = text[slice(*answer_span)] if answer_span else None
+
+    # Everything not inside a recognised block (tags included) counts as outside.
+    outside = text
+    for span, open_tag, close_tag in (
+        (answer_span, ANSWER_OPEN, ANSWER_CLOSE),
+        (reasoning_span, REASONING_OPEN, REASONING_CLOSE),
+    ):
+        if span:
+            outside = outside.replace(open_tag + text[slice(*span)] + close_tag, " ", 1)
+
+    strict = bool(
+        reasoning_span
+        and answer_span
+        and _STRICT.match(text)
+        and answer is not None
+        and answer.strip()
+    )
+    return ParsedCompletion(reasoning, answer, outside, strict, answer_span)
+
+
+def is_well_formed(text: str) -> bool:
+    """The strict format check used for the format rate."""
+    return parse_completion(text).strict
+
+
+def _to_fraction(match: re.Match[str]) -> Fraction | None:
+    integer, frac, den = match.group("int"), match.group("frac"), match.group("den")
+    if integer is None and frac is None:
+        return None
+    value = Fraction((integer or "0").replace(",", "") + (frac or ""))
+    if den is not None:
+        if int(den) == 0:
+            return None
+        value /= int(den)
+    return -value if match.group("sign") else value
+
+
+def find_numbers(text: str) -> list[Fraction]:
+    """All numbers in ``text``, in order, as exact fractions.
+
+    >>> [float(x) for x in find_numbers("-5 apples cost $1,000.50, i.e. 3/4 of it")]
+    [-5.0, 1000.5, 0.75]
+    """
+    numbers = []
+    for match in _NUMBER.finditer(text):
+        value = _to_fraction(match)
+        if value is not None:
+            numbers.append(value)
+    return numbers
+
+
+def parse_number(text: str | None) -> float | None:
+    """The value an answer states: its last number, units and currency ignored.
+
+    The last number, because answers such as ``48 + 24 = 72`` end with the result.
+    A mixed number ``1 1/2`` reads as 1.5. None when there is no number.
+
+    >>> parse_number("40 km/h"), parse_number("72."), parse_number("3/4"), parse_number("none")
+    (40.0, 72.0, 0.75, None)
+    """
+    if text is None:
+        return None
+    matches = [(m, _to_fraction(m)) for m in _NUMBER.finditer(text)]
+    matches = [(m, v) for m, v in matches if v is not None]
+    if not matches:
+        return None
+    last_match, value = matches[-1]
+    # "1 1/2": a whole number directly before a fraction is its integer part.
+    if last_match.group("den") and len(matches) > 1 and value >= 0:
+        prev_match, prev = matches[-2]
+        between = text[prev_match.end() : last_match.start()]
+        if prev.denominator == 1 and prev_match.group("frac") is None and between.strip() == "":
+            value = prev + value if prev >= 0 else prev - value
+    return float(value)
+
+
+def numbers_match(predicted: float | None, reference: float | None, rel_tol: float = 1e-6) -> bool:
+    """Numeric equality with tolerance (``40.0`` equals ``40``); None never matches."""
+    if predicted is None or reference is None:
+        return False
+    if not (math.isfinite(predicted) and math.isfinite(reference)):
+        return False
+    return math.isclose(predicted, reference, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def answer_number(text: str) -> float | None:
+    """The strict answer: the number inside the single ``<answer>`` block, else None."""
+    return parse_number(parse_completion(text).answer)
+
+
+def lenient_number(text: str) -> float | None:
+    """The last number anywhere in the text. For reporting only, never for rewards."""
+    return parse_number(text)

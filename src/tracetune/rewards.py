@@ -1,0 +1,302 @@
+"""Rewards: pure functions shared by GRPO training and evaluation.
+
+The composite reward, declared once::
+
+    R = w_c * correctness + w_t * trace + w_k * confidence
+      with correctness in {0, 1}, trace in [0, 1], confidence in [0, 1],
+      and (w_c, w_t, w_k) = RewardWeights(), by default (0.6, 0.25, 0.15).
+
+Each reward has a per-sample helper (``correctness``, ``trace_structure``,
+``confidence``) and a batch form ``fn(prompts, completions, **columns) -> list[float]``,
+the signature Tunix's GRPOLearner and TRL's GRPOTrainer call. Batch columns:
+``reference`` (the reference answer, str or number), and for confidence
+``token_texts`` / ``token_logprobs`` (the completion's tokens as text, which must
+concatenate to the completion, and their log-probabilities under the policy).
+Unknown columns (Tunix also passes ``mode``, ``trajectory_ids``...) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tracetune.config import RewardWeights
+from tracetune.format import numbers_match, parse_completion, parse_number
+
+# --------------------------------------------------------------------- correctness
+
+
+def parse_reference(reference: str | float | int) -> float:
+    """The reference answer as a number; a reference that is not a number is a data bug.
+
+    Raising here, rather than scoring 0 or 1, keeps a broken dataset from silently
+    training the policy (open-r1's rewards once returned the maximum in this case).
+    """
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        return float(reference)
+    value = parse_number(str(reference))
+    if value is None:
+        raise ValueError(f"reference answer {reference!r} is not a number")
+    return value
+
+
+def correctness(completion: str, reference: str | float) -> float:
+    """1.0 if the number in the single ``<answer>`` block equals the reference, else 0.0.
+
+    No answer block, two answer blocks, or no number in the answer: 0.0.
+    The answer is not looked for in the reasoning: a right number there is not an answer.
+    """
+    predicted = parse_number(parse_completion(completion).answer)
+    return 1.0 if numbers_match(predicted, parse_reference(reference)) else 0.0
+
+
+# --------------------------------------------------------------------------- trace
+
+TRANSITION_WORDS = frozenset({"first", "then", "next", "so", "thus", "therefore", "hence", "finally"})
+CONCLUSION_CUES = re.compile(r"\b(therefore|thus|hence|so|in total|the answer is)\b", re.IGNORECASE)
+
+# "Step 3:" anywhere, or a numbered line "3." / "3)" at the start of a line.
+_STEP_MARKER = re.compile(r"\bstep\s*\d+\s*[:.)]|^[ \t]*\d+[.)](?=[ \t])", re.IGNORECASE | re.MULTILINE)
+# A shown calculation: "48 / 2", "0.2 x 50", "3*4", or "= 24".
+_CALCULATION = re.compile(
+    r"[0-9]\s*[-+*/x\u00d7\u00f7\u2212\u2013]\s*\$?[0-9.]|=\s*\$?-?[0-9.]"
+    r"|[0-9]\s+(?:plus|minus|times|divided by|multiplied by)\s+\$?[0-9]",
+    re.IGNORECASE,
+)
+_WORD = re.compile(r"[a-z0-9]+")
+
+# Rubric weights (they sum to 1) and bounds. GSM8K reference solutions have 2 to 11
+# lines, so 2 distinct steps earn full step credit and more than 12 counts as padding.
+TRACE_RUBRIC = {"steps": 0.35, "calculations": 0.25, "transitions": 0.15, "conclusion": 0.25}
+FULL_CREDIT_STEPS = 2
+FULL_CREDIT_CALCULATIONS = 2
+FULL_CREDIT_TRANSITIONS = 2
+MAX_STEPS = 12
+OUTSIDE_TEXT_FACTOR = 0.5
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _is_substantive(segment: str) -> bool:
+    """A step with content: at least 3 words, at least 2 of them not transition words."""
+    words = _words(segment)
+    return len(words) >= 3 and sum(w not in TRANSITION_WORDS for w in words) >= 2
+
+
+def split_steps(reasoning: str) -> tuple[list[str], int]:
+    """The text of each marked step, and the number of step markers.
+
+    Without markers the whole reasoning is one unmarked segment (returned with 0
+    markers), so calculations and the conclusion still count but steps do not.
+    """
+    markers = list(_STEP_MARKER.finditer(reasoning))
+    if not markers:
+        return [reasoning], 0
+    bounds = [m.end() for m in markers] + [len(reasoning)]
+    starts = [m.start() for m in markers[1:]] + [len(reasoning)]
+    return [reasoning[bounds[i] : starts[i]] for i in range(len(markers))], len(markers)
+
+
+def trace_breakdown(completion: str) -> dict[str, float]:
+    """The rubric's parts for one completion, each in [0, 1], and the total.
+
+    Rubric (weights sum to 1, then multiplied by two penalty factors)::
+
+        0.35 steps         distinct substantive marked steps, full credit at 2
+        0.25 calculations  distinct steps that show a calculation, full credit at 2
+        0.15 transitions   distinct steps using first/then/next/so/thus/therefore/
+                           hence/finally, full credit at 2
+        0.25 conclusion    the last step ends in a conclusion cue (therefore, so,
+                           thus, hence, in total, the answer is) followed by the
+                           answer's number (0.5 if there is no parseable answer
+                           and a number follows)
+        x padding          1 up to 12 step markers, then falls linearly to 0 at 24
+        x outside          0.5 if there is non-whitespace text outside the tags
+
+    Not gameable by repetition: repeated and empty steps are not distinct
+    substantive steps, so they add nothing, and they still count as padding.
+    """
+    parsed = parse_completion(completion)
+    # With no reasoning block the whole completion is judged as reasoning, at the
+    # outside-text penalty: a trace without tags still earns some shaping signal.
+    body = parsed.reasoning if parsed.reasoning is not None else completion
+    segments, n_markers = split_steps(body)
+
+    distinct: dict[str, str] = {}
+    for segment in segments:
+        if _is_substantive(segment):
+            distinct.setdefault(" ".join(_words(segment)), segment)
+    steps = list(distinct.values())
+
+    n_steps = len(steps) if n_markers else 0
+    n_calculations = sum(bool(_CALCULATION.search(s)) for s in steps)
+    n_transitions = sum(bool(TRANSITION_WORDS.intersection(_words(s))) for s in steps)
+
+    conclusion = 0.0
+    final = segments[-1]
+    cue = None
+    for cue in CONCLUSION_CUES.finditer(final):
+        pass
+    if cue is not None and (stated := parse_number(final[cue.end() :])) is not None:
+        answer = parse_number(parsed.answer)
+        if answer is None:
+            conclusion = 0.5
+        else:  # a conclusion that contradicts the answer is no conclusion
+            conclusion = 1.0 if numbers_match(stated, answer) else 0.0
+
+    parts = {
+        "steps": min(n_steps, FULL_CREDIT_STEPS) / FULL_CREDIT_STEPS,
+        "calculations": min(n_calculations, FULL_CREDIT_CALCULATIONS) / FULL_CREDIT_CALCULATIONS,
+        "transitions": min(n_transitions, FULL_CREDIT_TRANSITIONS) / FULL_CREDIT_TRANSITIONS,
+        "conclusion": conclusion,
+    }
+    padding = 1.0 if n_markers <= MAX_STEPS else max(0.0, 1.0 - (n_markers - MAX_STEPS) / MAX_STEPS)
+    outside = OUTSIDE_TEXT_FACTOR if parsed.outside.strip() else 1.0
+    total = sum(TRACE_RUBRIC[k] * v for k, v in parts.items()) * padding * outside
+    return {**parts, "padding": padding, "outside": outside, "n_steps": float(n_steps), "total": total}
+
+
+def trace_structure(completion: str) -> float:
+    """The trace rubric's total in [0, 1]; see ``trace_breakdown`` for the rubric."""
+    return trace_breakdown(completion)["total"]
+
+
+# ---------------------------------------------------------------------- confidence
+
+
+def answer_token_logprobs(
+    completion: str, token_texts: Sequence[str], token_logprobs: Sequence[float]
+) -> list[float] | None:
+    """Log-probabilities of the tokens that spell the answer's content, or None.
+
+    A token belongs to the answer if its characters overlap the stripped content of
+    the ``<answer>`` block. ``token_texts`` must concatenate to the completion (the
+    generator decodes incrementally to guarantee it); anything else is a bug upstream.
+    """
+    if len(token_texts) != len(token_logprobs):
+        raise ValueError(f"{len(token_texts)} token texts but {len(token_logprobs)} log-probabilities")
+    if "".join(token_texts) != completion:
+        raise ValueError("token_texts do not concatenate to the completion")
+    span = parse_completion(completion).answer_span
+    if span is None:
+        return None
+    content = completion[span[0] : span[1]]
+    start = span[0] + len(content) - len(content.lstrip())
+    end = span[1] - (len(content) - len(content.rstrip()))
+    if end <= start:
+        return None
+    selected, pos = [], 0
+    for text, logprob in zip(token_texts, token_logprobs):
+        if pos < end and pos + len(text) > start:
+            selected.append(float(logprob))
+        pos += len(text)
+    return selected
+
+
+def confidence_from_logprobs(is_correct: bool, answer_logprobs: Sequence[float] | None) -> float:
+    """Calibration in the spirit of RLPR (Yu et al., 2025): p if right, 1 - p if wrong.
+
+    p is the geometric-mean probability of the answer tokens, exp(mean log p), so a
+    confident wrong answer scores near 0 and an unsure wrong one near 1. No answer: 0.
+    """
+    if not answer_logprobs:
+        return 0.0
+    mean = math.fsum(answer_logprobs) / len(answer_logprobs)
+    p = math.exp(min(0.0, mean)) if math.isfinite(mean) else 0.0
+    return p if is_correct else 1.0 - p
+
+
+def confidence_score(completion: str, reference: str | float, answer_logprobs: Sequence[float] | None) -> float:
+    """The calibration reward given the answer tokens' log-probabilities (already
+    selected, e.g. by ``answer_token_logprobs``). An answer with no number counts as none."""
+    if parse_number(parse_completion(completion).answer) is None:
+        return 0.0
+    return confidence_from_logprobs(correctness(completion, reference) == 1.0, answer_logprobs)
+
+
+def confidence(
+    completion: str,
+    reference: str | float,
+    token_texts: Sequence[str],
+    token_logprobs: Sequence[float],
+) -> float:
+    """The calibration reward for one completion from its tokens and their log-probabilities."""
+    return confidence_score(completion, reference, answer_token_logprobs(completion, token_texts, token_logprobs))
+
+
+# ------------------------------------------------------------------- batch forms
+
+
+def correctness_reward(prompts: Sequence[str], completions: Sequence[str], reference: Sequence[Any], **_: Any) -> list[float]:
+    return [correctness(c, r) for c, r in zip(completions, reference, strict=True)]
+
+
+def trace_reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
+    return [trace_structure(c) for c in completions]
+
+
+def confidence_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    reference: Sequence[Any],
+    token_texts: Sequence[Sequence[str]] | None = None,
+    token_logprobs: Sequence[Sequence[float]] | None = None,
+    **_: Any,
+) -> list[float]:
+    if token_texts is None or token_logprobs is None:
+        raise ValueError(
+            "the confidence reward needs the 'token_texts' and 'token_logprobs' columns "
+            "(the completion's tokens and their log-probabilities under the policy)"
+        )
+    return [
+        confidence(c, r, t, lp)
+        for c, r, t, lp in zip(completions, reference, token_texts, token_logprobs, strict=True)
+    ]
+
+
+# Metric keys are "reward/<name>" (tracetune's one name per concept).
+REWARDS: dict[str, Callable[..., list[float]]] = {
+    "correctness": correctness_reward,
+    "trace": trace_reward,
+    "confidence": confidence_reward,
+}
+
+
+def reward_components(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    weights: RewardWeights = RewardWeights(),
+    **columns: Any,
+) -> dict[str, list[float]]:
+    """Every component the weights need, plus any other the columns allow (for logging).
+
+    A component with weight 0 is skipped when its columns are missing, which is how
+    the no-confidence ablation runs without log-probabilities.
+    """
+    components = {}
+    for name, fn in REWARDS.items():
+        if name == "confidence" and weights.confidence == 0 and columns.get("token_logprobs") is None:
+            continue
+        components[name] = fn(prompts, completions, **columns)
+    return components
+
+
+def combine(components: Mapping[str, Sequence[float]], weights: RewardWeights) -> list[float]:
+    """R = sum_k w_k * component_k: the one place where the weights are applied."""
+    w = weights.as_dict()
+    n = len(next(iter(components.values())))
+    return [math.fsum(w[k] * components[k][i] for k in components if w[k]) for i in range(n)]
+
+
+def make_composite_reward(weights: RewardWeights = RewardWeights()) -> Callable[..., list[float]]:
+    """The composite reward as one batch function, for trainers that sum reward
+    functions without weights (Tunix: ``np.nansum``)."""
+
+    def composite(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        return combine(reward_components(prompts, completions, weights, **columns), weights)
+
+    return composite

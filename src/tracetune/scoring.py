@@ -1,0 +1,271 @@
+"""The scoring harness: per-sample records and the recipe's aggregate metrics.
+
+Every model variant, and the curated SFT targets themselves (``tracetune validate``),
+are scored by ``score_sample`` and ``aggregate``, which call the same parsing and
+reward functions that GRPO trains on.
+
+Metrics (each with a 95% confidence interval):
+    accuracy          strict GSM8K accuracy: the number in <answer> equals the reference
+    lenient_accuracy  the last number anywhere equals the reference (reporting only)
+    format_rate       share of completions in the strict trace format
+    trace             mean trace_structure score
+    confidence        mean calibration reward (when answer log-probabilities are given)
+    composite         mean composite reward (when every weighted component is known)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+from tracetune.config import RewardWeights
+from tracetune.data import DataError, example_from_row, iter_jsonl
+from tracetune.format import lenient_number, numbers_match, parse_completion, parse_number
+from tracetune.rewards import answer_token_logprobs, combine, confidence_score, correctness, parse_reference, trace_structure
+
+Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
+
+METRICS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "confidence", "composite")
+METRIC_LABELS = {
+    "accuracy": "GSM8K accuracy",
+    "lenient_accuracy": "Lenient accuracy",
+    "format_rate": "Format rate",
+    "trace": "Avg trace score",
+    "confidence": "Avg confidence reward",
+    "composite": "Avg composite reward",
+}
+PROPORTIONS = {"accuracy", "lenient_accuracy", "format_rate"}
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """Everything the harness knows about one completion."""
+
+    id: str
+    question: str
+    reference: str
+    completion: str
+    answer: str | None
+    predicted: float | None
+    lenient_predicted: float | None
+    correct: bool
+    lenient_correct: bool
+    well_formed: bool
+    trace: float
+    confidence: float | None
+    composite: float | None
+
+
+def score_sample(
+    question: str,
+    reference: str,
+    completion: str,
+    answer_logprobs: Sequence[float] | None = None,
+    *,
+    weights: RewardWeights = RewardWeights(),
+    id: str = "",
+) -> SampleScore:
+    """Score one completion. Without answer log-probabilities there is no confidence
+    term, and then no composite unless the confidence weight is 0."""
+    parsed = parse_completion(completion)
+    ref = parse_reference(reference)
+    lenient = lenient_number(completion)
+    correct = correctness(completion, reference)
+    trace = trace_structure(completion)
+    conf = confidence_score(completion, reference, answer_logprobs) if answer_logprobs is not None else None
+    components = {"correctness": [correct], "trace": [trace]}
+    if conf is not None:
+        components["confidence"] = [conf]
+    composite = combine(components, weights)[0] if conf is not None or weights.confidence == 0 else None
+    return SampleScore(
+        id=id,
+        question=question,
+        reference=reference,
+        completion=completion,
+        answer=parsed.answer,
+        predicted=parse_number(parsed.answer),
+        lenient_predicted=lenient,
+        correct=correct == 1.0,
+        lenient_correct=numbers_match(lenient, ref),
+        well_formed=parsed.strict,
+        trace=trace,
+        confidence=conf,
+        composite=composite,
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its 95% confidence interval over n samples."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def proportion_ci(successes: int, n: int) -> Estimate:
+    """Wilson score interval: unlike the normal approximation it stays inside [0, 1]
+    and is sensible at 0% and 100%, which format rates often are."""
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    p = successes / n
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+def mean_ci(values: Sequence[float]) -> Estimate:
+    """Normal-approximation interval of a mean (sample standard deviation)."""
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Estimate(mean, mean, mean, 1)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = Z95 * sd / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
+    """The results table's metrics. Confidence and composite are over the samples
+    that have them (their n says how many)."""
+    n = len(scores)
+    return {
+        "accuracy": proportion_ci(sum(s.correct for s in scores), n),
+        "lenient_accuracy": proportion_ci(sum(s.lenient_correct for s in scores), n),
+        "format_rate": proportion_ci(sum(s.well_formed for s in scores), n),
+        "trace": mean_ci([s.trace for s in scores]),
+        "confidence": mean_ci([s.confidence for s in scores if s.confidence is not None]),
+        "composite": mean_ci([s.composite for s in scores if s.composite is not None]),
+    }
+
+
+def _fmt(estimate: Estimate, metric: str) -> tuple[str, str]:
+    if estimate.n == 0:
+        return "n/a", ""
+    if metric in PROPORTIONS:
+        return f"{100 * estimate.mean:.1f}%", f"[{100 * estimate.low:.1f}, {100 * estimate.high:.1f}]"
+    return f"{estimate.mean:.3f}", f"[{estimate.low:.3f}, {estimate.high:.3f}]"
+
+
+def metrics_rows(metrics: dict[str, Estimate]) -> list[tuple[str, str, str, str]]:
+    """(label, value, 95% CI, n) per metric, for Markdown and terminal tables."""
+    return [(METRIC_LABELS[m], *_fmt(metrics[m], m), str(metrics[m].n)) for m in METRICS if m in metrics]
+
+
+def markdown_table(metrics: dict[str, Estimate]) -> str:
+    lines = ["| Metric | Value | 95% CI | n |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {value} | {ci} | {n} |" for label, value, ci, n in metrics_rows(metrics)]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_json(metrics: dict[str, Estimate]) -> dict[str, Any]:
+    return {name: asdict(estimate) for name, estimate in metrics.items()}
+
+
+def write_scores(scores: Iterable[SampleScore], metrics: dict[str, Estimate], out_dir: Path) -> dict[str, Path]:
+    """Per-sample JSONL, metrics JSON and the Markdown table, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"samples": out_dir / "samples.jsonl", "metrics": out_dir / "metrics.json", "table": out_dir / "metrics.md"}
+    contents = {
+        "samples": "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in scores),
+        "metrics": json.dumps(metrics_json(metrics), indent=2, allow_nan=True) + "\n",
+        "table": markdown_table(metrics),
+    }
+    for key, path in paths.items():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(contents[key], encoding="utf-8")
+        tmp.replace(path)
+    return paths
+
+
+# ------------------------------------------------------------------ file input
+
+
+@dataclass(frozen=True)
+class CompletionRow:
+    """A completion to score, as read from a JSONL file."""
+
+    id: str
+    question: str
+    reference: str
+    completion: str
+    answer_logprobs: list[float] | None = None
+
+
+def completion_from_row(row: Any, source: str, line: int) -> CompletionRow:
+    """Validate a row with ``question``, ``reference`` (or a GSM8K ``answer``),
+    ``completion`` and optionally ``answer_logprobs`` or ``token_texts`` +
+    ``token_logprobs``; DataError names the field at fault."""
+    if isinstance(row, dict) and "reference" in row:
+        example = example_from_row(row, source, line, "question", "reference")
+    else:
+        example = example_from_row(row, source, line, "question", "answer")
+    completion = row.get("completion")
+    if not isinstance(completion, str):
+        raise DataError(source, line, "completion", "missing" if completion is None else "must be a string")
+
+    def floats(name: str) -> list[float]:
+        value = row[name]
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise DataError(source, line, name, "must be a list of numbers")
+        return [float(v) for v in value]
+
+    answer_logprobs = None
+    if row.get("answer_logprobs") is not None:
+        answer_logprobs = floats("answer_logprobs")
+    elif row.get("token_logprobs") is not None:
+        texts = row.get("token_texts")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise DataError(source, line, "token_texts", "must be a list of strings beside token_logprobs")
+        try:
+            answer_logprobs = answer_token_logprobs(completion, texts, floats("token_logprobs")) or []
+        except ValueError as error:
+            raise DataError(source, line, "token_texts", str(error)) from None
+    row_id = row.get("id")
+    return CompletionRow(
+        id=str(row_id) if row_id is not None else example.id,
+        question=example.question,
+        reference=example.reference,
+        completion=completion,
+        answer_logprobs=answer_logprobs,
+    )
+
+
+def read_completions(path: Path, skip_invalid: bool = False) -> tuple[list[CompletionRow], list[Exception]]:
+    """Rows of a completions file; invalid rows raise, or are skipped and returned."""
+    rows, skipped = [], []
+    for line, value in iter_jsonl(path):
+        try:
+            if isinstance(value, DataError):
+                raise value
+            rows.append(completion_from_row(value, str(path), line))
+        except DataError as error:
+            if not skip_invalid:
+                raise
+            skipped.append(error)
+    return rows, skipped
+
+
+# Thresholds of ``tracetune validate``: the recipe's sanity check of the evaluation.
+VALIDATE_MIN_TRACE = 0.9
+
+
+def validation_problems(metrics: dict[str, Estimate]) -> list[str]:
+    """Why the curated targets fail the sanity check (empty when they pass)."""
+    problems = []
+    if metrics["accuracy"].mean < 1.0:
+        problems.append(f"accuracy is {100 * metrics['accuracy'].mean:.2f}%, expected 100%")
+    if metrics["format_rate"].mean < 1.0:
+        problems.append(f"format rate is {100 * metrics['format_rate'].mean:.2f}%, expected 100%")
+    if not metrics["trace"].mean >= VALIDATE_MIN_TRACE:
+        problems.append(f"average trace score is {metrics['trace'].mean:.3f}, expected >= {VALIDATE_MIN_TRACE}")
+    return problems
