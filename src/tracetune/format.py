@@ -50,10 +50,12 @@ _STRICT = re.compile(
 # A number as it appears in answers: optional sign, optional currency, thousands
 # separators, decimals, and an optional "/ denominator" for simple fractions.
 # The sign only counts when it does not follow a digit or word ("10-5" is not -5).
-# ASCII digits only: Python's \d also matches other scripts' digits.
+# ASCII digits only: Python's \d also matches other scripts' digits. Whitespace is
+# only consumed after a sign or currency symbol, which keeps matching linear on long
+# runs of spaces (a bare leading \s* would rescan them from every position).
 _NUMBER = re.compile(
     r"""
-    (?P<sign>(?<![\w)\]])[-\u2212])?\s*
+    (?:(?P<sign>(?<![\w)\]])[-\u2212])\s*)?
     (?:[$\u00a3\u20ac]\s*)?
     (?=\.?[0-9])  # a digit must follow, so the optional parts never match empty
     (?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?

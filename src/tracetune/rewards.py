@@ -66,6 +66,7 @@ _CALCULATION = re.compile(
     re.IGNORECASE,
 )
 _WORD = re.compile(r"[a-z0-9]+")
+_SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
 
 # Rubric weights (they sum to 1) and bounds. GSM8K reference solutions have 2 to 11
 # lines, so 2 distinct steps earn full step credit and more than 12 counts as padding.
@@ -109,7 +110,8 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         0.35 steps         distinct substantive marked steps, full credit at 2
         0.25 calculations  distinct steps that show a calculation, full credit at 2
         0.15 transitions   distinct steps using first/then/next/so/thus/therefore/
-                           hence/finally, full credit at 2
+                           hence/finally, plus a conclusion opened by one of
+                           them, full credit at 2
         0.25 conclusion    the last step ends in a conclusion cue (therefore, so,
                            thus, hence, in total, the answer is) followed by the
                            answer's number (0.5 if there is no parseable answer
@@ -117,14 +119,36 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         x padding          1 up to 12 step markers, then falls linearly to 0 at 24
         x outside          0.5 if there is non-whitespace text outside the tags
 
-    Not gameable by repetition: repeated and empty steps are not distinct
-    substantive steps, so they add nothing, and they still count as padding.
+    The conclusion is cut from the final step before steps are compared. Not
+    gameable by repetition: repeated and empty steps are not distinct substantive
+    steps, so they add nothing, and they still count as padding.
     """
     parsed = parse_completion(completion)
     # With no reasoning block the whole completion is judged as reasoning, at the
     # outside-text penalty: a trace without tags still earns some shaping signal.
     body = parsed.reasoning if parsed.reasoning is not None else completion
     segments, n_markers = split_steps(body)
+
+    # The conclusion is the sentence holding the last cue of the final segment. It is
+    # scored on its own and cut from that segment, so a repeated step cannot become
+    # "distinct" just by carrying the conclusion.
+    conclusion, concludes_with_transition = 0.0, False
+    final = segments[-1]
+    cue = None
+    for cue in CONCLUSION_CUES.finditer(final):
+        pass
+    if cue is not None:
+        start = max([0] + [m.end() for m in _SENTENCE_END.finditer(final, 0, cue.start())])
+        sentence = final[start:]
+        segments[-1] = final[:start]
+        stated = parse_number(final[cue.end() :])
+        if stated is not None:
+            concludes_with_transition = bool(TRANSITION_WORDS.intersection(_words(sentence)))
+            answer = parse_number(parsed.answer)
+            if answer is None:
+                conclusion = 0.5
+            else:  # a conclusion that contradicts the answer is no conclusion
+                conclusion = 1.0 if numbers_match(stated, answer) else 0.0
 
     distinct: dict[str, str] = {}
     for segment in segments:
@@ -134,19 +158,7 @@ def trace_breakdown(completion: str) -> dict[str, float]:
 
     n_steps = len(steps) if n_markers else 0
     n_calculations = sum(bool(_CALCULATION.search(s)) for s in steps)
-    n_transitions = sum(bool(TRANSITION_WORDS.intersection(_words(s))) for s in steps)
-
-    conclusion = 0.0
-    final = segments[-1]
-    cue = None
-    for cue in CONCLUSION_CUES.finditer(final):
-        pass
-    if cue is not None and (stated := parse_number(final[cue.end() :])) is not None:
-        answer = parse_number(parsed.answer)
-        if answer is None:
-            conclusion = 0.5
-        else:  # a conclusion that contradicts the answer is no conclusion
-            conclusion = 1.0 if numbers_match(stated, answer) else 0.0
+    n_transitions = sum(bool(TRANSITION_WORDS.intersection(_words(s))) for s in steps) + concludes_with_transition
 
     parts = {
         "steps": min(n_steps, FULL_CREDIT_STEPS) / FULL_CREDIT_STEPS,
