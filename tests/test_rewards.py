@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tracetune.config import RewardWeights
 from tracetune.data import curate_solution
+from tracetune.format import lenient_number, parse_completion
 from tracetune.rewards import (
     REWARDS,
     answer_token_logprobs,
@@ -259,6 +260,10 @@ TEXT = st.one_of(st.text(max_size=300), st.lists(st.one_of(FRAGMENTS, st.text(ma
 def test_rewards_stay_in_range_for_any_text(text, reference):
     assert correctness(text, reference) in (0.0, 1.0)
     assert 0.0 <= trace_structure(text) <= 1.0
+    parsed = parse_completion(text)
+    assert parsed.strict == (parsed.reasoning is not None and parsed.answer is not None and not parsed.outside.strip()
+                             and text.index("<reasoning>") < text.index("<answer>") and bool(parsed.answer.strip()))
+    lenient_number(text)  # never raises
 
 
 @settings(max_examples=200, deadline=None)

@@ -15,10 +15,10 @@ and maxtext's ``utils_rl.py`` share). A well-formed completion is::
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
 # The recipe's prompt: no instruction, the fine-tuned model learns the format.
 PROMPT_TEMPLATE = "Q: {question}\nA:\n"
@@ -40,12 +40,6 @@ PROMPT_STYLES = ("plain", "chat")
 REASONING_OPEN, REASONING_CLOSE = "<reasoning>", "</reasoning>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TAGS = (REASONING_OPEN, REASONING_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-
-# The whole completion, with nothing but whitespace outside the two blocks.
-_STRICT = re.compile(
-    r"\A\s*<reasoning>(?P<reasoning>.*?)</reasoning>\s*<answer>(?P<answer>.*?)</answer>\s*\Z",
-    re.DOTALL,
-)
 
 # A number as it appears in answers: optional sign, optional currency, thousands
 # separators, decimals, and an optional "/ denominator" for simple fractions.
@@ -112,17 +106,20 @@ def _single_block(text: str, open_tag: str, close_tag: str) -> tuple[int, int] |
     Two opening tags, two closing tags, an unclosed tag, or another tag of ours
     inside the block (nesting) all make the block ambiguous: None.
     """
-    if text.count(open_tag) != 1 or text.count(close_tag) != 1:
+    start, end = text.find(open_tag), text.find(close_tag)
+    if start < 0 or end < 0 or text.find(open_tag, start + 1) >= 0 or text.find(close_tag, end + 1) >= 0:
         return None
-    start = text.index(open_tag) + len(open_tag)
-    end = text.index(close_tag)
+    start += len(open_tag)
     if end < start:
         return None
-    if any(tag in text[start:end] for tag in TAGS):
+    content = text[start:end]
+    if "<" in content and any(tag in content for tag in TAGS):
         return None
     return start, end
 
 
+# Cached: one GRPO step parses each completion for several rewards and metrics.
+@functools.lru_cache(maxsize=8192)
 def parse_completion(text: str) -> ParsedCompletion:
     """Split a completion into reasoning and answer, and check the strict format.
 
@@ -136,19 +133,26 @@ def parse_completion(text: str) -> ParsedCompletion:
     answer = text[slice(*answer_span)] if answer_span else None
 
     # Everything not inside a recognised block (tags included) counts as outside.
-    outside = text
-    for span, open_tag, close_tag in (
-        (answer_span, ANSWER_OPEN, ANSWER_CLOSE),
-        (reasoning_span, REASONING_OPEN, REASONING_CLOSE),
-    ):
-        if span:
-            outside = outside.replace(open_tag + text[slice(*span)] + close_tag, " ", 1)
+    # Blocks cannot overlap: neither block's content may hold a tag.
+    blocks = sorted(
+        (span[0] - len(open_tag), span[1] + len(close_tag))
+        for span, open_tag, close_tag in (
+            (reasoning_span, REASONING_OPEN, REASONING_CLOSE),
+            (answer_span, ANSWER_OPEN, ANSWER_CLOSE),
+        )
+        if span
+    )
+    pieces, pos = [], 0
+    for block_start, block_end in blocks:
+        pieces.append(text[pos:block_start])
+        pos = block_end
+    outside = " ".join([*pieces, text[pos:]])
 
     strict = bool(
         reasoning_span
         and answer_span
-        and _STRICT.match(text)
-        and answer is not None
+        and reasoning_span[1] < answer_span[0]
+        and not outside.strip()
         and answer.strip()
     )
     return ParsedCompletion(reasoning, answer, outside, strict, answer_span)
@@ -159,11 +163,11 @@ def is_well_formed(text: str) -> bool:
     return parse_completion(text).strict
 
 
-def _to_fraction(match: re.Match[str]) -> Fraction | None:
+def _value(match: re.Match[str]) -> float | None:
     integer, frac, den = match.group("int"), match.group("frac"), match.group("den")
     if integer is None and frac is None:
         return None
-    value = Fraction((integer or "0").replace(",", "") + (frac or ""))
+    value = float((integer or "0").replace(",", "") + (frac or ""))
     if den is not None:
         if int(den) == 0:
             return None
@@ -171,20 +175,16 @@ def _to_fraction(match: re.Match[str]) -> Fraction | None:
     return -value if match.group("sign") else value
 
 
-def find_numbers(text: str) -> list[Fraction]:
-    """All numbers in ``text``, in order, as exact fractions.
+def find_numbers(text: str) -> list[float]:
+    """All numbers in ``text``, in order.
 
-    >>> [float(x) for x in find_numbers("-5 apples cost $1,000.50, i.e. 3/4 of it")]
+    >>> find_numbers("-5 apples cost $1,000.50, i.e. 3/4 of it")
     [-5.0, 1000.5, 0.75]
     """
-    numbers = []
-    for match in _NUMBER.finditer(text):
-        value = _to_fraction(match)
-        if value is not None:
-            numbers.append(value)
-    return numbers
+    return [v for v in map(_value, _NUMBER.finditer(text)) if v is not None]
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_number(text: str | None) -> float | None:
     """The value an answer states: its last number, units and currency ignored.
 
@@ -196,8 +196,7 @@ def parse_number(text: str | None) -> float | None:
     """
     if text is None:
         return None
-    matches = [(m, _to_fraction(m)) for m in _NUMBER.finditer(text)]
-    matches = [(m, v) for m, v in matches if v is not None]
+    matches = [(m, v) for m in _NUMBER.finditer(text) if (v := _value(m)) is not None]
     if not matches:
         return None
     last_match, value = matches[-1]
@@ -205,9 +204,9 @@ def parse_number(text: str | None) -> float | None:
     if last_match.group("den") and len(matches) > 1 and value >= 0:
         prev_match, prev = matches[-2]
         between = text[prev_match.end() : last_match.start()]
-        if prev.denominator == 1 and prev_match.group("frac") is None and between.strip() == "":
+        if prev_match.group("den") is None and prev_match.group("frac") is None and between.strip() == "":
             value = prev + value if prev >= 0 else prev - value
-    return float(value)
+    return value
 
 
 def numbers_match(predicted: float | None, reference: float | None, rel_tol: float = 1e-6) -> bool:

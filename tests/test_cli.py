@@ -1,0 +1,108 @@
+"""The command line as a user meets it: real processes, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import wrap
+
+
+def tracetune(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tracetune.cli", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200", **(env or {})}, cwd=cwd,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_validate_passes_on_the_shipped_train_split(tmp_path):
+    result = tracetune("validate", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "validate passed on 7473 targets" in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy"]["mean"] == 1.0 and metrics["format_rate"]["mean"] == 1.0
+    assert metrics["trace"]["mean"] >= 0.9
+
+
+def test_validate_fails_and_lists_a_broken_target(write_jsonl):
+    # A reference that disagrees with nothing in the solution is fine; a solution
+    # whose annotation is broken cannot be curated and must be listed, not hidden.
+    path = write_jsonl("d.jsonl", [
+        {"question": "q?", "answer": "Half is 48/2 = <<48/2=24>>24.\nSo 24.\n#### 24"},
+        {"question": "r?", "answer": "Half is 48/2 = <<48/2=24 24.\n#### 24"},
+    ])
+    result = tracetune("validate", "--source", str(path))
+    assert result.returncode == 1
+    assert "unbalanced calculator annotation" in result.stdout and "d-2" in result.stdout
+
+
+def test_data_writes_curated_jsonl_and_reports(tmp_path):
+    result = tracetune("data", "--out", str(tmp_path), "--split", "test", "--val-fraction", "0.1")
+    assert result.returncode == 0, result.stderr
+    train = (tmp_path / "train.jsonl").read_text().splitlines()
+    val = (tmp_path / "validation.jsonl").read_text().splitlines()
+    assert len(train) + len(val) == 1319 and len(val) == 132
+    row = json.loads(train[0])
+    assert row["prompt"].startswith("Q: ") and row["completion"].startswith("<reasoning>Step 1: ")
+    assert "p50" in result.stdout and "validation traces" in result.stdout
+    assert "seed: 42" in (tmp_path / "config.yaml").read_text()
+
+
+def test_malformed_data_is_one_clear_error(write_jsonl, tmp_path):
+    path = write_jsonl("bad.jsonl", [json.dumps({"question": "q", "answer": "#### 5"}), '{"question": "q", "answer": '])
+    result = tracetune("data", "--source", str(path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, f"{path}:2", "malformed JSON")
+    assert not (tmp_path / "o" / "train.jsonl").exists()  # nothing half-written
+
+
+def test_skip_invalid_reports_what_it_skipped(write_jsonl, tmp_path):
+    path = write_jsonl("bad.jsonl", [json.dumps({"question": "q", "answer": "2+3=5\n#### 5"}), json.dumps({"question": "q"})])
+    result = tracetune("data", "--source", str(path), "--out", str(tmp_path / "o"), "--skip-invalid", "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 invalid row" in result.stderr and f"{path}:2: field 'answer': missing" in result.stderr
+    assert len((tmp_path / "o" / "train.jsonl").read_text().splitlines()) == 1
+
+
+def test_unreachable_hugging_face_dataset_is_one_clear_error(tmp_path):
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = tracetune("data", "--source", "no-such-user/no-such-dataset", "--out", str(tmp_path), env=offline)
+    assert_one_line_error(result, "no-such-user/no-such-dataset", "cannot load Hugging Face dataset")
+
+
+def test_bad_config_override_is_one_clear_error():
+    assert_one_line_error(tracetune("validate", "--set", "data.sed=1"), "unknown field 'sed'")
+    assert_one_line_error(tracetune("validate", "--preset", "nope"), "unknown preset 'nope'")
+
+
+def test_score_command(write_jsonl, tmp_path):
+    path = write_jsonl("c.jsonl", [
+        {"question": "q", "reference": "72", "completion": wrap("72"), "answer_logprobs": [-0.1]},
+        {"question": "q", "reference": "72", "completion": wrap("7"), "answer_logprobs": [-0.1]},
+    ])
+    result = tracetune("score", str(path), "--out", str(tmp_path / "s"), "--reward-weights", "0.6,0,0.15")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["accuracy"]["mean"] == 0.5 and metrics["composite"]["n"] == 2
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["weights"]["trace"] == 0.0
+
+
+@pytest.mark.parametrize("command", ["data", "validate", "score", "presets"])
+def test_every_option_is_explained(command):
+    result = tracetune(command, "--help")
+    assert result.returncode == 0
+    # Every long option in the help has some explanatory text on its line.
+    for line in result.stdout.splitlines():
+        stripped = line.strip("│ ")
+        if stripped.startswith("--") and "--help" not in stripped:
+            assert len(stripped.split()) > 2, f"option without help: {stripped}"

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tracetune.config import RewardWeights
+from tracetune.data import DataError
+from tracetune.scoring import (
+    aggregate,
+    markdown_table,
+    mean_ci,
+    proportion_ci,
+    read_completions,
+    score_sample,
+    validation_problems,
+    write_scores,
+)
+
+from conftest import wrap
+
+GOOD = wrap("72", "Step 1: First, 48 / 2 = 24.\nStep 2: Then 48 + 24 = 72.\nTherefore, the answer is 72.")
+
+
+def test_wilson_interval_known_values():
+    # 8 of 10: Wilson 95% interval is [0.4902, 0.9433] (standard tables).
+    est = proportion_ci(8, 10)
+    assert est.mean == 0.8 and est.low == pytest.approx(0.4902, abs=1e-4) and est.high == pytest.approx(0.9433, abs=1e-4)
+    # At 100% the interval stays inside [0, 1] and is not degenerate.
+    full = proportion_ci(50, 50)
+    assert full.high == 1.0 and 0.92 < full.low < 0.93
+    assert math.isnan(proportion_ci(0, 0).mean)
+
+
+def test_mean_interval():
+    est = mean_ci([0.0, 1.0, 0.0, 1.0])
+    # mean 0.5, sample sd 0.57735, half-width 1.95996 * 0.57735 / 2 = 0.56579
+    assert est.mean == 0.5 and est.high - est.mean == pytest.approx(0.56579, abs=1e-5)
+    assert mean_ci([0.3]) .low == 0.3
+
+
+def test_harness_on_hand_written_completions_gives_exact_metrics():
+    samples = [
+        ("q1", "72", GOOD, None),  # right, well formed, full trace
+        ("q2", "72", wrap("71"), None),  # wrong but well formed
+        ("q3", "72", "Sure! " + wrap("72"), None),  # right answer, text outside: not well formed
+        ("q4", "72", "I think it is 72.", None),  # no tags: wrong strictly, right leniently
+    ]
+    scores = [score_sample(q, r, c, lp, id=q) for q, r, c, lp in samples]
+    metrics = aggregate(scores)
+    assert metrics["accuracy"].mean == 0.5  # q1, q3
+    assert metrics["lenient_accuracy"].mean == 0.75  # q1, q3, q4 (q2 says 71)
+    assert metrics["format_rate"].mean == 0.5  # q1, q2
+    assert metrics["trace"].mean == pytest.approx(sum(s.trace for s in scores) / 4)
+    assert scores[0].trace == pytest.approx(1.0)
+    assert metrics["composite"].n == 0 and metrics["confidence"].n == 0  # no log-probabilities
+    assert [s.predicted for s in scores] == [72.0, 71.0, 72.0, None]
+
+
+def test_composite_with_answer_logprobs():
+    s = score_sample("q", "72", GOOD, [math.log(0.5), math.log(0.5)])
+    assert s.confidence == pytest.approx(0.5)
+    assert s.composite == pytest.approx(0.6 + 0.25 * 1.0 + 0.15 * 0.5)
+    # With the confidence weight at 0, the composite needs no log-probabilities.
+    s0 = score_sample("q", "72", GOOD, None, weights=RewardWeights(correctness=0.6, trace=0.25, confidence=0.0))
+    assert s0.composite == pytest.approx(0.85)
+
+
+def test_outputs_json_and_markdown(tmp_path):
+    scores = [score_sample("q", "72", GOOD), score_sample("q", "72", wrap("1"))]
+    metrics = aggregate(scores)
+    paths = write_scores(scores, metrics, tmp_path / "out")
+    rows = [json.loads(line) for line in paths["samples"].read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False]
+    assert json.loads(paths["metrics"].read_text())["accuracy"]["mean"] == 0.5
+    table = markdown_table(metrics)
+    assert "| GSM8K accuracy | 50.0% |" in table and "| Avg composite reward | n/a |" in table
+
+
+def test_validation_problems():
+    ok = aggregate([score_sample("q", "72", GOOD)])
+    assert validation_problems(ok) == []
+    bad = aggregate([score_sample("q", "72", GOOD), score_sample("q", "72", "72")])
+    problems = validation_problems(bad)
+    assert any("accuracy is 50.00%" in p for p in problems) and any("format rate" in p for p in problems)
+
+
+def test_read_completions_with_token_logprobs(write_jsonl):
+    completion = wrap("72")
+    cut = completion.index("72")
+    texts = [completion[:cut], "72", completion[cut + 2 :]]
+    path = write_jsonl("c.jsonl", [
+        {"id": "a", "question": "q", "reference": "72", "completion": completion, "token_texts": texts, "token_logprobs": [-1.0, math.log(0.8), -1.0]},
+        {"question": "q", "answer": "... #### 72", "completion": completion, "answer_logprobs": [math.log(0.3)]},
+    ])
+    rows, skipped = read_completions(path)
+    assert not skipped and rows[0].id == "a"
+    assert rows[0].answer_logprobs == [pytest.approx(math.log(0.8))]
+    assert rows[1].answer_logprobs == [pytest.approx(math.log(0.3))]
+
+
+def test_read_completions_errors_name_the_field(write_jsonl):
+    path = write_jsonl("c.jsonl", [
+        {"question": "q", "reference": "72", "completion": "x"},
+        {"question": "q", "reference": "72"},
+        {"question": "q", "reference": "72", "completion": "x", "answer_logprobs": "high"},
+        {"question": "q", "reference": "72", "completion": "x", "token_logprobs": [-1.0], "token_texts": ["y"]},
+    ])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: field 'completion': missing"):
+        read_completions(path)
+    rows, skipped = read_completions(path, skip_invalid=True)
+    assert len(rows) == 1
+    assert [(e.line, e.field) for e in skipped] == [(2, "completion"), (3, "answer_logprobs"), (4, "token_texts")]
