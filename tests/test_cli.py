@@ -80,6 +80,13 @@ def test_unreachable_hugging_face_dataset_is_one_clear_error(tmp_path):
     assert_one_line_error(result, "no-such-user/no-such-dataset", "cannot load Hugging Face dataset")
 
 
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = tracetune("data", "--split", "test", "--out", str(blocker / "out"))
+    assert_one_line_error(result, "cannot write or read", str(blocker))
+
+
 def test_bad_config_override_is_one_clear_error():
     assert_one_line_error(tracetune("validate", "--set", "data.sed=1"), "unknown field 'sed'")
     assert_one_line_error(tracetune("validate", "--preset", "nope"), "unknown preset 'nope'")

@@ -226,7 +226,11 @@ def main() -> None:
     try:
         app()
     except (data_mod.DataError, ConfigError) as error:
-        err_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        err_console.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(2)
+    except OSError as error:  # a full disk, a path that is a file: say which file
+        where = f" {error.filename}" if error.filename else ""
+        err_console.print(f"[red]error:[/red] cannot write or read{where}: {error.strerror or error}", highlight=False)
         sys.exit(2)
 
 
