@@ -18,7 +18,7 @@ from rich.table import Table
 
 from tracetune import data as data_mod
 from tracetune import scoring
-from tracetune.config import Config, ConfigError, RewardWeights, load_config, save_config
+from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
 app = typer.Typer(
     help="tracetune: teach small language models to show their work (SFT + GRPO on Tunix).",
@@ -67,6 +67,15 @@ def _report_skipped(skipped: list[Exception]) -> None:
             err_console.print(f"  ... and {len(skipped) - 20} more")
 
 
+def _load(cfg: DataConfig, split: str, skip_invalid: bool) -> data_mod.LoadResult:
+    loaded = data_mod.load_examples(
+        cfg.source, split, question_field=cfg.question_field, answer_field=cfg.answer_field,
+        skip_invalid=skip_invalid or cfg.skip_invalid,
+    )
+    _report_skipped(loaded.skipped)
+    return loaded
+
+
 def _metrics_table(title: str, metrics: dict[str, scoring.Estimate]) -> Table:
     table = Table(title=title)
     for column, justify in (("Metric", "left"), ("Value", "right"), ("95% CI", "right"), ("n", "right")):
@@ -112,11 +121,7 @@ def data_cmd(
     """
     config = _config(preset, set_, **{"data.source": source, "data.val_fraction": val_fraction, "data.seed": seed})
     cfg = config.data
-    loaded = data_mod.load_examples(
-        cfg.source, split, question_field=cfg.question_field, answer_field=cfg.answer_field,
-        skip_invalid=skip_invalid or cfg.skip_invalid,
-    )
-    _report_skipped(loaded.skipped)
+    loaded = _load(cfg, split, skip_invalid)
     # The length filter needs a tokenizer, which comes with a model; until one is
     # given, no trace is dropped for length and the report says so.
     result = data_mod.curate(loaded.examples, val_fraction=cfg.val_fraction, seed=cfg.seed, prompt_style=cfg.prompt_style)
@@ -167,11 +172,7 @@ def validate(
     """
     config = _config(preset, set_, **{"data.source": source})
     cfg = config.data
-    loaded = data_mod.load_examples(
-        cfg.source, split, question_field=cfg.question_field, answer_field=cfg.answer_field,
-        skip_invalid=skip_invalid or cfg.skip_invalid,
-    )
-    _report_skipped(loaded.skipped)
+    loaded = _load(cfg, split, skip_invalid)
     # Every example is a target here: no validation hold-out.
     curated = data_mod.curate(loaded.examples, val_fraction=0.0, seed=cfg.seed, prompt_style=cfg.prompt_style)
     rows = [(t.id, t.question, t.reference, t.completion, None) for t in curated.train]
