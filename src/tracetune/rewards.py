@@ -21,6 +21,7 @@ import bisect
 import itertools
 import math
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ def correctness(completion: str, reference: str | float) -> float:
 
 TRANSITION_WORDS = frozenset({"first", "then", "next", "so", "thus", "therefore", "hence", "finally"})
 # Spelled out in both cases instead of IGNORECASE with \b, which is several times
-# slower to scan (see _STEP_WORD).
+# slower to scan (see _STEP_TAIL).
 CONCLUSION_CUES = re.compile(
     r"(?<![A-Za-z])([Tt]herefore|THEREFORE|[Tt]hus|[Hh]ence|[Ss]o|SO|[Ii]n total|[Tt]he answer is)(?![A-Za-z])"
 )
@@ -66,7 +67,9 @@ CONCLUSION_CUES = re.compile(
 # "Step 3:" anywhere, or a numbered line "3." / "3)" at the start of a line. Two
 # patterns that each start with a literal, instead of one alternation with \b and
 # IGNORECASE, which made every position of the text slow to reject (4x slower).
-_STEP_WORD = re.compile(r"[Ss]tep(?<![A-Za-z0-9_][Ss]tep)[ \t]*[0-9]+[ \t]*[:.)]")
+# _STEP_TAIL starts with a literal, which re scans for fastest; the "S"/"s" before
+# it, not glued to a previous word, is checked in Python.
+_STEP_TAIL = re.compile(r"tep[ \t]*[0-9]+[ \t]*[:.)]")
 _NUMBERED_LINE = re.compile(r"\n[ \t]*[0-9]+[.)](?=[ \t])")
 # A shown calculation: "48 / 2", "0.2 x 50", "3*4", "3 times 4", or "= 24".
 _EQUALS_NUMBER = re.compile(r"=[ \t]*\$?-?[0-9.]")
@@ -74,7 +77,6 @@ _OPERATION = re.compile(
     r"[0-9][ \t]*[-+*/xX\u00d7\u00f7\u2212\u2013][ \t]*\$?[0-9.]"
     r"|[0-9] (?:plus|minus|times|divided by|multiplied by) \$?[0-9]"
 )
-_WORD = re.compile(r"[a-z0-9]+")
 _SENTENCE_ENDS = (". ", "! ", "? ", "\n")
 
 # Rubric weights (they sum to 1) and bounds. GSM8K reference solutions have 2 to 11
@@ -92,13 +94,23 @@ def _shows_calculation(text: str) -> bool:
     return ("=" in text and _EQUALS_NUMBER.search(text) is not None) or _OPERATION.search(text) is not None
 
 
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+# Words for comparing steps: ASCII letters and digits, lowercased. A bytes
+# translation is ~2.5x faster than re.findall here (rewards run on every rollout).
+_WORD_BYTES = bytes.maketrans(
+    string.punctuation.encode() + string.ascii_uppercase.encode(),
+    b" " * len(string.punctuation) + string.ascii_lowercase.encode(),
+)
+_TRANSITION_BYTES = frozenset(w.encode() for w in TRANSITION_WORDS)
 
 
-def _is_substantive(words: list[str]) -> bool:
+def _words(text: str) -> list[bytes]:
+    """``"Then, 48/2 = 24."`` -> ``[b"then", b"48", b"2", b"24"]`` (non-ASCII dropped)."""
+    return text.encode("ascii", "ignore").translate(_WORD_BYTES).split()
+
+
+def _is_substantive(words: list[bytes]) -> bool:
     """A step with content: at least 3 words, at least 2 of them not transition words."""
-    return len(words) >= 3 and len(words) - sum(map(TRANSITION_WORDS.__contains__, words)) >= 2
+    return len(words) >= 3 and len(words) - sum(map(_TRANSITION_BYTES.__contains__, words)) >= 2
 
 
 def split_steps(reasoning: str) -> tuple[list[str], int]:
@@ -108,7 +120,11 @@ def split_steps(reasoning: str) -> tuple[list[str], int]:
     markers), so calculations and the conclusion still count but steps do not.
     """
     # Numbered lines are searched in "\n" + text, so index i there is i - 1 here.
-    spans = [m.span() for m in _STEP_WORD.finditer(reasoning)]
+    spans = [
+        (m.start() - 1, m.end())
+        for m in _STEP_TAIL.finditer(reasoning, 1)
+        if reasoning[m.start() - 1] in "Ss" and (m.start() < 2 or not reasoning[m.start() - 2].isalnum())
+    ]
     spans += [(m.start(), m.end() - 1) for m in _NUMBERED_LINE.finditer("\n" + reasoning)]
     markers: list[tuple[int, int]] = []
     for start, end in sorted(spans):
@@ -162,7 +178,7 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         segments[-1] = final[:start]
         stated = parse_number(final[cue.end() :])
         if stated is not None:
-            concludes_with_transition = bool(TRANSITION_WORDS.intersection(_words(sentence)))
+            concludes_with_transition = not _TRANSITION_BYTES.isdisjoint(_words(sentence))
             answer = parse_number(parsed.answer)
             if answer is None:
                 conclusion = 0.5
@@ -171,11 +187,11 @@ def trace_breakdown(completion: str) -> dict[str, float]:
 
     # Normalised step text -> (shows a calculation, uses a transition word), first
     # occurrence of each distinct substantive step only.
-    distinct: dict[str, tuple[bool, bool]] = {}
+    distinct: dict[bytes, tuple[bool, bool]] = {}
     for segment in segments:
         words = _words(segment)
-        if _is_substantive(words) and (key := " ".join(words)) not in distinct:
-            distinct[key] = (_shows_calculation(segment), not TRANSITION_WORDS.isdisjoint(words))
+        if _is_substantive(words) and (key := b" ".join(words)) not in distinct:
+            distinct[key] = (_shows_calculation(segment), not _TRANSITION_BYTES.isdisjoint(words))
 
     n_steps = len(distinct) if n_markers else 0
     n_calculations = sum(calc for calc, _ in distinct.values())
