@@ -280,3 +280,15 @@ def test_very_long_text_is_handled(piece, repeats):
     text = piece * (repeats // len(piece) + 1)
     assert correctness(text, "4") in (0.0, 1.0)
     assert 0.0 <= trace_structure(text) <= 1.0
+
+
+def test_one_pass_components_equal_the_registered_batch_rewards():
+    completions = [GOOD_TRACE, wrap("71"), "Sure! " + wrap("72"), "<reasoning>72</reasoning>", wrap(" 72 km ")]
+    toks = [tokens_of(c, c[c.index("<answer>") + 8 : c.index("</answer>")], [-0.3] * len(c[c.index("<answer>") + 8 : c.index("</answer>")]))
+            if "<answer>" in c else ([c], [-0.5]) for c in completions]
+    columns = {"reference": ["72"] * 5, "token_texts": [t for t, _ in toks], "token_logprobs": [lp for _, lp in toks]}
+    prompts = ["p"] * 5
+    expected = {name: fn(prompts, completions, **columns) for name, fn in REWARDS.items()}
+    assert reward_components(prompts, completions, RewardWeights(), **columns) == expected
+    with pytest.raises(ValueError, match="token_logprobs"):
+        reward_components(prompts, completions, RewardWeights(), reference=["72"] * 5)

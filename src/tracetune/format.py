@@ -134,19 +134,17 @@ def parse_completion(text: str) -> ParsedCompletion:
 
     # Everything not inside a recognised block (tags included) counts as outside.
     # Blocks cannot overlap: neither block's content may hold a tag.
-    blocks = sorted(
-        (span[0] - len(open_tag), span[1] + len(close_tag))
-        for span, open_tag, close_tag in (
-            (reasoning_span, REASONING_OPEN, REASONING_CLOSE),
-            (answer_span, ANSWER_OPEN, ANSWER_CLOSE),
-        )
-        if span
-    )
+    blocks = []
+    if reasoning_span:
+        blocks.append((reasoning_span[0] - len(REASONING_OPEN), reasoning_span[1] + len(REASONING_CLOSE)))
+    if answer_span:
+        blocks.append((answer_span[0] - len(ANSWER_OPEN), answer_span[1] + len(ANSWER_CLOSE)))
     pieces, pos = [], 0
-    for block_start, block_end in blocks:
+    for block_start, block_end in sorted(blocks):
         pieces.append(text[pos:block_start])
         pos = block_end
-    outside = " ".join([*pieces, text[pos:]])
+    pieces.append(text[pos:])
+    outside = " ".join(pieces)
 
     strict = bool(
         reasoning_span

@@ -258,12 +258,21 @@ def confidence_from_logprobs(is_correct: bool, answer_logprobs: Sequence[float] 
     return p if is_correct else 1.0 - p
 
 
-def confidence_score(completion: str, reference: str | float, answer_logprobs: Sequence[float] | None) -> float:
+def confidence_score(
+    completion: str,
+    reference: str | float,
+    answer_logprobs: Sequence[float] | None,
+    *,
+    correct: float | None = None,
+) -> float:
     """The calibration reward given the answer tokens' log-probabilities (already
-    selected, e.g. by ``answer_token_logprobs``). An answer with no number counts as none."""
+    selected, e.g. by ``answer_token_logprobs``). An answer with no number counts as
+    none. ``correct`` may pass a correctness already computed for this completion."""
     if parse_number(parse_completion(completion).answer) is None:
         return 0.0
-    return confidence_from_logprobs(correctness(completion, reference) == 1.0, answer_logprobs)
+    if correct is None:
+        correct = correctness(completion, reference)
+    return confidence_from_logprobs(correct == 1.0, answer_logprobs)
 
 
 def confidence(
@@ -322,15 +331,25 @@ def reward_components(
 ) -> dict[str, list[float]]:
     """Every component the weights need, plus any other the columns allow (for logging).
 
-    A component with weight 0 is skipped when its columns are missing, which is how
-    the no-confidence ablation runs without log-probabilities.
+    Equal to calling each batch reward in REWARDS, in one pass per completion (the
+    correctness is shared with the confidence term). A component with weight 0 is
+    skipped when its columns are missing: the no-confidence ablation runs without
+    log-probabilities.
     """
-    components = {}
-    for name, fn in REWARDS.items():
-        if name == "confidence" and weights.confidence == 0 and columns.get("token_logprobs") is None:
-            continue
-        components[name] = fn(prompts, completions, **columns)
-    return components
+    reference = columns["reference"]
+    texts, logprobs = columns.get("token_texts"), columns.get("token_logprobs")
+    with_confidence = not (weights.confidence == 0 and logprobs is None)
+    if with_confidence and (texts is None or logprobs is None):
+        confidence_reward(prompts, completions, reference)  # raises the one explanatory error
+    out: dict[str, list[float]] = {"correctness": [], "trace": [], **({"confidence": []} if with_confidence else {})}
+    for i, completion in enumerate(completions):
+        correct = correctness(completion, reference[i])
+        out["correctness"].append(correct)
+        out["trace"].append(trace_structure(completion))
+        if with_confidence:
+            answer_logprobs = answer_token_logprobs(completion, texts[i], logprobs[i])
+            out["confidence"].append(confidence_score(completion, reference[i], answer_logprobs, correct=correct))
+    return out
 
 
 def combine(components: Mapping[str, Sequence[float]], weights: RewardWeights) -> list[float]:
