@@ -1,0 +1,1 @@
+"""Model loading: see tracetune.models.registry."""
