@@ -80,8 +80,9 @@ def load_dir(path: Path, dtype: str):
         raise ModelError(f"{path} has no tokenizer.model (the SentencePiece model of Gemma 3)")
     try:
         model = create_model_from_safe_tensors(str(path), config, mesh=None, dtype=config.param_dtype)
-    except (ValueError, KeyError) as error:  # Tunix reports shape and key mismatches this way
-        raise ModelError(f"{path} does not match a {describe(config)} model: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:  # Tunix reports shape and key mismatches this way
+        reason = str(error).strip().splitlines()[0][:200]
+        raise ModelError(f"{path} does not match a {describe(config)} model ({reason}): a checkpoint of another size?") from None
     return model, Tokenizer.from_file(tokenizer_file), config
 
 
@@ -124,7 +125,7 @@ def download_kaggle(handle: str) -> Path:
         return Path(kagglehub.model_download(handle))
     except Exception as error:  # noqa: BLE001 - kagglehub raises many types; the user needs one sentence
         raise ModelError(
-            f"cannot download Kaggle model {handle} ({type(error).__name__}: {error}): set KAGGLE_USERNAME "
+            f"cannot download Kaggle model {handle} ({type(error).__name__}): set KAGGLE_USERNAME "
             "and KAGGLE_KEY, accept the Gemma licence on Kaggle, and check the network"
         ) from None
 

@@ -175,6 +175,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
             model, tokenizer, config = hf.load_dir(directory, dtype)
             source = str(directory)
     elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
         config = with_dtype(ModelConfig.gemma3_270m(), dtype)
         reader_config = config  # the 270M is the only GGUF size mapped so far
         model, tokenizer = _load_gguf(path, None, reader_config, dtype, path.stem)
