@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tracetune import data as data_mod
 from tracetune import scoring
+from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
 app = typer.Typer(
@@ -222,16 +223,78 @@ def score(
     (out / "run.json").write_text(json.dumps({"input": str(completions), "weights": weights.as_dict(), "scored": len(scores), "skipped": len(skipped)}, indent=2) + "\n")
 
 
+@app.command()
+def generate(
+    question: Annotated[Optional[str], typer.Argument(help="A question to answer (or use --input).")] = None,
+    model: Annotated[str, typer.Option(help="Model name (gemma3-270m, gemma3-1b-it, tiny, ...) or a checkpoint path.")] = "gemma3-270m",
+    weights: Annotated[Optional[str], typer.Option(help="For Hugging Face models: a local safetensors directory, hf:REPO or kaggle:HANDLE.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="JSONL with a 'question' per row; every row's fields are kept in the output.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="JSONL to write, one row per input row (with --input).")] = None,
+    prompt_style: Annotated[Optional[str], typer.Option(help="'plain' (Q: ... A:) or 'chat' (Gemma turns). Default: chat for -it models, else plain.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per completion.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy decoding.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off, at most 64).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed; the same seed gives the same output.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together (rounded up to a power of two).")] = 8,
+    dtype: Annotated[str, typer.Option(help="Parameter dtype: float32 or bfloat16.")] = "float32",
+) -> None:
+    """Generate reasoning traces: one question on the command line, or a JSONL batch."""
+    from tracetune.format import build_prompt
+    from tracetune.generate import Generator, SamplingConfig
+    from tracetune.models.registry import load_model
+
+    if (question is None) == (input is None):
+        raise typer.BadParameter("give either a QUESTION or --input FILE.jsonl")
+    if input is not None and output is None:
+        raise typer.BadParameter("--input needs --output FILE.jsonl")
+    rows = [{"question": question}]
+    if input is not None:
+        rows = []
+        for line, row in data_mod.read_jsonl(input):
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+                raise data_mod.DataError(str(input), line, "question", "missing or not a string")
+            rows.append(row)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    with err_console.status(f"loading {model}"):
+        loaded = load_model(model, dtype=dtype, weights=weights)
+    style = prompt_style or ("chat" if loaded.chat else "plain")
+    prompts = [build_prompt(r["question"], style) for r in rows]
+    generator = Generator(loaded.model, loaded.tokenizer, max_batch=batch_size)
+    with _progress() as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        results = generator.generate(prompts, sampling, progress=lambda n: progress.advance(task, n))
+    stats = generator.stats
+    err_console.print(
+        f"{stats.generated_tokens} tokens in {stats.seconds:.1f} s "
+        f"({stats.generated_tokens / max(stats.seconds, 1e-9):.1f} tok/s, compilation included)"
+    )
+    if input is None:
+        console.print(f"[bold]prompt[/bold]\n{prompts[0]}", markup=True, highlight=False)
+        console.print("[bold]completion[/bold]", markup=True)
+        console.print(results[0].text, markup=False, highlight=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row, prompt, result in zip(rows, prompts, results):
+            record = {**row, "prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
+                      "token_texts": result.token_texts, "token_logprobs": result.token_logprobs}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(output)
+    console.print(f"wrote {len(results)} completions to {output}")
+
+
 def main() -> None:
     """Entry point: user-fixable errors become one line on stderr and exit code 2."""
     try:
         app()
-    except (data_mod.DataError, ConfigError) as error:
-        err_console.print(f"[red]error:[/red] {error}", highlight=False)
+    except (data_mod.DataError, ConfigError, ModelError) as error:
+        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as error:  # a full disk, a path that is a file: say which file
         where = f" {error.filename}" if error.filename else ""
-        err_console.print(f"[red]error:[/red] cannot write or read{where}: {error.strerror or error}", highlight=False)
+        err_console.print(f"[red]error:[/red] cannot write or read{where}: {error.strerror or error}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

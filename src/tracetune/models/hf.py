@@ -26,19 +26,10 @@ from tracetune.models.params import (
     write_json,
 )
 from tracetune.models.tokenizer import Tokenizer
+from tunix.models.gemma3.model import QueryPreAttentionNormalisation
 
 CHECKPOINT_FORMAT = "tracetune.model/1"
 MARKER = "tracetune.json"
-
-# (num_hidden_layers, hidden_size) -> Tunix's ModelConfig factory for that size.
-KNOWN_SIZES = {
-    (18, 640): "gemma3_270m",
-    (26, 1152): "gemma3_1b_pt",
-    (34, 2560): "gemma3_4b_pt",
-    (48, 3840): "gemma3_12b_pt",
-    (62, 5376): "gemma3_27b_pt",
-}
-
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
@@ -46,7 +37,7 @@ def is_hf_dir(path: Path) -> bool:
 
 def config_of_dir(path: Path, dtype: str) -> ModelConfig:
     """The ModelConfig of a safetensors directory: tracetune's exact one if it wrote
-    the directory, else Tunix's preset for the size its ``config.json`` declares."""
+    the directory, else the one its Hugging Face ``config.json`` declares."""
     marker = path / MARKER
     if marker.exists():
         meta = json.loads(marker.read_text())
@@ -61,13 +52,29 @@ def config_of_dir(path: Path, dtype: str) -> ModelConfig:
     arch = hf.get("model_type", "?")
     if not str(arch).startswith("gemma3"):
         raise ModelError(f"{path} holds a {arch!r} model; tracetune trains Gemma 3 models")
-    factory = KNOWN_SIZES.get((hf.get("num_hidden_layers"), hf.get("hidden_size")))
-    if factory is None:
-        raise ModelError(
-            f"{path}: no Tunix config for a Gemma 3 with {hf.get('num_hidden_layers')} layers and "
-            f"hidden size {hf.get('hidden_size')}"
+    try:
+        scaling = (hf.get("rope_scaling") or {}).get("factor", 1.0)
+        by_head_dim = hf.get("query_pre_attn_scalar", hf["head_dim"]) == hf["head_dim"]
+        config = ModelConfig(
+            num_layers=hf["num_hidden_layers"],
+            num_embed=hf["vocab_size"],
+            embed_dim=hf["hidden_size"],
+            hidden_dim=hf["intermediate_size"],
+            num_heads=hf["num_attention_heads"],
+            head_dim=hf["head_dim"],
+            num_kv_heads=hf["num_key_value_heads"],
+            sliding_window_size=hf.get("sliding_window"),
+            local_base_frequency=int(hf.get("rope_local_base_freq", 10_000)),
+            global_base_frequency=int(hf.get("rope_theta", 1_000_000)),
+            global_scale_factor=float(scaling),
+            # Gemma 3 27B scales queries by (d / heads)^-1/2, the other sizes by head_dim^-1/2.
+            query_pre_attn_norm=QueryPreAttentionNormalisation[
+                "BY_ONE_OVER_SQRT_HEAD_DIM" if by_head_dim else "BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS"
+            ],
         )
-    return with_dtype(getattr(ModelConfig, factory)(), dtype)
+    except KeyError as error:
+        raise ModelError(f"{path / 'config.json'} lacks the Gemma 3 field {error.args[0]!r}") from None
+    return with_dtype(config, dtype)
 
 
 def load_dir(path: Path, dtype: str):

@@ -166,7 +166,12 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         "sliding_window": config.sliding_window_size,
         "rope_theta": config.global_base_frequency,
         "rope_local_base_freq": config.local_base_frequency,
-        "query_pre_attn_scalar": config.head_dim,
+        "query_pre_attn_scalar": config.head_dim
+        if config.query_pre_attn_norm.name == "BY_ONE_OVER_SQRT_HEAD_DIM"
+        else config.embed_dim // config.num_heads,
+        "rope_scaling": {"rope_type": "linear", "factor": config.global_scale_factor}
+        if config.global_scale_factor != 1.0
+        else None,
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
