@@ -186,7 +186,7 @@ def _rope(x, positions, base_frequency: float, scale_factor: float):  # x [B, T,
 def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at, mask):
     """One decoder layer over T new tokens; the cache holds S slots.
 
-    x [B, T, D]; positions [B, T]; k_cache, v_cache [B, S, K, H]; mask [B, T, S].
+    x [B, T, D]; positions [B, T]; k_cache [B, K, H, S], v_cache [B, K, S, H]; mask [B, T, S].
     Returns (x [B, T, D], k_cache, v_cache) with the new keys/values at write_at.
     """
     B, T, _ = x.shape
@@ -200,15 +200,19 @@ def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at,
     scale = config.local_scale_factor if kind == LOCAL else config.global_scale_factor
     q = _rope(q, positions, base, scale) * config.query_scale
     k = _rope(k, positions, base, scale)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+    # Caches are laid out for plain batched matmuls over (B, K): keys [B, K, H, S],
+    # values [B, K, S, H]. The [B, S, K, H] layout made XLA transpose the whole
+    # cache in every layer and step (117 ms vs 25 ms for 18 layers at B=32, S=384).
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, write_at))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, write_at, 0))
 
     N = q.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by their shared KV head
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k_cache).reshape(B, T, N, -1)  # [B, T, N, S]
-    logits = jnp.where(mask[:, :, None, :], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs.reshape(B, T, K, N // K, -1), v_cache)  # [B, T, K, G, H]
+    G = N // K  # query heads sharing one KV head
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # [B, K, T*G, H]
+    logits = (qg @ k_cache).reshape(B, K, T, G, -1)  # [B, K, T, G, S]
+    logits = jnp.where(mask[:, None, :, None, :], logits, K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype).reshape(B, K, T * G, -1)
+    encoded = (probs @ v_cache).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
     out = encoded.reshape(B, T, N * H) @ p["wo"]  # [B, T, D]
     x = x + _rms_norm(out, p["post_attention_norm"])
 
@@ -268,8 +272,10 @@ def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mo
     valid = tokens != 0  # [B, P]
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)  # RoPE positions start at 0 per row
     dtype = params["embedding"].dtype
-    shape = (B, cache_size, config.num_kv_heads, config.head_dim)  # [B, S, K, H]
-    caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    K, H = config.num_kv_heads, config.head_dim
+    caches = tuple(
+        (jnp.zeros((B, K, H, cache_size), dtype), jnp.zeros((B, K, cache_size, H), dtype)) for _ in range(config.num_layers)
+    )
     key_valid = jnp.pad(valid, ((0, 0), (0, cache_size - P)), constant_values=True)  # [B, S]
     slots = jnp.arange(cache_size)
     query_slots = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
