@@ -183,10 +183,11 @@ def _rope(x, positions, base_frequency: float, scale_factor: float):  # x [B, T,
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
 
 
-def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at, mask):
+def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at, mask, own_mask):
     """One decoder layer over T new tokens; the cache holds S slots.
 
-    x [B, T, D]; positions [B, T]; k_cache [B, K, H, S], v_cache [B, K, S, H]; mask [B, T, S].
+    x [B, T, D]; positions [B, T]; k_cache [B, K, H, S], v_cache [B, K, S, H];
+    mask [B, T, S] over earlier cache slots, own_mask [B, T, T] among the new tokens.
     Returns (x [B, T, D], k_cache, v_cache) with the new keys/values at write_at.
     """
     B, T, _ = x.shape
@@ -200,19 +201,27 @@ def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at,
     scale = config.local_scale_factor if kind == LOCAL else config.global_scale_factor
     q = _rope(q, positions, base, scale) * config.query_scale
     k = _rope(k, positions, base, scale)
-    # Caches are laid out for plain batched matmuls over (B, K): keys [B, K, H, S],
-    # values [B, K, S, H]. The [B, S, K, H] layout made XLA transpose the whole
-    # cache in every layer and step (117 ms vs 25 ms for 18 layers at B=32, S=384).
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, write_at))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, write_at, 0))
-
     N = q.shape[2]
     G = N // K  # query heads sharing one KV head
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # [B, K, T*G, H]
-    logits = (qg @ k_cache).reshape(B, K, T, G, -1)  # [B, K, T, G, S]
-    logits = jnp.where(mask[:, None, :, None, :], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype).reshape(B, K, T * G, -1)
-    encoded = (probs @ v_cache).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
+    k_new = k.transpose(0, 2, 3, 1).astype(k_cache.dtype)  # [B, K, H, T]
+    v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # [B, K, T, H]
+    # Caches are laid out for plain batched matmuls over (B, K): keys [B, K, H, S],
+    # values [B, K, S, H]; a [B, S, K, H] cache made XLA transpose it in every layer
+    # and step. Attention reads the cache *before* this step's keys are written, and
+    # adds the new tokens' own scores beside it: reading the cache after the write
+    # made XLA copy all of it (12.6 MB per layer at B=32) on every step.
+    cached = (qg @ k_cache).reshape(B, K, T, G, -1)  # [B, K, T, G, S]
+    cached = jnp.where(mask[:, None, :, None, :], cached, K_MASK)
+    own = (qg @ k_new).reshape(B, K, T, G, T)  # [B, K, T, G, T]: the new tokens among themselves
+    own = jnp.where(own_mask[:, None, :, None, :], own, K_MASK)
+    probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1).astype(v_cache.dtype)
+    S = k_cache.shape[-1]
+    encoded = (
+        probs[..., :S].reshape(B, K, T * G, S) @ v_cache + probs[..., S:].reshape(B, K, T * G, T) @ v_new
+    ).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, write_at))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, write_at, 0))
     out = encoded.reshape(B, T, N * H) @ p["wo"]  # [B, T, D]
     x = x + _rms_norm(out, p["post_attention_norm"])
 
@@ -222,22 +231,28 @@ def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at,
     return x + _rms_norm(h, p["post_ffw_norm"]), k_cache, v_cache
 
 
-def _forward(params, config: Arch, tokens, positions, caches, write_at, key_slots, query_slots, key_valid):
-    """All layers over T new tokens; returns the final hidden state of the last one.
+def _forward(params, config: Arch, tokens, positions, caches, write_at, new_valid, key_valid):
+    """All layers over T new tokens written at cache slots write_at..write_at+T-1.
 
-    tokens, positions, query_slots [B, T]; key_valid [B, S] (real tokens, not pads);
-    caches: tuple of (k, v) per layer. Causality and Gemma's sliding window are
-    masks over cache slots (slots and positions differ only by left padding).
+    tokens, positions, new_valid [B, T] (new_valid: not padding); key_valid [B, S]
+    (cache slots holding real tokens); caches: (k, v) per layer. Returns the logits
+    of the last new token [B, V] and the caches. Causality and Gemma's sliding
+    window are masks over slots (slots and positions differ only by left padding).
     """
     emb = params["embedding"]  # [V, D]
     x = emb[tokens] * jnp.sqrt(emb.shape[-1]).astype(emb.dtype)  # [B, T, D]
-    causal = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])  # [B, T, S]
-    window = key_slots[None, None, :] > query_slots[:, :, None] - config.sliding_window_size
+    T, S = tokens.shape[1], key_valid.shape[1]
+    query = write_at + jnp.arange(T)  # [T] slots of the new tokens
+    slots = jnp.arange(S)
+    earlier = key_valid[:, None, :] & (slots[None, None, :] < write_at)  # [B, T, S]: written by earlier calls
+    near = slots[None, :] > query[:, None] - config.sliding_window_size  # [T, S]
+    own = new_valid[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]  # [B, T, T]
+    own_near = query[None, :] > query[:, None] - config.sliding_window_size  # [T, T]
     new_caches = []
     for i, (k_cache, v_cache) in enumerate(caches):
         kind = ATTENTION_PATTERN[i % len(ATTENTION_PATTERN)]
-        mask = causal & window if kind == LOCAL else causal
-        x, k_cache, v_cache = _layer(params["layers"][i], config, kind, x, positions, k_cache, v_cache, write_at, mask)
+        mask, own_mask = (earlier & near, own & own_near) if kind == LOCAL else (earlier, own)
+        x, k_cache, v_cache = _layer(params["layers"][i], config, kind, x, positions, k_cache, v_cache, write_at, mask, own_mask)
         new_caches.append((k_cache, v_cache))
     x = _rms_norm(x[:, -1], params["final_norm"])  # [B, D]: only the last position is projected
     logits = (x @ emb.T).astype(jnp.float32)  # [B, V]; log-softmax in float32 for stable log-probs
@@ -277,9 +292,7 @@ def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mo
         (jnp.zeros((B, K, H, cache_size), dtype), jnp.zeros((B, K, cache_size, H), dtype)) for _ in range(config.num_layers)
     )
     key_valid = jnp.pad(valid, ((0, 0), (0, cache_size - P)), constant_values=True)  # [B, S]
-    slots = jnp.arange(cache_size)
-    query_slots = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
-    logits, caches = _forward(params, config, tokens, positions, caches, 0, slots, query_slots, key_valid)
+    logits, caches = _forward(params, config, tokens, positions, caches, 0, valid, key_valid)
     token, logprob = _choose(logits, jax.random.fold_in(key, 0), mode, temperature, top_k, top_p)
     return token, logprob, caches, key_valid, positions[:, -1]
 
@@ -292,14 +305,13 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
     token, last_position, done [B]; returns tokens and log-probs [B, steps], the
     next token and the updated state. Rows that are done emit padding (id 0).
     """
-    slots = jnp.arange(key_valid.shape[1])
     stops = jnp.asarray(stop_ids, jnp.int32)
+    new_valid = jnp.ones((token.shape[0], 1), bool)
 
     def step(i, carry):
         token, position, done, caches, out_tokens, out_logprobs = carry
         position = position + 1
-        query_slot = jnp.full((token.shape[0], 1), slot + i)
-        logits, caches = _forward(params, config, token[:, None], position[:, None], caches, slot + i, slots, query_slot, key_valid)
+        logits, caches = _forward(params, config, token[:, None], position[:, None], caches, slot + i, new_valid, key_valid)
         nxt, logprob = _choose(logits, jax.random.fold_in(key, slot + i + 1), mode, temperature, top_k, top_p)
         done = done | jnp.isin(token, stops)
         nxt = jnp.where(done, 0, nxt)
