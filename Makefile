@@ -19,7 +19,9 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/rewards.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -104,7 +104,7 @@ def test_score_command(write_jsonl, tmp_path):
     assert json.loads((tmp_path / "s" / "run.json").read_text())["weights"]["trace"] == 0.0
 
 
-@pytest.mark.parametrize("command", ["data", "validate", "score", "presets"])
+@pytest.mark.parametrize("command", ["data", "validate", "score", "presets", "generate"])
 def test_every_option_is_explained(command):
     result = tracetune(command, "--help")
     assert result.returncode == 0
@@ -113,3 +113,30 @@ def test_every_option_is_explained(command):
         stripped = line.strip("│ ")
         if stripped.startswith("--") and "--help" not in stripped:
             assert len(stripped.split()) > 2, f"option without help: {stripped}"
+
+
+def test_generate_batch_file_with_tiny_model(write_jsonl, tmp_path):
+    path = write_jsonl("q.jsonl", [{"id": "a", "question": "What is 2 + 3?"}, {"id": "b", "question": "What is 7 - 4?"}])
+    out = tmp_path / "out.jsonl"
+    result = tracetune("generate", "--model", "tiny", "--input", str(path), "--output", str(out), "--max-new-tokens", "12",
+                       "--temperature", "0.8", "--top-k", "20", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    for row in rows:
+        assert row["prompt"] == f"Q: {row['question']}\nA:\n"
+        assert "".join(row["token_texts"]) == row["completion"]
+        assert len(row["token_logprobs"]) == len(row["token_texts"]) <= 12
+
+
+def test_generate_single_question_prints_prompt_and_trace():
+    result = tracetune("generate", "--model", "tiny", "What is 2 + 3?", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Q: What is 2 + 3?" in result.stdout and "completion" in result.stdout
+
+
+def test_generate_bad_input_row_names_file_line_field(write_jsonl, tmp_path):
+    path = write_jsonl("q.jsonl", [{"question": "ok?"}, {"prompt": "no question"}])
+    result = tracetune("generate", "--model", "tiny", "--input", str(path), "--output", str(tmp_path / "o.jsonl"))
+    assert_one_line_error(result, f"{path}:2", "question")
+    assert not (tmp_path / "o.jsonl").exists()
