@@ -283,7 +283,8 @@ def _choose(logits, key, mode: str, temperature, top_k, top_p):
         keep &= before < top_p  # the nucleus: the smallest prefix with mass >= top_p
         choice = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
         token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    # log p(token) = logit - logsumexp(logits): no [B, V] array of log-probs is written.
+    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
     return token.astype(jnp.int32), logprob
 
 
