@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import time
@@ -177,9 +176,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        config = with_dtype(ModelConfig.gemma3_270m(), dtype)
-        reader_config = config  # the 270M is the only GGUF size mapped so far
-        model, tokenizer = _load_gguf(path, None, reader_config, dtype, path.stem)
+        config = with_dtype(ModelConfig.gemma3_270m(), dtype)  # the only GGUF size mapped so far
+        model, tokenizer = _load_gguf(path, None, config, dtype, path.stem)
         source = str(path)
     elif path.is_dir() and hf.is_hf_dir(path):
         model, tokenizer, config = hf.load_dir(path, dtype)
@@ -192,7 +190,3 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
     if tokenizer.vocab_size > config.num_embed:
         raise ModelError(f"{source}: tokenizer has {tokenizer.vocab_size} pieces but the model only {config.num_embed} embeddings")
     return LoadedModel(name, model, tokenizer, config, source, chat, time.perf_counter() - start)
-
-
-def replace_model(loaded: LoadedModel, model: object) -> LoadedModel:
-    return dataclasses.replace(loaded, model=model)
