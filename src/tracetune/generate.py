@@ -183,13 +183,17 @@ def _rope(x, positions, base_frequency: float, scale_factor: float):  # x [B, T,
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
 
 
-def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at, mask, own_mask):
-    """One decoder layer over T new tokens; the cache holds S slots.
+def _layer(p, config: Arch, kind: int, x, positions, sources, own_mask):
+    """One decoder layer over T new tokens.
 
-    x [B, T, D]; positions [B, T]; k_cache [B, K, H, S], v_cache [B, K, S, H];
-    mask [B, T, S] over earlier cache slots (None: the cache is empty), own_mask [B, T, T]
-    among the new tokens.
-    Returns (x [B, T, D], k_cache, v_cache) with the new keys/values at write_at.
+    x [B, T, D]; positions [B, T]; sources: (keys [B, K, H, S_i], values [B, K, S_i, H],
+    mask [B, T, S_i]) of the tokens before these, read-only; own_mask [B, T, T] among
+    the new tokens. Returns x [B, T, D] and the new keys [B, K, H, T] / values [B, K, T, H].
+
+    Keys are laid out [B, K, H, S] and values [B, K, S, H] for plain batched matmuls:
+    a [B, S, K, H] cache made XLA transpose it per layer and step (117 ms vs 25 ms for
+    18 layers at B=32). Sources are never written here: updating a cache inside the
+    decode loop made XLA copy it on every step (~90 ms per step at B=32).
     """
     B, T, _ = x.shape
     K, H = config.num_kv_heads, config.head_dim
@@ -202,68 +206,61 @@ def _layer(p, config: Arch, kind: int, x, positions, k_cache, v_cache, write_at,
     scale = config.local_scale_factor if kind == LOCAL else config.global_scale_factor
     q = _rope(q, positions, base, scale) * config.query_scale
     k = _rope(k, positions, base, scale)
+
     N = q.shape[2]
     G = N // K  # query heads sharing one KV head
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # [B, K, T*G, H]
-    k_new = k.transpose(0, 2, 3, 1).astype(k_cache.dtype)  # [B, K, H, T]
-    v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # [B, K, T, H]
-    # Caches are laid out for plain batched matmuls over (B, K): keys [B, K, H, S],
-    # values [B, K, S, H]; a [B, S, K, H] cache made XLA transpose it in every layer
-    # and step. Attention reads the cache *before* this step's keys are written, and
-    # adds the new tokens' own scores beside it: reading the cache after the write
-    # made XLA copy all of it (12.6 MB per layer at B=32) on every step.
-    own = (qg @ k_new).reshape(B, K, T, G, T)  # [B, K, T, G, T]: the new tokens among themselves
-    own = jnp.where(own_mask[:, None, :, None, :], own, K_MASK)
-    if mask is None:  # prefill into an empty cache: the new tokens are all there is
-        probs = jax.nn.softmax(own, axis=-1).astype(v_cache.dtype)
-        encoded = probs.reshape(B, K, T * G, T) @ v_new
-    else:
-        cached = (qg @ k_cache).reshape(B, K, T, G, -1)  # [B, K, T, G, S]
-        cached = jnp.where(mask[:, None, :, None, :], cached, K_MASK)
-        probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1).astype(v_cache.dtype)
-        S = k_cache.shape[-1]
-        encoded = probs[..., :S].reshape(B, K, T * G, S) @ v_cache + probs[..., S:].reshape(B, K, T * G, T) @ v_new
+    dtype = sources[0][0].dtype if sources else x.dtype
+    k_new = k.transpose(0, 2, 3, 1).astype(dtype)  # [B, K, H, T]
+    v_new = v.transpose(0, 2, 1, 3).astype(dtype)  # [B, K, T, H]
+    scores, values = [], []
+    for keys, vals, mask in [*sources, (k_new, v_new, own_mask)]:
+        score = (qg @ keys).reshape(B, K, T, G, -1)  # [B, K, T, G, S_i]
+        scores.append(jnp.where(mask[:, None, :, None, :], score, K_MASK))
+        values.append(vals)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)  # one softmax over all keys
+    encoded, start = 0, 0
+    for vals in values:
+        width = vals.shape[2]
+        encoded = encoded + probs[..., start : start + width].reshape(B, K, T * G, width) @ vals  # [B, K, T*G, H]
+        start += width
     encoded = encoded.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, write_at))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, write_at, 0))
     out = encoded.reshape(B, T, N * H) @ p["wo"]  # [B, T, D]
     x = x + _rms_norm(out, p["post_attention_norm"])
 
     h = _rms_norm(x, p["pre_ffw_norm"])
     gate = jax.nn.gelu(h @ p["gate"])  # tanh approximation, as nnx.gelu
     h = (gate * (h @ p["up"])) @ p["down"]
-    return x + _rms_norm(h, p["post_ffw_norm"]), k_cache, v_cache
+    return x + _rms_norm(h, p["post_ffw_norm"]), k_new, v_new
 
 
-def _forward(params, config: Arch, tokens, positions, caches, write_at, new_valid, key_valid):
-    """All layers over T new tokens written at cache slots write_at..write_at+T-1.
+def _window(query, keys, size: int):  # query [T], keys [S] slots -> [T, S]: inside the sliding window
+    return keys[None, :] > query[:, None] - size
 
-    tokens, positions, new_valid [B, T] (new_valid: not padding); key_valid [B, S]
-    (cache slots holding real tokens); caches: (k, v) per layer. Returns the logits
-    of the last new token [B, V] and the caches. Causality and Gemma's sliding
-    window are masks over slots (slots and positions differ only by left padding).
+
+def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sources_of):
+    """All layers over T new tokens at cache slots write_at..write_at+T-1.
+
+    tokens, positions, new_valid [B, T] (new_valid: not padding). sources_of(layer,
+    query_slots, local) gives that layer's read-only (keys, values, mask) sources.
+    Returns the logits of the last new token [B, V] and each layer's new (k, v).
     """
     emb = params["embedding"]  # [V, D]
     x = emb[tokens] * jnp.sqrt(emb.shape[-1]).astype(emb.dtype)  # [B, T, D]
-    T, S = tokens.shape[1], key_valid.shape[1]
+    T = tokens.shape[1]
     query = write_at + jnp.arange(T)  # [T] slots of the new tokens
-    slots = jnp.arange(S)
-    earlier = key_valid[:, None, :] & (slots[None, None, :] < write_at)  # [B, T, S]: written by earlier calls
-    near = slots[None, :] > query[:, None] - config.sliding_window_size  # [T, S]
     own = new_valid[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]  # [B, T, T]
-    own_near = query[None, :] > query[:, None] - config.sliding_window_size  # [T, T]
-    empty_cache = isinstance(write_at, int) and write_at == 0  # static: prefill
-    new_caches = []
-    for i, (k_cache, v_cache) in enumerate(caches):
-        kind = ATTENTION_PATTERN[i % len(ATTENTION_PATTERN)]
-        mask, own_mask = (earlier & near, own & own_near) if kind == LOCAL else (earlier, own)
-        if empty_cache:
-            mask = None
-        x, k_cache, v_cache = _layer(params["layers"][i], config, kind, x, positions, k_cache, v_cache, write_at, mask, own_mask)
-        new_caches.append((k_cache, v_cache))
+    own_local = own & _window(query, query, config.sliding_window_size)[None]
+    new_kv = []
+    for i in range(config.num_layers):
+        local = ATTENTION_PATTERN[i % len(ATTENTION_PATTERN)] == LOCAL
+        sources = sources_of(i, query, local)
+        x, k_new, v_new = _layer(params["layers"][i], config, LOCAL if local else GLOBAL, x, positions, sources,
+                                 own_local if local else own)
+        new_kv.append((k_new, v_new))
     x = _rms_norm(x[:, -1], params["final_norm"])  # [B, D]: only the last position is projected
     logits = (x @ emb.T).astype(jnp.float32)  # [B, V]; log-softmax in float32 for stable log-probs
-    return logits, tuple(new_caches)
+    return logits, new_kv
 
 
 def _choose(logits, key, mode: str, temperature, top_k, top_p):
@@ -294,13 +291,15 @@ def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mo
     B, P = tokens.shape
     valid = tokens != 0  # [B, P]
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)  # RoPE positions start at 0 per row
+    # An empty cache: the prompt tokens attend only among themselves.
+    logits, new_kv = _forward(params, config, tokens, positions, valid, 0, lambda i, query, local: [])
     dtype = params["embedding"].dtype
-    K, H = config.num_kv_heads, config.head_dim
+    pad = cache_size - P
     caches = tuple(
-        (jnp.zeros((B, K, H, cache_size), dtype), jnp.zeros((B, K, cache_size, H), dtype)) for _ in range(config.num_layers)
-    )
-    key_valid = jnp.pad(valid, ((0, 0), (0, cache_size - P)), constant_values=True)  # [B, S]
-    logits, caches = _forward(params, config, tokens, positions, caches, 0, valid, key_valid)
+        (jnp.pad(k.astype(dtype), ((0, 0), (0, 0), (0, 0), (0, pad))), jnp.pad(v.astype(dtype), ((0, 0), (0, 0), (0, pad), (0, 0))))
+        for k, v in new_kv
+    )  # keys [B, K, H, S], values [B, K, S, H]
+    key_valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=True)  # [B, S]
     token, logprob = _choose(logits, jax.random.fold_in(key, 0), mode, temperature, top_k, top_p)
     return token, logprob, caches, key_valid, positions[:, -1]
 
@@ -308,29 +307,55 @@ def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mo
 @functools.partial(jax.jit, static_argnames=("config", "mode", "steps", "stop_ids"), donate_argnames=("caches",))
 def _decode(params, caches, key_valid, token, last_position, slot, done, key, temperature, top_k, top_p, *,
             config: Arch, mode: str, steps: int, stop_ids: tuple[int, ...]):
-    """``steps`` decode steps from ``token`` (written at cache ``slot``).
+    """``steps`` decode steps from ``token``, whose key goes to cache ``slot``.
 
     token, last_position, done [B]; returns tokens and log-probs [B, steps], the
-    next token and the updated state. Rows that are done emit padding (id 0).
+    next token, the updated state and caches. Rows that are done emit padding (0).
+    Inside the loop the caches are read-only; the chunk's keys and values collect
+    in small buffers, written into the caches once after the loop.
     """
+    B = token.shape[0]
+    K, H = config.num_kv_heads, config.head_dim
     stops = jnp.asarray(stop_ids, jnp.int32)
-    new_valid = jnp.ones((token.shape[0], 1), bool)
+    new_valid = jnp.ones((B, 1), bool)
+    dtype = caches[0][0].dtype
+    slots = jnp.arange(key_valid.shape[1])
+    chunk_slots = slot + jnp.arange(steps)
+    earlier = key_valid[:, None, :] & (slots < slot)[None, None, :]  # [B, 1, S]: written before this chunk
+    buffers = tuple((jnp.zeros((B, K, H, steps), dtype), jnp.zeros((B, K, steps, H), dtype)) for _ in caches)
 
     def step(i, carry):
-        token, position, done, caches, out_tokens, out_logprobs = carry
+        token, position, done, buffers, out_tokens, out_logprobs = carry
         position = position + 1
-        logits, caches = _forward(params, config, token[:, None], position[:, None], caches, slot + i, new_valid, key_valid)
+        in_chunk = jnp.broadcast_to((jnp.arange(steps) < i)[None, None, :], (B, 1, steps))  # earlier steps of this chunk
+
+        def sources_of(layer, query, local):
+            cache_mask, buffer_mask = earlier, in_chunk
+            if local:
+                cache_mask = cache_mask & _window(query, slots, config.sliding_window_size)[None]
+                buffer_mask = buffer_mask & _window(query, chunk_slots, config.sliding_window_size)[None]
+            (k_cache, v_cache), (k_buf, v_buf) = caches[layer], buffers[layer]
+            return [(k_cache, v_cache, cache_mask), (k_buf, v_buf, buffer_mask)]
+
+        logits, new_kv = _forward(params, config, token[:, None], position[:, None], new_valid, slot + i, sources_of)
+        buffers = tuple(
+            (jax.lax.dynamic_update_slice(kb, k, (0, 0, 0, i)), jax.lax.dynamic_update_slice(vb, v, (0, 0, i, 0)))
+            for (kb, vb), (k, v) in zip(buffers, new_kv)
+        )
         nxt, logprob = _choose(logits, jax.random.fold_in(key, slot + i + 1), mode, temperature, top_k, top_p)
         done = done | jnp.isin(token, stops)
         nxt = jnp.where(done, 0, nxt)
         logprob = jnp.where(done, 0.0, logprob)
         out_tokens = out_tokens.at[:, i].set(nxt)
         out_logprobs = out_logprobs.at[:, i].set(logprob)
-        return nxt, position, done, caches, out_tokens, out_logprobs
+        return nxt, position, done, buffers, out_tokens, out_logprobs
 
-    B = token.shape[0]
-    init = (token, last_position, done, caches, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B, steps), jnp.float32))
-    token, position, done, caches, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, step, init)
+    init = (token, last_position, done, buffers, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B, steps), jnp.float32))
+    token, position, done, buffers, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, step, init)
+    caches = tuple(
+        (jax.lax.dynamic_update_slice(kc, kb, (0, 0, 0, slot)), jax.lax.dynamic_update_slice(vc, vb, (0, 0, slot, 0)))
+        for (kc, vc), (kb, vb) in zip(caches, buffers)
+    )
     return out_tokens, out_logprobs, token, position, done, caches
 
 
