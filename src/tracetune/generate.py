@@ -8,8 +8,10 @@ arithmetic, checked against Tunix's forward pass in the tests) instead of Tunix'
 
 * prefill computes the vocabulary projection for the last prompt position only,
   not for all of them ([B, P, 262144] floats is 8.6 GB at B=32, P=256);
-* the KV cache is one array per layer updated in place inside ``lax.fori_loop``,
-  instead of a cache pytree copied in and out of a jitted step;
+* weights and caches are laid out for plain matmuls (Tunix's einsum layouts made
+  XLA:CPU transpose weights and caches on every step), and the caches are read-only
+  inside the decode loop: a chunk's keys and values collect in small buffers that
+  are written into the caches once per chunk;
 * sampling over the 262k vocabulary never sorts it: greedy is an argmax, plain
   temperature sampling is a Gumbel-max over the full vocabulary, and top-k /
   top-p look only at the ``CANDIDATES`` most likely tokens (``lax.top_k``).
