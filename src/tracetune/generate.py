@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,6 @@ class GenerateStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
-    compiled: set = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -392,8 +392,6 @@ class Generator:
         return out
 
     def _generate_batch(self, prompts: list[str], sampling: SamplingConfig, row_offset: int) -> list[Generation]:
-        import time
-
         start = time.perf_counter()
         encoded = [self.tokenizer.encode(p) for p in prompts]
         n = len(prompts)
@@ -408,7 +406,6 @@ class Generator:
         # One key per call; rows differ by their index, so G copies of a prompt differ.
         key = jax.random.fold_in(jax.random.key(sampling.seed), row_offset)
         args = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
-        self.stats.compiled.add(("prefill", B, P, cache_size, sampling.mode))
 
         token, logprob, caches, key_valid, position = _prefill(
             self.params, jnp.asarray(tokens), key, *args, config=self.config, mode=sampling.mode, cache_size=cache_size
@@ -417,13 +414,10 @@ class Generator:
         logprobs = [np.asarray(logprob)[:, None]]
         done = np.zeros(B, bool)
         done[n:] = True
-        stop_ids = tuple(self.tokenizer.stop_ids)
-        finished_by_string = np.zeros(B, bool)
         for chunk_start in range(0, steps, CHUNK):
-            self.stats.compiled.add(("decode", B, cache_size, sampling.mode))
             chunk_tokens, chunk_logprobs, token, position, done_dev, caches = _decode(
                 self.params, caches, key_valid, token, position, jnp.int32(P + chunk_start), jnp.asarray(done), key, *args,
-                config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=stop_ids,
+                config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=self.tokenizer.stop_ids,
             )
             ids.append(np.asarray(chunk_tokens))
             logprobs.append(np.asarray(chunk_logprobs))
@@ -433,7 +427,7 @@ class Generator:
                 if not done[row] and sampling.stop_strings:
                     text = self.tokenizer.decode(generated[row])
                     if any(s in text for s in sampling.stop_strings):
-                        done[row] = finished_by_string[row] = True
+                        done[row] = True
             if done.all():
                 break
         generated = np.concatenate(ids, axis=1)
