@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tracetune import data as data_mod
 from tracetune import scoring
+from tracetune.files import atomic_path
 from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
@@ -275,13 +276,11 @@ def generate(
         console.print(results[0].text, markup=False, highlight=False)
         return
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(output) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row, prompt, result in zip(rows, prompts, results):
             record = {**row, "prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
                       "token_texts": result.token_texts, "token_logprobs": result.token_logprobs}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(output)
     console.print(f"wrote {len(results)} completions to {output}")
 
 

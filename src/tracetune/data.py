@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tracetune.files import atomic_path
 from tracetune.format import TAGS, build_prompt, format_completion, parse_number
 
 SHIPPED = {"gsm8k": ("train", "test")}
@@ -247,11 +248,9 @@ class CurationResult:
         paths = {}
         for split, traces in (("train", self.train), ("validation", self.validation)):
             path = out_dir / f"{split}.jsonl"
-            tmp = path.with_suffix(".jsonl.tmp")
-            with tmp.open("w", encoding="utf-8") as handle:
+            with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
                 for trace in traces:
                     handle.write(json.dumps(asdict(trace), ensure_ascii=False) + "\n")
-            tmp.replace(path)  # never leave a half-written file where a reader looks
             paths[split] = path
         return paths
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
+from tracetune.files import atomic_path
 from tracetune.format import lenient_number, numbers_match, parse_completion, parse_number
 from tracetune.rewards import answer_token_logprobs, combine, confidence_score, correctness, parse_reference, trace_structure
 
@@ -181,9 +182,8 @@ def write_scores(scores: Iterable[SampleScore], metrics: dict[str, Estimate], ou
         "table": markdown_table(metrics),
     }
     for key, path in paths.items():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(contents[key], encoding="utf-8")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(contents[key], encoding="utf-8")
     return paths
 
 

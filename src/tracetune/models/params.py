@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tunix.models.gemma3 import model as gemma3
 
+from tracetune.files import atomic_path
 from tracetune.models.errors import ModelError
 
 ModelConfig = gemma3.ModelConfig
@@ -186,10 +187,8 @@ def save_safetensors(flat: dict[str, np.ndarray], path: Path, metadata: dict[str
     """Write atomically: a killed run never leaves a truncated file behind."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
 
 
 def save_npz(flat: dict[str, np.ndarray], path: Path) -> None:
@@ -201,10 +200,8 @@ def save_npz(flat: dict[str, np.ndarray], path: Path) -> None:
         (f"bf16:{k}" if v.dtype == ml_dtypes.bfloat16 else k): (v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v)
         for k, v in flat.items()
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path, ".tmp.npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, **arrays)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -222,17 +219,6 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ModelError(f"{path} is not a readable cache file ({error})") from None
 
 
-def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise ModelError(f"{path} is not a readable safetensors file ({error})") from None
-
-
 def write_json(data: dict, path: Path) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
