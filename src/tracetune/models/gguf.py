@@ -69,15 +69,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_gguf(path: Path, expected_sha256: str | None = None):
-    """A ``gguf.GGUFReader`` for ``path``, with a checksum check when one is known."""
+def open_gguf(path: Path):
+    """A ``gguf.GGUFReader`` for ``path``. (The embedded file's sha256 is checked by
+    ``embedded_gguf``, whose ``assemble()`` verifies it on every call.)"""
     import gguf
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
-    if expected_sha256 and file_sha256(path) != expected_sha256:
-        raise ModelError(f"{path} is corrupt (sha256 mismatch): delete it and run again to re-assemble it")
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError) as error:

@@ -107,7 +107,7 @@ def _load_gguf(path: Path, sha256: str | None, config: ModelConfig, dtype: str, 
             return build_model(config, load_npz(weights), str(weights)), Tokenizer.from_file(tokenizer_file)
         except ModelError:
             pass  # a damaged cache is rebuilt from the GGUF below
-    reader = gguf_lib.open_gguf(path, sha256)
+    reader = gguf_lib.open_gguf(path)
     proto = gguf_lib.tokenizer_proto(reader)
     flat = gguf_lib.gguf_params(reader, config, config.param_dtype)
     del reader  # its parsed metadata holds ~1 GB
