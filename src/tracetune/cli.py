@@ -19,6 +19,7 @@ from rich.table import Table
 from tracetune import data as data_mod
 from tracetune import scoring
 from tracetune.files import atomic_path
+from tracetune.errors import Interrupted, TrainingError
 from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
@@ -284,11 +285,38 @@ def generate(
     console.print(f"wrote {len(results)} completions to {output}")
 
 
+@app.command()
+def sft(
+    preset: PresetOpt = "cpu-demo",
+    overrides: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (config, checkpoints, metrics, samples, export). Default: runs/<preset>/sft.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model name or checkpoint path. Default: the preset's sft.model.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer updates (0 = the preset's epochs). Default: the preset's sft.max_steps.")] = None,
+) -> None:
+    """Stage 1: LoRA fine-tuning on curated traces. Re-running the same command resumes
+    from the run's latest checkpoint; SIGTERM or Ctrl-C saves one before stopping."""
+    from tracetune.sft import train_sft
+
+    cfg = _config(preset, overrides, **{"sft.model": model, "sft.max_steps": max_steps})
+    directory = run_dir or Path("runs") / cfg.preset / "sft"
+    result = train_sft(cfg, directory)
+    final = result.evals[-1] if result.evals else {}
+    console.print(f"sft finished: {result.steps} updates in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
+                  if result.final_loss is not None else f"sft finished: {result.steps} updates")
+    if final:
+        console.print(f"held-out format rate {final['eval/format_rate']:.1%}, accuracy {final['eval/accuracy']:.1%} ({final['eval/examples']} traces)")
+    console.print(f"merged weights: {result.merged_dir}  (tracetune generate --model {result.merged_dir} ...)")
+    console.print(f"LoRA adapter: {result.adapter_dir}")
+
+
 def main() -> None:
     """Entry point: user-fixable errors become one line on stderr and exit code 2."""
     try:
         app()
-    except (data_mod.DataError, ConfigError, ModelError) as error:
+    except Interrupted as error:  # the conventional 128 + signal number
+        err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
+        sys.exit(128 + error.signum)
+    except (data_mod.DataError, ConfigError, ModelError, TrainingError) as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as error:  # a full disk, a path that is a file: say which file

@@ -82,6 +82,85 @@ class DataConfig:
             raise ConfigError(f"data.prompt_style must be 'plain' or 'chat', got {self.prompt_style!r}")
 
 
+LORA_TARGETS = "q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"  # Gemma 3's attention and MLP projections
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA (Hu et al., 2021): each targeted weight W becomes W + (alpha / rank) * A @ B,
+    with B = 0 at the start so training begins from the base model exactly.
+
+    targets: a regex over module paths (qwix's ``module_path``), matched anywhere.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Stage 1: LoRA fine-tuning on curated traces. Defaults are the recipe's
+    (Gemma 3 1B, LR 1e-5, 2 epochs, effective batch 32, seed 42).
+
+    batch_size: examples per optimizer update; micro_batch_size examples go through
+      the model at once and batch_size / micro_batch_size micro-batches are
+      accumulated (derived: ``grad_accum``).
+    max_steps: optimizer updates; 0 means ``epochs`` passes over the training traces.
+    warmup_fraction: share of the updates with linear warm-up, then cosine decay to 0.
+    train_examples: use only the first N curated training traces (0 = all).
+    pad_multiple: sequences are padded to a multiple of this; batches are built from
+      examples of similar length, so padding stays small and few shapes compile.
+    checkpoint_minutes / checkpoint_steps: save when either is due (0 = off); always
+      at the end and on SIGTERM / Ctrl-C.
+    eval_every_steps: every N updates, greedy generations on ``eval_examples``
+      held-out traces give the format rate and accuracy (0 = only at the end).
+    """
+
+    model: str = "gemma3-1b-it"
+    weights: str = ""
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learning_rate: float = 1e-5
+    warmup_fraction: float = 0.05
+    epochs: float = 2.0
+    max_steps: int = 0
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    train_examples: int = 0
+    pad_multiple: int = 64
+    checkpoint_minutes: float = 30.0
+    checkpoint_steps: int = 0
+    keep_checkpoints: int = 3
+    eval_every_steps: int = 100
+    eval_examples: int = 50
+    eval_max_new_tokens: int = 320
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"sft.batch_size ({self.batch_size}) must be a multiple of sft.micro_batch_size ({self.micro_batch_size})")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"sft.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"sft.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            raise ConfigError("sft.max_steps must be > 0, or sft.epochs > 0 when max_steps is 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"sft.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.pad_multiple < 1:
+            raise ConfigError(f"sft.pad_multiple must be >= 1, got {self.pad_multiple}")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run's configuration: what a preset resolves to."""
@@ -89,6 +168,7 @@ class Config:
     preset: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardWeights = field(default_factory=RewardWeights)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

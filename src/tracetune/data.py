@@ -28,6 +28,7 @@ from tracetune.files import atomic_path
 from tracetune.format import TAGS, build_prompt, format_completion, parse_number
 
 SHIPPED = {"gsm8k": ("train", "test")}
+SYNTHETIC = {"arithmetic": {"train": (0, 2000), "test": (1, 200)}}  # name -> split -> (seed, count)
 
 
 class DataError(ValueError):
@@ -143,6 +144,34 @@ def _hf_rows(source: str, split: str) -> Iterator[tuple[int, Any]]:
         yield index, row
 
 
+# A tiny two-step word-problem task in GSM8K's format, generated with a fixed seed
+# per split: for tests and smoke runs, where a model must learn in minutes.
+_NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
+_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "shells")
+
+
+def arithmetic_examples(split: str = "train") -> list[Example]:
+    """Two-step problems (a + b - c) with GSM8K-style solutions and references.
+
+    >>> arithmetic_examples("test")[0].reference.isdigit()
+    True
+    """
+    if split not in SYNTHETIC["arithmetic"]:
+        raise DataError("arithmetic", None, None, f"no split {split!r} (splits: {', '.join(SYNTHETIC['arithmetic'])})")
+    seed, count = SYNTHETIC["arithmetic"][split]
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        c = rng.randint(1, a + b - 1)
+        total, left = a + b, a + b - c
+        question = f"{name} has {a} {item} and gets {b} more. Then {name} gives away {c}. How many {item} are left?"
+        solution = f"{name} has {a} + {b} = <<{a}+{b}={total}>>{total} {item}.\nAfter giving away {c}, {total} - {c} = <<{total}-{c}={left}>>{left} {item} are left."
+        out.append(Example(id=f"arithmetic-{split}-{index}", question=question, reference=str(left), solution=solution))
+    return out
+
+
 def load_examples(
     source: str = "gsm8k",
     split: str = "train",
@@ -154,6 +183,9 @@ def load_examples(
 ) -> LoadResult:
     """Load and validate examples. Invalid rows raise DataError, or with
     ``skip_invalid`` are skipped and returned in ``LoadResult.skipped``."""
+    if source in SYNTHETIC:
+        examples = arithmetic_examples(split)
+        return LoadResult(examples=examples[:limit] if limit is not None else examples)
     if source in SHIPPED:
         name, rows = f"{source}/{split}.jsonl", iter_jsonl(shipped_path(source, split))
     elif Path(source).is_file():

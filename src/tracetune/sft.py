@@ -1,0 +1,544 @@
+"""Stage 1: supervised fine-tuning with LoRA on curated traces.
+
+Tunix's ``PeftTrainer`` runs the loop (jitted step, gradient accumulation, orbax
+checkpoints that restore LoRA weights and optimizer state); qwix puts the LoRA
+adapters on Gemma 3's attention and MLP projections. tracetune adds what a run
+needs around it:
+
+* the loss on completion tokens only (prompt and padding masked), in float32;
+* batches of similar-length traces padded to a multiple of ``pad_multiple``, in an
+  order fixed by the seed, so a resumed run sees exactly the batches it would have;
+* a run directory: config.yaml, checkpoints/, metrics.jsonl, tensorboard/,
+  samples/ (held-out generations with format rate and accuracy), export/;
+* SIGTERM / Ctrl-C stop at the next update boundary and save; a NaN or infinite
+  loss stops before anything is saved, so the last checkpoint stays good.
+
+    run = train_sft(load_config("tiny"), Path("runs/tiny-sft"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import qwix
+from flax import nnx
+from tunix.sft import hooks as tunix_hooks
+from tunix.sft import metrics_logger as tunix_metrics
+from tunix.sft import peft_trainer
+from tunix.sft import utils as tunix_utils
+
+from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig, load_config, save_config
+from tracetune.data import Trace, curate, load_examples
+from tracetune.errors import Interrupted, TrainingError
+from tracetune.files import atomic_path
+from tracetune.generate import Generator, SamplingConfig
+from tracetune.models.hf import save_checkpoint
+from tracetune.models.params import build_model, flatten, save_safetensors, write_json
+from tracetune.models.registry import LoadedModel, load_model
+from tracetune.models.tokenizer import Tokenizer
+from tracetune.scoring import score_sample
+
+
+# ------------------------------------------------------------------------- LoRA
+
+# How each targeted Gemma 3 weight is rebuilt from qwix's factors (A, B):
+# delta = einsum(spec, A, B) has the weight's own layout.
+MERGE_SPECS = {
+    "q_einsum": "dr,rnh->ndh",  # w [N, D, H]; A [D, r], B [r, N, H]
+    "kv_einsum": "dr,rckh->ckdh",  # w [2, K, D, H]; A [D, r], B [r, 2, K, H]
+    "attn_vec_einsum": "nhr,rd->nhd",  # w [N, H, D]; A [N, H, r], B [r, D]
+    "gate_proj": "ir,ro->io",  # kernel [D, F]
+    "up_proj": "ir,ro->io",  # kernel [D, F]
+    "down_proj": "ir,ro->io",  # kernel [F, D]
+}
+
+
+def apply_lora(model: nnx.Module, lora: LoraConfig, seed: int) -> nnx.Module:
+    """The model with LoRA adapters (A random, B zero) on the modules ``lora.targets`` matches."""
+    unknown = [name for name in lora.targets.split("|") if name not in MERGE_SPECS]
+    if unknown:
+        raise ConfigError(f"lora.targets: cannot merge {unknown} back into Gemma 3 weights (known: {', '.join(MERGE_SPECS)})")
+    provider = qwix.LoraProvider(module_path=f".*({lora.targets})", rank=lora.rank, alpha=lora.alpha)
+    tokens = jnp.ones((1, 8), jnp.int32)  # any input: qwix traces one call to find the targeted weights
+    positions = jnp.arange(8)[None]
+    mask = jnp.tril(jnp.ones((8, 8), bool))[None]
+    return qwix.apply_lora_to_model(model, provider, tokens, positions, None, mask, rngs=nnx.Rngs(seed))
+
+
+def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The adapters as flat host arrays (``layers.0.attn.q_einsum.w_lora_a`` -> A)."""
+    state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
+
+
+def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
+    """Base weights with the adapters folded in: W + (alpha / rank) * A @ B, as the
+    flat parameters of a plain Gemma 3 (no LoRA), computed in float32."""
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    scale = lora.alpha / lora.rank
+    for key in [k for k in flat if k.endswith("_lora_a")]:
+        weight = key.removesuffix("_lora_a")
+        module = weight.split(".")[-2]
+        a, b = flat.pop(key), flat.pop(weight + "_lora_b")
+        delta = np.einsum(MERGE_SPECS[module], a.astype(np.float32), b.astype(np.float32)) * scale
+        flat[weight] = (flat[weight].astype(np.float32) + delta).astype(flat[weight].dtype)
+    return flat
+
+
+def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:
+    return build_model(loaded.config, merged_params(model, lora), f"{loaded.name} + LoRA")
+
+
+# ------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One trace as ids: prompt (with BOS) then completion (with EOS)."""
+
+    ids: np.ndarray  # [L] int32
+    n_prompt: int
+
+
+def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: int) -> tuple[list[Tokenized], int]:
+    """Tokenize; traces longer than ``max_tokens`` are dropped (their count is returned)."""
+    out, dropped = [], 0
+    for trace in traces:
+        prompt = tokenizer.encode(trace.prompt)
+        completion = tokenizer.encode(trace.completion, add_bos=False) + [tokenizer.eos_id]
+        if len(prompt) + len(completion) > max_tokens:
+            dropped += 1
+            continue
+        out.append(Tokenized(np.asarray(prompt + completion, np.int32), len(prompt)))
+    return out, dropped
+
+
+def epoch_order(lengths: Sequence[int], micro_batch: int, seed: int, epoch: int, window: int = 32) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch, fixed by (seed, epoch).
+
+    Shuffle, then sort by length within windows of ``window`` micro-batches and cut:
+    rows of a micro-batch have similar lengths (little padding) while the order of
+    micro-batches is still random. The last micro-batch may be short.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches = []
+    span = window * micro_batch
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + micro_batch] for i in range(0, len(chunk), micro_batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded tokens [B, T] and the loss mask [B, T] (completion tokens only);
+    T is the longest row rounded up to ``multiple``; missing rows are all padding."""
+    width = math.ceil(max(len(r.ids) for r in rows) / multiple) * multiple
+    tokens = np.full((micro_batch, width), pad_id, np.int32)
+    loss_mask = np.zeros((micro_batch, width), bool)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row.ids)] = row.ids
+        loss_mask[i, row.n_prompt : len(row.ids)] = True
+    return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+@dataclass
+class Batches:
+    """The run's micro-batches in a fixed order, as an iterable for PeftTrainer.
+
+    PeftTrainer resumes by reading and skipping the micro-batches already trained,
+    so the order must not depend on anything but (data, seed). ``stop`` (set by a
+    signal) ends the stream at the next optimizer-update boundary.
+    """
+
+    examples: list[Tokenized]
+    config: SFTConfig
+    pad_id: int
+    total_micro: int
+    stop: StopFlag
+    real_tokens: list[int] = field(default_factory=list)  # non-padding tokens per micro-batch yielded
+    padded_tokens: list[int] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        lengths = [len(e.ids) for e in self.examples]
+        produced, epoch = 0, 0
+        while produced < self.total_micro:
+            for indices in epoch_order(lengths, self.config.micro_batch_size, self.config.seed, epoch):
+                if produced >= self.total_micro:
+                    return
+                if self.stop.signum is not None and produced % self.config.grad_accum == 0:
+                    return
+                batch = pad_batch([self.examples[i] for i in indices], self.config.micro_batch_size, self.config.pad_multiple, self.pad_id)
+                self.real_tokens.append(int(sum(len(self.examples[i].ids) for i in indices)))
+                self.padded_tokens.append(int(batch["tokens"].size))
+                produced += 1
+                yield batch
+            epoch += 1
+
+
+def micro_batches_per_epoch(n_examples: int, micro_batch: int) -> int:
+    return math.ceil(n_examples / micro_batch)
+
+
+def total_steps(config: SFTConfig, n_examples: int) -> int:
+    """Optimizer updates of the run: ``max_steps``, or ``epochs`` over the data."""
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * micro_batches_per_epoch(n_examples, config.micro_batch_size) / config.grad_accum))
+
+
+# ------------------------------------------------------------------------- loss
+
+
+def model_inputs(tokens, loss_mask, *, pad_id: int):
+    """Positions and the causal mask from the padding: tokens, loss_mask [B, T]."""
+    valid = tokens != pad_id  # [B, T]
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "positions": tunix_utils.build_positions_from_mask(valid),  # [B, T]
+        "attention_mask": tunix_utils.make_causal_attn_mask(valid),  # [B, T, T]
+    }
+
+
+def completion_loss(model, tokens, loss_mask, positions, attention_mask):
+    """Mean negative log-likelihood of the completion tokens.
+
+    Returns (loss, loss) so the trainer hands the loss to ``_post_process_train_step``
+    (its NaN check) as the auxiliary output.
+    """
+    logits, _ = model(tokens, positions, None, attention_mask)  # [B, T, V]
+    # Float32 log-softmax: in bfloat16 the log-probabilities of likely tokens lose
+    # most of their digits over a 262k vocabulary.
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V] predicts tokens[:, 1:]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T-1]
+    mask = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
+    loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss, loss
+
+
+def learning_rate_schedule(config: SFTConfig, steps: int) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then cosine decay to 0 (the recipe's)."""
+    warmup = int(config.warmup_fraction * steps)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(steps, warmup + 1), 0.0)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class StopFlag:
+    """The first SIGTERM / SIGINT is recorded (the run stops at the next update and
+    saves); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next update, then stopping "
+              "(Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    def __enter__(self) -> StopFlag:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer(peft_trainer.PeftTrainer):
+    """PeftTrainer that stops on a non-finite loss before the step is checkpointed,
+    and shows tokens per second in its progress bar."""
+
+    update_done: dict[int, float]  # update number -> when its last micro-batch finished
+
+    def _post_process_train_step(self, aux) -> None:
+        loss = float(aux)  # waits for the step: the timing below is the step's own
+        micro = self.iter_steps + 1  # this micro-batch's 1-based index (incremented after this call)
+        accum = self.config.get_with_default("gradient_accumulation_steps", 1)
+        if micro % accum == 0:
+            self.update_done[micro // accum] = time.perf_counter()
+        if not math.isfinite(loss):
+            last = self.checkpoint_manager.latest_step()
+            raise TrainingError(
+                f"loss is {loss} at step {self.train_steps + 1}; stopped without saving it. "
+                f"Last good checkpoint: {'step ' + str(last) if last is not None else 'none'}. "
+                "Lower sft.learning_rate or check the data, then re-run to resume from it."
+            )
+
+    @property
+    def _tqdm_train_metrics(self) -> list[str]:
+        return ["loss", "tokens_per_second"]
+
+
+class RunHooks(tunix_hooks.TrainingHooks):
+    """Per-step metrics (JSONL + TensorBoard) and periodic held-out evaluation."""
+
+    def __init__(self, run: SFTRun):
+        self.run = run
+
+    def on_train_step_end(self, trainer, train_step, train_loss):
+        # Tunix calls this one update late (metrics are written while the next step
+        # runs), so the step's duration comes from the trainer's own timestamps.
+        run = self.run
+        step = int(train_step)
+        accum = run.config.sft.grad_accum
+        # real_tokens has every micro-batch read, including those a resumed run skips.
+        tokens = sum(run.batches.real_tokens[(step - 1) * accum : step * accum])
+        done = trainer.update_done
+        seconds = done[step] - done.get(step - 1, run.train_started)
+        record = {
+            "step": step,
+            "loss": float(train_loss),
+            "learning_rate": float(run.schedule(step - 1)),
+            "tokens": tokens,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "elapsed_seconds": done[step] - run.started,
+        }
+        trainer.metrics_logger.log(trainer.metrics_prefix, "tokens_per_second", record["tokens_per_second"], tunix_metrics.Mode.TRAIN, step)
+        run.append_metrics(record)
+        if not sys.stderr.isatty() and (step % max(1, run.steps // 10) == 0 or step == run.steps):
+            print(f"step {step}/{run.steps} loss {record['loss']:.4f} {record['tokens_per_second']:.0f} tok/s", file=sys.stderr)
+        every = run.config.sft.eval_every_steps
+        if every and trainer.train_steps % every == 0 and trainer.train_steps < run.steps:
+            run.evaluate(trainer.train_steps, trainer.model)
+
+    def on_train_start(self, trainer):
+        self.run.train_started = time.perf_counter()
+
+    def on_train_end(self, trainer):
+        pass
+
+    def on_train_step_start(self, trainer):
+        pass
+
+    def on_eval_step_start(self, trainer):
+        pass
+
+    def on_eval_step_end(self, trainer, eval_loss):
+        pass
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    evals: list[dict]
+    merged_dir: Path
+    adapter_dir: Path
+    seconds: float
+    padding_share: float
+
+
+class SFTRun:
+    """One run directory: everything needed to start, resume and finish a run."""
+
+    def __init__(self, config: Config, run_dir: Path, *, loaded: LoadedModel | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.loaded = loaded
+        self.started = time.perf_counter()
+        self.evals: list[dict] = []
+        self.metrics_logger: tunix_metrics.MetricsLogger | None = None
+
+    # -- files
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def append_metrics(self, record: dict) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _claim_directory(self) -> None:
+        """Save the resolved config, or check that a resumed run has the same one."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "config.yaml"
+        if path.exists():
+            saved = load_config(path).to_dict()
+            ours = self.config.to_dict()
+            diff = sorted(_diff(saved, ours))
+            if diff:
+                raise TrainingError(f"{path} was written for another config (differs in {', '.join(diff)}); use a new run directory or the same settings")
+        else:
+            with atomic_path(path) as tmp:
+                save_config(self.config, tmp)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint we resume from (they will be redone)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # -- data
+    def _traces(self) -> tuple[list[Trace], list[Trace]]:
+        data = self.config.data
+        examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
+                                 skip_invalid=data.skip_invalid).examples
+        curated = curate(examples, val_fraction=data.val_fraction, seed=data.seed, prompt_style=data.prompt_style)
+        train = curated.train[: self.config.sft.train_examples or None]
+        if not train:
+            raise TrainingError(f"no training traces from {data.source!r}")
+        return train, curated.validation
+
+    # -- evaluation
+    def evaluate(self, step: int, lora_model: nnx.Module | None = None) -> dict:
+        """Greedy generations on the fixed held-out slice -> format rate and accuracy,
+        of the base model, or of ``lora_model`` with its adapters merged."""
+        sft = self.config.sft
+        held_out = self.validation[: sft.eval_examples]
+        if not held_out:
+            return {}
+        plain = self.loaded.model if lora_model is None else merged_model(lora_model, self.loaded, sft.lora)
+        generator = Generator(plain, self.loaded.tokenizer, max_batch=min(32, len(held_out)))
+        sampling = SamplingConfig(max_new_tokens=sft.eval_max_new_tokens)
+        outputs = generator.generate([t.prompt for t in held_out], sampling)
+        scores = [score_sample(t.question, t.reference, o.text, id=t.id) for t, o in zip(held_out, outputs)]
+        result = {
+            "step": step,
+            "eval/format_rate": sum(s.well_formed for s in scores) / len(scores),
+            "eval/accuracy": sum(s.correct for s in scores) / len(scores),
+            "eval/examples": len(scores),
+            "eval/seconds": generator.stats.seconds,
+        }
+        samples = self.run_dir / "samples" / f"step_{step:06d}.jsonl"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(samples) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            for trace, output, score in zip(held_out, outputs, scores):
+                handle.write(json.dumps({"id": trace.id, "question": trace.question, "reference": trace.reference,
+                                         "completion": output.text, "well_formed": score.well_formed,
+                                         "correct": score.correct}, ensure_ascii=False) + "\n")
+        self.append_metrics(result)
+        if self.metrics_logger is not None:
+            for key in ("eval/format_rate", "eval/accuracy"):
+                self.metrics_logger.log("", key, result[key], tunix_metrics.Mode.TRAIN, step)
+        self.evals.append(result)
+        print(f"step {step}: format rate {result['eval/format_rate']:.0%}, accuracy {result['eval/accuracy']:.0%} "
+              f"on {len(scores)} held-out traces", file=sys.stderr)
+        return result
+
+    # -- the run
+    def train(self) -> SFTResult:
+        sft = self.config.sft
+        self._claim_directory()
+        if self.loaded is None:
+            self.loaded = load_model(sft.model, dtype=sft.dtype, weights=sft.weights or None, seed=sft.seed)
+        tokenizer = self.loaded.tokenizer
+        train_traces, self.validation = self._traces()
+        examples, too_long = tokenize_traces(train_traces, tokenizer, self.config.data.max_tokens)
+        if not examples:
+            raise TrainingError(f"every training trace is longer than data.max_tokens={self.config.data.max_tokens}")
+        self.steps = total_steps(sft, len(examples))
+        self.schedule = learning_rate_schedule(sft, self.steps)
+
+        base = self.loaded.model
+        model = apply_lora(base, sft.lora, sft.seed)
+        optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
+        policies = []
+        if sft.checkpoint_minutes > 0:
+            policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=int(sft.checkpoint_minutes * 60)))
+        if sft.checkpoint_steps > 0:
+            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(sft.checkpoint_steps))
+        checkpointing = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies) if policies else
+            ocp.checkpoint_managers.SpecificStepsPolicy(steps=[]),
+            max_to_keep=sft.keep_checkpoints,
+        )
+        self.metrics_logger = tunix_metrics.MetricsLogger(
+            tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10)
+        )
+        training = peft_trainer.TrainingConfig(
+            eval_every_n_steps=1 << 30,  # held-out generation replaces Tunix's eval loss
+            max_steps=self.steps,
+            gradient_accumulation_steps=sft.grad_accum if sft.grad_accum > 1 else None,
+            checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
+            checkpointing_options=checkpointing,
+            pbar_description="sft",
+        )
+        trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
+        trainer.update_done = {}
+        pad_id = tokenizer.pad_id
+        trainer.with_loss_fn(completion_loss, has_aux=True)
+        trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch["tokens"], batch["loss_mask"], pad_id=pad_id))
+        trainer.with_training_hooks(RunHooks(self))
+        resumed = trainer.train_steps
+        self._truncate_metrics(resumed)
+        if resumed:
+            print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
+        elif sft.eval_every_steps:
+            self.evaluate(0)
+        print(f"sft: {len(examples)} traces ({too_long} longer than {self.config.data.max_tokens} tokens dropped), "
+              f"{self.steps} updates of {sft.batch_size} ({sft.grad_accum} x {sft.micro_batch_size}), "
+              f"LoRA rank {sft.lora.rank} on {self.loaded.name}", file=sys.stderr)
+
+        with StopFlag() as stop:
+            self.batches = Batches(examples, sft, pad_id, self.steps * sft.grad_accum, stop)
+            try:
+                trainer.train(self.batches)
+            except BaseException:
+                trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
+                self.metrics_logger.close()
+                raise
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, trainer.train_steps, self.run_dir)
+        return self._finish(model, trainer)
+
+    def _finish(self, model: nnx.Module, trainer: Trainer) -> SFTResult:
+        sft = self.config.sft
+        evaluation = self.evaluate(trainer.train_steps, model) if sft.eval_examples else {}
+        adapter_dir = self.run_dir / "export" / "adapter"
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_safetensors(lora_params(model), adapter_dir / "adapter.safetensors")
+        write_json({"base": self.loaded.name, "base_source": self.loaded.source, "rank": sft.lora.rank,
+                    "alpha": sft.lora.alpha, "targets": sft.lora.targets, "step": trainer.train_steps},
+                   adapter_dir / "adapter.json")
+        merged_dir = save_checkpoint(
+            merged_params(model, sft.lora), self.loaded.config, self.loaded.tokenizer, self.run_dir / "export" / "merged",
+            base=self.loaded.name, extra={"stage": "sft", "step": trainer.train_steps, "run": str(self.run_dir)},
+        )
+        losses = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        losses = [r["loss"] for r in losses if "loss" in r]
+        real, padded = sum(self.batches.real_tokens), sum(self.batches.padded_tokens)
+        result = SFTResult(
+            run_dir=self.run_dir, steps=trainer.train_steps, final_loss=losses[-1] if losses else None,
+            evals=self.evals, merged_dir=merged_dir, adapter_dir=adapter_dir,
+            seconds=time.perf_counter() - self.started, padding_share=1 - real / padded if padded else 0.0,
+        )
+        write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
+                    "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
+        return result
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            yield f"{prefix}{key}"
+
+
+def train_sft(config: Config, run_dir: Path, *, loaded: LoadedModel | None = None) -> SFTResult:
+    """Train (or resume) the SFT stage of ``config`` in ``run_dir``."""
+    return SFTRun(config, run_dir, loaded=loaded).train()

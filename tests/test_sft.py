@@ -1,0 +1,255 @@
+"""Stage 1: batching, the loss, LoRA merge, and proof that SFT teaches the format
+and resumes exactly. Slow tests train the tiny model (CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from tracetune.config import ConfigError, LoraConfig, SFTConfig, load_config
+from tracetune.data import arithmetic_examples, curate
+from tracetune.errors import TrainingError
+from tracetune.generate import Generator, SamplingConfig
+from tracetune.models.params import build_model
+from tracetune.models.registry import load_model
+from tracetune.scoring import aggregate, score_sample
+from tracetune.sft import (
+    Batches,
+    StopFlag,
+    Tokenized,
+    apply_lora,
+    completion_loss,
+    epoch_order,
+    merged_params,
+    model_inputs,
+    pad_batch,
+    tokenize_traces,
+    total_steps,
+    train_sft,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def rows(*lengths_and_prompts):
+    return [Tokenized(np.arange(1, n + 1, dtype=np.int32), p) for n, p in lengths_and_prompts]
+
+
+# ----------------------------------------------------------------- batching
+
+
+def test_epoch_order_is_fixed_by_seed_and_epoch_and_covers_every_example():
+    lengths = list(np.random.default_rng(0).integers(10, 300, size=200))
+    first = epoch_order(lengths, 8, seed=42, epoch=0)
+    assert first == epoch_order(lengths, 8, seed=42, epoch=0)  # the resume guarantee
+    assert first != epoch_order(lengths, 8, seed=42, epoch=1)
+    assert first != epoch_order(lengths, 8, seed=7, epoch=0)
+    assert sorted(i for batch in first for i in batch) == list(range(200))
+
+
+def test_epoch_order_groups_similar_lengths():
+    lengths = list(np.random.default_rng(0).integers(10, 300, size=512))
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch_order(lengths, 8, 42, 0)])
+    rng = np.random.default_rng(1)
+    random_spread = np.mean([np.ptp(rng.choice(lengths, 8)) for _ in range(64)])
+    assert spread < random_spread / 5  # e.g. ~25 tokens instead of ~230
+
+
+def test_pad_batch_masks_prompt_and_padding():
+    batch = pad_batch(rows((5, 2), (3, 1)), micro_batch=3, multiple=4, pad_id=0)
+    assert batch["tokens"].shape == (3, 8)  # longest row 5 -> 8; a third row of padding
+    np.testing.assert_array_equal(batch["tokens"][0], [1, 2, 3, 4, 5, 0, 0, 0])
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 1, 0, 0, 0])  # completion only
+    np.testing.assert_array_equal(batch["loss_mask"][1], [0, 1, 1, 0, 0, 0, 0, 0])
+    assert not batch["loss_mask"][2].any() and not batch["tokens"][2].any()
+
+
+def test_batches_stop_only_at_update_boundaries():
+    config = SFTConfig(batch_size=4, micro_batch_size=2, pad_multiple=4)  # 2 micro-batches per update
+    stop = StopFlag()
+    batches = Batches(rows(*[(6, 2)] * 20), config, pad_id=0, total_micro=10, stop=stop)
+    seen = 0
+    for _ in batches:
+        seen += 1
+        if seen == 3:
+            stop.signum = signal.SIGTERM  # arrives in the middle of update 2
+    assert seen == 4  # update 2 is completed, nothing after it
+
+
+def test_batches_run_over_epochs_until_the_step_budget():
+    config = SFTConfig(batch_size=2, micro_batch_size=2, pad_multiple=4)
+    batches = Batches(rows(*[(6, 2)] * 5), config, pad_id=0, total_micro=7, stop=StopFlag())
+    assert len(list(batches)) == 7  # 3 micro-batches per epoch (the last one short)
+    assert total_steps(SFTConfig(epochs=2, batch_size=4, micro_batch_size=2, max_steps=0), 10) == 5  # 2 epochs x 5 micro-batches / 2 per update
+    assert total_steps(SFTConfig(max_steps=17), 10) == 17
+
+
+def test_tokenize_drops_traces_over_the_budget(tiny):
+    traces = curate(arithmetic_examples("test")[:10], val_fraction=0).train
+    kept, dropped = tokenize_traces(traces, tiny.tokenizer, max_tokens=10_000)
+    assert dropped == 0 and len(kept) == 10
+    assert kept[0].ids[0] == tiny.tokenizer.bos_id and kept[0].ids[-1] == tiny.tokenizer.eos_id
+    assert tiny.tokenizer.decode(kept[0].ids[kept[0].n_prompt :]).startswith("<reasoning>")
+    _, dropped = tokenize_traces(traces, tiny.tokenizer, max_tokens=20)
+    assert dropped == 10
+
+
+# ---------------------------------------------------------------- loss and LoRA
+
+
+def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny):
+    batch = pad_batch(rows((9, 4), (6, 3)), micro_batch=2, multiple=4, pad_id=0)
+    inputs = model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]), pad_id=0)
+    loss, aux = completion_loss(tiny.model, **inputs)
+    logits, _ = tiny.model(inputs["tokens"], inputs["positions"], None, inputs["attention_mask"])
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+    expected = []
+    for b in range(2):
+        for t in range(1, 12):
+            if batch["loss_mask"][b, t]:
+                expected.append(-logp[b, t - 1, batch["tokens"][b, t]])
+    assert len(expected) == (9 - 4) + (6 - 3)  # prompt and padding positions excluded
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+    assert float(aux) == float(loss)
+
+
+def test_merged_weights_compute_what_the_lora_model_computes(tiny):
+    lora = LoraConfig(rank=4, alpha=8.0)
+    model = apply_lora(tiny.model, lora, seed=0)
+    # B starts at zero; give every adapter a non-zero B so the merge has work to do.
+    state = nnx.state(model, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    nnx.update(model, jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * 0.05, state))
+    merged = build_model(tiny.config, merged_params(model, lora), "merged")
+    tokens = jnp.asarray([[2, 17, 33, 99, 250, 7, 8, 9]])
+    positions = jnp.arange(8)[None]
+    mask = jnp.tril(jnp.ones((8, 8), bool))[None]
+    expected, _ = model(tokens, positions, None, mask)
+    actual, _ = merged(tokens, positions, None, mask)
+    base, _ = tiny.model(tokens, positions, None, mask)
+    assert float(jnp.max(jnp.abs(expected - base))) > 1e-2  # the adapters matter
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-4)
+
+
+def test_unknown_lora_target_is_a_config_error(tiny):
+    with pytest.raises(ConfigError, match="lora.targets"):
+        apply_lora(tiny.model, LoraConfig(targets="q_einsum|o_proj"), seed=0)
+
+
+def test_sft_config_checks_batch_sizes():
+    with pytest.raises(ConfigError, match="multiple of sft.micro_batch_size"):
+        SFTConfig(batch_size=10, micro_batch_size=4)
+    assert load_config("recipe-1b").sft.grad_accum == 4  # 32 = 4 x 8
+    assert load_config("recipe-1b").sft.learning_rate == 1e-5
+
+
+def test_a_run_directory_refuses_another_config(tmp_path, tiny):
+    config = load_config("tiny", ["sft.max_steps=1", "sft.eval_examples=0", "sft.eval_every_steps=0"])
+    train_sft(config, tmp_path, loaded=tiny)
+    other = load_config("tiny", ["sft.max_steps=1", "sft.eval_examples=0", "sft.eval_every_steps=0", "sft.learning_rate=0.5"])
+    with pytest.raises(TrainingError, match="sft.learning_rate"):
+        train_sft(other, tmp_path, loaded=tiny)
+
+
+# ------------------------------------------------------------ proof that it teaches
+
+
+@pytest.mark.slow
+def test_sft_teaches_the_trace_format_on_held_out_problems(tmp_path):
+    result = train_sft(load_config("tiny"), tmp_path / "run")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])  # e.g. 1.4 vs 4+
+    # The exported merged checkpoint, scored with the foundation's harness on the
+    # synthetic task's test split (never trained on).
+    before, after = load_model("tiny", seed=42), load_model(str(result.merged_dir))
+    problems = arithmetic_examples("test")[:64]
+    prompts = [t.prompt for t in curate(problems, val_fraction=0).train]
+    rates = []
+    for loaded in (before, after):
+        outputs = Generator(loaded.model, loaded.tokenizer).generate(prompts, SamplingConfig(max_new_tokens=96))
+        scores = [score_sample(p.question, p.reference, o.text) for p, o in zip(problems, outputs)]
+        rates.append(aggregate(scores)["format_rate"].mean)
+    assert rates[0] <= 0.05 and rates[1] >= 0.95, rates
+    assert result.evals[0]["eval/format_rate"] <= 0.05 and result.evals[-1]["eval/format_rate"] >= 0.95
+
+
+def sft_process(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    settings = ["sft.max_steps=30", "sft.checkpoint_steps=10", "sft.eval_every_steps=0", "sft.eval_examples=0", *overrides]
+    args = [sys.executable, "-m", "tracetune.cli", "sft", "--preset", "tiny", "--run-dir", str(run_dir)]
+    for item in settings:
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    marker = run_dir / "checkpoints" / str(step) / "commit_success.txt"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert process.poll() is None, finish(process).stderr
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "export" / "adapter" / "adapter.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
+    reference = finish(sft_process(tmp_path / "straight"))
+    assert reference.returncode == 0, reference.stderr
+    expected = adapter(tmp_path / "straight")
+
+    killed = sft_process(tmp_path / "killed")
+    wait_for_checkpoint(tmp_path / "killed", 10, killed)
+    killed.send_signal(signal.SIGKILL)  # loses at most the steps since checkpoint 10
+    killed.wait()
+    resumed = finish(sft_process(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    stopped = sft_process(tmp_path / "stopped")
+    wait_for_checkpoint(tmp_path / "stopped", 10, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    result = finish(stopped)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "checkpoint saved" in result.stderr and "Traceback" not in result.stderr
+    saved = max(int(p.name) for p in (tmp_path / "stopped" / "checkpoints").iterdir() if p.name.isdigit())
+    assert 10 <= saved < 30
+    assert finish(sft_process(tmp_path / "stopped")).returncode == 0
+
+    for run in ("killed", "stopped"):
+        weights = adapter(tmp_path / run)
+        assert weights.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(weights[name], expected[name], err_msg=f"{run}: {name}")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = finish(sft_process(tmp_path / "run", "sft.learning_rate=1e30", "sft.checkpoint_steps=1", "sft.warmup_fraction=0"))
+    assert result.returncode == 2, result.stderr
+    assert "loss is" in result.stderr and "Last good checkpoint" in result.stderr and "Traceback" not in result.stderr
+    failed_at = int(result.stderr.split(" at step ")[1].split(";")[0])
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved, default=0) < failed_at
