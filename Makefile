@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: $(VENV)/.installed
 	$(BIN)/tracetune validate
+	$(BIN)/tracetune sft --preset cpu-demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
@@ -22,6 +23,7 @@ bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/rewards.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/sft.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -140,3 +140,15 @@ def test_generate_bad_input_row_names_file_line_field(write_jsonl, tmp_path):
     result = tracetune("generate", "--model", "tiny", "--input", str(path), "--output", str(tmp_path / "o.jsonl"))
     assert_one_line_error(result, f"{path}:2", "question")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_sft_help_explains_every_option():
+    result = tracetune("sft", "--help")
+    assert result.returncode == 0
+    for option in ("--preset", "--set", "--run-dir", "--model", "--max-steps", "resumes"):
+        assert option in result.stdout
+
+
+def test_sft_with_an_impossible_batch_is_one_line_error(tmp_path):
+    result = tracetune("sft", "--preset", "tiny", "--run-dir", str(tmp_path), "--set", "sft.micro_batch_size=5")
+    assert_one_line_error(result, "sft.batch_size (16) must be a multiple of sft.micro_batch_size (5)")

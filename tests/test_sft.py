@@ -253,3 +253,14 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     failed_at = int(result.stderr.split(" at step ")[1].split(";")[0])
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(saved, default=0) < failed_at
+
+
+def test_a_finished_run_directory_loads_as_a_model(tmp_path, tiny):
+    config = load_config("tiny", ["sft.max_steps=2", "sft.eval_examples=0", "sft.eval_every_steps=0"])
+    result = train_sft(config, tmp_path / "run", loaded=tiny)
+    loaded = load_model(str(tmp_path / "run"))
+    assert loaded.source == str(result.merged_dir)
+    assert json.loads((tmp_path / "run" / "export" / "adapter" / "adapter.json").read_text())["rank"] == 16
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["padding_share"] < 0.5
+    assert any((tmp_path / "run" / "tensorboard").iterdir())

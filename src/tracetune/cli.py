@@ -228,7 +228,7 @@ def score(
 @app.command()
 def generate(
     question: Annotated[Optional[str], typer.Argument(help="A question to answer (or use --input).")] = None,
-    model: Annotated[str, typer.Option(help="Model name (gemma3-270m, gemma3-1b-it, tiny, ...) or a checkpoint path.")] = "gemma3-270m",
+    model: Annotated[str, typer.Option(help="Model name (gemma3-270m, gemma3-1b-it, tiny, ...) a checkpoint path, or a finished run directory (its export/merged).")] = "gemma3-270m",
     weights: Annotated[Optional[str], typer.Option(help="For Hugging Face models: a local safetensors directory, hf:REPO or kaggle:HANDLE.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", help="JSONL with a 'question' per row; every row's fields are kept in the output.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="JSONL to write, one row per input row (with --input).")] = None,

@@ -182,8 +182,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
     elif path.is_dir() and hf.is_hf_dir(path):
         model, tokenizer, config = hf.load_dir(path, dtype)
         source = str(path)
+    elif path.is_dir() and hf.is_hf_dir(path / "export" / "merged"):  # a finished tracetune run directory
+        model, tokenizer, config = hf.load_dir(path / "export" / "merged", dtype)
+        source = str(path / "export" / "merged")
     elif path.exists():
-        raise ModelError(f"{path}: not a tracetune checkpoint, a safetensors directory or a .gguf file")
+        raise ModelError(f"{path}: not a tracetune checkpoint or finished run, a safetensors directory or a .gguf file")
     else:
         resolve(name)  # raises the unknown-model message
         raise AssertionError("unreachable")
