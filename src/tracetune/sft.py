@@ -315,7 +315,10 @@ class RunHooks(tunix_hooks.TrainingHooks):
         trainer.metrics_logger.log(trainer.metrics_prefix, "tokens_per_second", record["tokens_per_second"], tunix_metrics.Mode.TRAIN, step)
         run.append_metrics(record)
         if not sys.stderr.isatty() and (step % max(1, run.steps // 10) == 0 or step == run.steps):
-            print(f"step {step}/{run.steps} loss {record['loss']:.4f} {record['tokens_per_second']:.0f} tok/s", file=sys.stderr)
+            # Without a terminal Tunix's tqdm bar is off: print the same facts, ETA included.
+            per_step = (done[step] - run.train_started) / max(1, len(done))
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (run.steps - step)))
+            print(f"step {step}/{run.steps} loss {record['loss']:.4f} {record['tokens_per_second']:.0f} tok/s eta {eta}", file=sys.stderr)
         every = run.config.sft.eval_every_steps
         if every and trainer.train_steps % every == 0 and trainer.train_steps < run.steps:
             run.evaluate(trainer.train_steps, trainer.model)
