@@ -309,6 +309,37 @@ def sft(
     console.print(f"LoRA adapter: {result.adapter_dir}")
 
 
+@app.command()
+def grpo(
+    preset: PresetOpt = "cpu-demo",
+    overrides: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (config, checkpoints, metrics, samples, export). Default: runs/<preset>/grpo.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="SFT run directory (or model) to start from; also the KL reference. Default: runs/<preset>/sft.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(help="Weights 'correctness,trace,confidence', e.g. 0.6,0,0.15 for the no-trace ablation. Default: the preset's.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="GRPO updates. Default: the preset's grpo.max_steps.")] = None,
+) -> None:
+    """Stage 2: GRPO from the SFT policy with the composite reward
+    R = w_c correctness + w_t trace + w_k confidence. Re-running the same command
+    resumes from the run's latest checkpoint; SIGTERM or Ctrl-C saves one first."""
+    from tracetune.grpo import train_grpo
+
+    fields: dict[str, object] = {"grpo.init": init, "grpo.max_steps": max_steps}
+    if reward_weights is not None:
+        weights = RewardWeights.parse(reward_weights)
+        fields.update({f"rewards.{k}": v for k, v in weights.as_dict().items()})
+    cfg = _config(preset, overrides, **fields)
+    result = train_grpo(cfg, run_dir or Path("runs") / cfg.preset / "grpo")
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    table = Table(title=f"GRPO: {result.steps} updates in {result.seconds / 60:.1f} min")
+    table.add_column("mean")
+    table.add_column("first quarter", justify="right")
+    table.add_column("last quarter", justify="right")
+    for key, value in summary["first_quarter"].items():
+        table.add_row(key, f"{value:.3f}", f"{summary['last_quarter'].get(key, float('nan')):.3f}")
+    console.print(table)
+    console.print(f"merged weights: {result.merged_dir}")
+
+
 def main() -> None:
     """Entry point: user-fixable errors become one line on stderr and exit code 2."""
     try:

@@ -162,6 +162,65 @@ class SFTConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """Stage 2: GRPO (Shao et al., 2024, DeepSeekMath) from the SFT policy. Defaults
+    are the recipe's (G = 4, LR 3e-6, beta = 0.03, epsilon = 0.2, 2000 updates,
+    effective batch 32 = 8 prompts x G, 1400-token sequences, seed 42).
+
+    init: the SFT run directory (or any model) to start from; it is also the
+      reference policy of the KL term. "" means runs/<preset>/sft.
+    num_generations: G, completions sampled per prompt; advantages are rewards
+      normalised within each group of G.
+    beta: weight of the KL penalty to the reference policy.
+    epsilon: the PPO-style clip range of the probability ratio.
+    prompts_per_step: prompts per update (each gives G completions).
+    max_prompt_tokens + max_new_tokens: the sequence budget (prompts longer than
+      max_prompt_tokens are skipped, completions are cut at max_new_tokens).
+    rollout_engine: "tracetune" (tracetune's sampler: fast on CPU, log-probs at
+      temperature 1 for the confidence term) or "vanilla" (Tunix's sampler).
+    sample_every_steps: every N updates, prompts, completions and rewards go to
+      samples.jsonl.
+    """
+
+    init: str = ""
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    num_generations: int = 4
+    learning_rate: float = 3e-6
+    warmup_fraction: float = 0.0
+    beta: float = 0.03
+    epsilon: float = 0.2
+    max_steps: int = 2000
+    prompts_per_step: int = 8
+    max_grad_norm: float = 1.0
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 1144
+    rollout_engine: str = "tracetune"
+    train_examples: int = 0
+    checkpoint_minutes: float = 30.0
+    checkpoint_steps: int = 0
+    keep_checkpoints: int = 3
+    sample_every_steps: int = 10
+    warn_window: int = 10
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations (G) must be >= 2 to compare completions, got {self.num_generations}")
+        if self.learning_rate <= 0 or self.max_steps < 1 or self.prompts_per_step < 1:
+            raise ConfigError("grpo.learning_rate, grpo.max_steps and grpo.prompts_per_step must be > 0")
+        if self.beta < 0 or not 0 < self.epsilon < 1:
+            raise ConfigError(f"grpo.beta must be >= 0 and grpo.epsilon in (0, 1), got {self.beta}, {self.epsilon}")
+        if self.rollout_engine not in ("tracetune", "vanilla"):
+            raise ConfigError(f"grpo.rollout_engine must be 'tracetune' or 'vanilla', got {self.rollout_engine!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"grpo.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run's configuration: what a preset resolves to."""
 
@@ -169,6 +228,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardWeights = field(default_factory=RewardWeights)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,7 +28,10 @@ from tracetune.files import atomic_path
 from tracetune.format import TAGS, build_prompt, format_completion, parse_number
 
 SHIPPED = {"gsm8k": ("train", "test")}
-SYNTHETIC = {"arithmetic": {"train": (0, 2000), "test": (1, 200)}}  # name -> split -> (seed, count)
+SYNTHETIC = {  # name -> split -> (seed, count)
+    "arithmetic": {"train": (0, 2000), "test": (1, 200)},
+    "addition": {"train": (2, 2000), "test": (3, 200)},
+}
 
 
 class DataError(ValueError):
@@ -150,27 +153,33 @@ _NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
 _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "shells")
 
 
-def arithmetic_examples(split: str = "train") -> list[Example]:
-    """Two-step problems (a + b - c) with GSM8K-style solutions and references.
+def arithmetic_examples(split: str = "train", task: str = "arithmetic") -> list[Example]:
+    """Synthetic problems with GSM8K-style solutions and references: "arithmetic" is
+    two steps (a + b - c, numbers up to 40), "addition" one step (a + b, digits 1-9).
 
     >>> arithmetic_examples("test")[0].reference.isdigit()
     True
     """
-    if split not in SYNTHETIC["arithmetic"]:
-        raise DataError("arithmetic", None, None, f"no split {split!r} (splits: {', '.join(SYNTHETIC['arithmetic'])})")
-    seed, count = SYNTHETIC["arithmetic"][split]
+    if split not in SYNTHETIC[task]:
+        raise DataError(task, None, None, f"no split {split!r} (splits: {', '.join(SYNTHETIC[task])})")
+    seed, count = SYNTHETIC[task][split]
     rng = random.Random(seed)
     out = []
     for index in range(count):
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        c = rng.randint(1, a + b - 1)
-        total, left = a + b, a + b - c
-        question = f"{name} has {a} {item} and gets {b} more. Then {name} gives away {c}. How many {item} are left?"
-        solution = f"{name} has {a} + {b} = <<{a}+{b}={total}>>{total} {item}.\nAfter giving away {c}, {total} - {c} = <<{total}-{c}={left}>>{left} {item} are left."
-        out.append(Example(id=f"arithmetic-{split}-{index}", question=question, reference=str(left), solution=solution))
+        if task == "addition":
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
+            solution, reference = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.", a + b
+        else:
+            a, b = rng.randint(2, 40), rng.randint(2, 40)
+            c = rng.randint(1, a + b - 1)
+            total, left = a + b, a + b - c
+            question = f"{name} has {a} {item} and gets {b} more. Then {name} gives away {c}. How many {item} are left?"
+            solution = f"{name} has {a} + {b} = <<{a}+{b}={total}>>{total} {item}.\nAfter giving away {c}, {total} - {c} = <<{total}-{c}={left}>>{left} {item} are left."
+            reference = left
+        out.append(Example(id=f"{task}-{split}-{index}", question=question, reference=str(reference), solution=solution))
     return out
-
 
 def load_examples(
     source: str = "gsm8k",
@@ -184,7 +193,7 @@ def load_examples(
     """Load and validate examples. Invalid rows raise DataError, or with
     ``skip_invalid`` are skipped and returned in ``LoadResult.skipped``."""
     if source in SYNTHETIC:
-        examples = arithmetic_examples(split)
+        examples = arithmetic_examples(split, source)
         return LoadResult(examples=examples[:limit] if limit is not None else examples)
     if source in SHIPPED:
         name, rows = f"{source}/{split}.jsonl", iter_jsonl(shipped_path(source, split))

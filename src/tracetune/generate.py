@@ -372,8 +372,14 @@ class Generator:
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.model_config = model.config
         self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config)
         self.stats = GenerateStats()
+
+    def set_params(self, tree: dict) -> None:
+        """Decode with new weights (a plain Gemma 3 parameter tree of the same shapes,
+        e.g. a policy during RL); compiled programs are reused."""
+        self.params = decode_layout(tree, self.model_config)
 
     def generate(
         self,

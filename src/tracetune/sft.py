@@ -97,6 +97,21 @@ def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
     return flat
 
 
+def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
+    """``run_dir/export/adapter`` (LoRA weights + adapter.json) and ``run_dir/export/merged``
+    (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``)."""
+    adapter_dir = run_dir / "export" / "adapter"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(lora_params(model), adapter_dir / "adapter.safetensors")
+    write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
+                "targets": lora.targets, "stage": stage, "step": step}, adapter_dir / "adapter.json")
+    merged_dir = save_checkpoint(
+        merged_params(model, lora), loaded.config, loaded.tokenizer, run_dir / "export" / "merged",
+        base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir)},
+    )
+    return adapter_dir, merged_dir
+
+
 def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:
     return build_model(loaded.config, merged_params(model, lora), f"{loaded.name} + LoRA")
 
@@ -376,8 +391,9 @@ class SFTRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "config.yaml"
         if path.exists():
-            saved = load_config(path).to_dict()
-            ours = self.config.to_dict()
+            # Only what shapes this stage: a later stage's settings may change freely.
+            saved = {k: v for k, v in load_config(path).to_dict().items() if k in ("data", "sft")}
+            ours = {k: v for k, v in self.config.to_dict().items() if k in ("data", "sft")}
             diff = sorted(_diff(saved, ours))
             if diff:
                 raise TrainingError(f"{path} was written for another config (differs in {', '.join(diff)}); use a new run directory or the same settings")
@@ -510,16 +526,7 @@ class SFTRun:
     def _finish(self, model: nnx.Module, trainer: Trainer) -> SFTResult:
         sft = self.config.sft
         evaluation = self.evaluate(trainer.train_steps, model) if sft.eval_examples else {}
-        adapter_dir = self.run_dir / "export" / "adapter"
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        save_safetensors(lora_params(model), adapter_dir / "adapter.safetensors")
-        write_json({"base": self.loaded.name, "base_source": self.loaded.source, "rank": sft.lora.rank,
-                    "alpha": sft.lora.alpha, "targets": sft.lora.targets, "step": trainer.train_steps},
-                   adapter_dir / "adapter.json")
-        merged_dir = save_checkpoint(
-            merged_params(model, sft.lora), self.loaded.config, self.loaded.tokenizer, self.run_dir / "export" / "merged",
-            base=self.loaded.name, extra={"stage": "sft", "step": trainer.train_steps, "run": str(self.run_dir)},
-        )
+        adapter_dir, merged_dir = export_run(model, self.loaded, sft.lora, self.run_dir, stage="sft", step=trainer.train_steps)
         losses = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
         losses = [r["loss"] for r in losses if "loss" in r]
         real, padded = sum(self.batches.real_tokens), sum(self.batches.padded_tokens)

@@ -1,0 +1,538 @@
+"""Stage 2: GRPO from the SFT policy with the composite reward.
+
+Tunix's ``GRPOLearner`` and ``RLCluster`` run the algorithm (G completions per
+prompt, group-normalised advantages, clipped ratio, KL to the reference). The
+reference policy is the SFT model; the actor is LoRA on that same model, so the
+two share one backbone in memory. tracetune adds around it:
+
+* the composite reward R = w_c * correctness + w_t * trace + w_k * confidence as
+  one reward function (Tunix sums reward functions without weights), the weights
+  from config, applied in ``rewards.combine`` only;
+* a rollout engine around tracetune's sampler, whose per-token log-probabilities
+  (temperature 1) reach the confidence term (Tunix passes reward functions text
+  only, so the learner adds ``token_texts`` / ``token_logprobs`` columns);
+* a rollout seed per step (Tunix would reuse one key: the same samples each step);
+* metrics per step (each reward component, zero-spread groups, truncation, KL,
+  lengths) to metrics.jsonl and TensorBoard, samples every N steps, and loud
+  warnings for the known failure modes;
+* the run guarantees of SFT: same data order on resume, checkpoints every N
+  minutes, SIGTERM saves, a non-finite loss stops with the last checkpoint good
+  (non-finite updates are skipped by ``optax.apply_if_finite``, never applied).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tunix.rl import common as rl_common
+from tunix.rl import reshard
+from tunix.rl import rl_cluster as rl_cluster_lib
+from tunix.rl.grpo import grpo_learner
+from tunix.rl.rollout import base_rollout
+from tunix.sft import metrics_logger as tunix_metrics
+
+from tracetune.config import Config, GRPOConfig, LoraConfig, RewardWeights, load_config, save_config
+from tracetune.data import Example, load_examples
+from tracetune.errors import Interrupted, TrainingError
+from tracetune.files import atomic_path
+from tracetune.format import build_prompt
+from tracetune.generate import Generator, SamplingConfig
+from tracetune.models.params import flatten, unflatten
+from tracetune.models.registry import LoadedModel, load_model
+from tracetune.models.tokenizer import Tokenizer
+from tracetune.rewards import combine, reward_components
+from tracetune.sft import MERGE_SPECS, StopFlag, apply_lora, export_run
+
+Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
+
+
+# --------------------------------------------------------------------- rewards
+
+
+class CompositeReward:
+    """The composite reward as Tunix's one reward function; keeps the last batch's
+    components so the learner can log each one."""
+
+    __name__ = "composite"  # Tunix logs rewards/<__name__>
+
+    def __init__(self, weights: RewardWeights):
+        self.weights = weights
+        self.last: dict[str, list[float]] = {}
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
+        self.last = reward_components(prompts, completions, self.weights, **columns)
+        return combine(self.last, self.weights)
+
+
+# --------------------------------------------------------------------- rollout
+
+
+def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
+    """The live LoRA policy as a plain Gemma 3 parameter tree, W + (alpha / r) A @ B,
+    computed on device (no host copy of the weights)."""
+    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    scale = lora.alpha / lora.rank
+    for key in [k for k in flat if k.endswith("_lora_a")]:
+        weight = key.removesuffix("_lora_a")
+        a, b = flat.pop(key), flat.pop(weight + "_lora_b")
+        delta = jnp.einsum(MERGE_SPECS[weight.split(".")[-2]], a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        flat[weight] = (flat[weight].astype(jnp.float32) + delta).astype(flat[weight].dtype)
+    return unflatten(flat)
+
+
+class TracetuneRollout(base_rollout.BaseRollout):
+    """Tunix rollout engine around tracetune's ``Generator``.
+
+    RLCluster builds it as ``engine(rollout_actor=, tokenizer=, mesh=, rollout_config=)``;
+    the actor is the very LoRA module being trained, so its weights are folded
+    afresh before every rollout.
+    """
+
+    def __init__(self, *, rollout_actor, tokenizer, mesh, rollout_config, tracetune_tokenizer: Tokenizer, lora: LoraConfig):
+        self._model = rollout_actor
+        self._tokenizer = tracetune_tokenizer
+        self._lora = lora
+        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32)
+        self.last_generations = []
+        self.mesh = None  # keep the cluster's rollout mesh
+
+    def generate(self, prompts, rollout_config, **kwargs):
+        self._generator.set_params(merged_tree(self._model, self._lora))
+        sampling = SamplingConfig(
+            max_new_tokens=rollout_config.max_tokens_to_generate,
+            temperature=rollout_config.temperature,
+            top_k=rollout_config.top_k or 0,
+            top_p=1.0 if rollout_config.top_p is None else rollout_config.top_p,
+            seed=0 if rollout_config.seed is None else int(rollout_config.seed),
+        )
+        generations = self._generator.generate(list(prompts), sampling)
+        self.last_generations = generations
+        width = rollout_config.max_prompt_length
+        prompt_tokens = np.full((len(prompts), width), self._tokenizer.pad_id, np.int32)  # [B, P] left-padded
+        for row, prompt in enumerate(prompts):
+            ids = self._tokenizer.encode(prompt)
+            prompt_tokens[row, width - len(ids) :] = ids
+        return base_rollout.RolloutOutput(
+            text=[g.text for g in generations],
+            logits=None,
+            tokens=[np.asarray(g.token_ids, np.int32) for g in generations],
+            left_padded_prompt_tokens=prompt_tokens,
+            logprobs=[np.asarray(g.token_logprobs, np.float32) for g in generations],
+        )
+
+    def get_per_token_logps(self, prompt_tokens, completion_tokens):
+        graphdef, state = nnx.split(self._model)
+        return rl_common.compute_per_token_logps(
+            graphdef, state, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            pad_id=self.pad_id(), eos_id=self.eos_id(), stop_gradient=True, return_logits=False,
+        )
+
+    def update_params(self, params, filter_types=None):
+        nnx.update(self._model, params)
+
+    def pad_id(self):
+        return self._tokenizer.pad_id
+
+    def eos_id(self):
+        return self._tokenizer.eos_id
+
+    def model(self):
+        return self._model
+
+
+class Cluster(rl_cluster_lib.RLCluster):
+    """RLCluster that keeps the last rollout (its tokens and log-probs feed the
+    rewards) and the wall time of each phase (for logs and bench/grpo.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_rollout = None
+        self.phase_seconds: dict[str, float] = {}
+
+    def _timed(self, phase: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
+    def generate(self, *args, **kwargs):
+        self.last_rollout = self._timed("rollout", super().generate, *args, **kwargs)
+        return self.last_rollout
+
+    def get_ref_per_token_logps(self, *args, **kwargs):
+        return self._timed("reference", super().get_ref_per_token_logps, *args, **kwargs)
+
+    def update_actor(self, *args, **kwargs):
+        return self._timed("update", super().update_actor, *args, **kwargs)
+
+
+class Learner(grpo_learner.GRPOLearner):
+    """GRPOLearner with a rollout seed per step, the rollout's tokens and
+    log-probabilities as reward columns, and tracetune's per-step metrics."""
+
+    def __init__(self, *args, seed: int, composite: CompositeReward, tokenizer: Tokenizer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._seed = seed
+        self._composite = composite
+        self._tokenizer = tokenizer
+        self.step_records: list[dict] = []  # this step's reward facts, read by the metrics hook
+
+    def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
+        # _iter_steps is restored on resume, so a resumed run draws the same samples.
+        counter = self._iter_steps if mode == Mode.TRAIN else self._eval_iter_steps
+        self.rl_cluster.get_rollout_config(mode).seed = (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
+        return super()._generate_and_compute_advantage(training_input, mode)
+
+    def _compute_rewards(self, prompts, completions, mode, step=None, **kwargs):
+        rollout = self.rl_cluster.last_rollout
+        engine = self.rl_cluster.rollout
+        budget = self.rl_cluster.get_rollout_config(mode).max_tokens_to_generate
+        if isinstance(engine, TracetuneRollout):
+            texts = [g.token_texts for g in engine.last_generations]
+            truncated = [g.finish_reason == "length" for g in engine.last_generations]
+        else:  # Tunix's sampler: its log-probs are of logits / temperature
+            texts = [self._tokenizer.token_texts(t) for t in rollout.tokens]
+            truncated = [len(t) >= budget for t in rollout.tokens]
+        kwargs["token_texts"] = texts
+        kwargs["token_logprobs"] = [[float(x) for x in lp] for lp in rollout.logprobs]
+        rewards = super()._compute_rewards(prompts, completions, mode, step, **kwargs)
+        groups = np.asarray(rewards).reshape(-1, self.algo_config.num_generations)  # [prompts, G]
+        self.step_records.append({
+            "seed": int(self.rl_cluster.get_rollout_config(mode).seed),
+            "components": {k: float(np.mean(v)) for k, v in self._composite.last.items()},
+            "composite": float(np.mean(rewards)),
+            "zero_spread": float(np.mean(groups.std(axis=1) == 0)),
+            "truncated": float(np.mean(truncated)),
+            "length": float(np.mean([len(t) for t in rollout.tokens])),
+            "samples": [
+                {"prompt": p, "completion": c, "reward": float(r), "reference": str(ref),
+                 **{k: float(v[i]) for k, v in self._composite.last.items()}}
+                for i, (p, c, r, ref) in enumerate(zip(prompts, completions, rewards, kwargs.get("reference", [""] * len(prompts))))
+            ],
+        })
+        return rewards
+
+
+# ------------------------------------------------------------------------ data
+
+
+def prompt_examples(config: Config, tokenizer: Tokenizer) -> list[Example]:
+    """Training problems whose prompt fits the budget, in file order."""
+    data, grpo = config.data, config.grpo
+    examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
+                             skip_invalid=data.skip_invalid).examples
+    fitting = [e for e in examples if len(tokenizer.encode(build_prompt(e.question, data.prompt_style))) <= grpo.max_prompt_tokens]
+    return fitting[: grpo.train_examples or None]
+
+
+@dataclass
+class PromptBatches:
+    """{'prompts', 'reference'} batches (np.arrays, as Tunix needs) in an order fixed by
+    the seed; Tunix resumes by re-reading and skipping, and ``stop`` ends the stream."""
+
+    examples: list[Example]
+    per_step: int
+    seed: int
+    prompt_style: str
+    stop: StopFlag
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            for start in range(0, len(order) - self.per_step + 1, self.per_step):
+                if self.stop.signum is not None:
+                    return
+                rows = [self.examples[i] for i in order[start : start + self.per_step]]
+                yield {
+                    "prompts": np.array([build_prompt(r.question, self.prompt_style) for r in rows]),
+                    "reference": np.array([r.reference for r in rows]),
+                }
+            epoch += 1
+
+
+# -------------------------------------------------------------------- warnings
+
+
+def failure_warnings(history: Sequence[dict], window: int) -> dict[str, str]:
+    """The known GRPO failure modes over the last ``window`` steps, with numbers.
+
+    history: per-step records with "truncated", "zero_spread" and
+    "reward/correctness" / "reward/trace" (means over the step's completions).
+    """
+    if len(history) < window:
+        return {}
+    recent = history[-window:]
+    out = {}
+    truncated = np.mean([h["truncated"] for h in recent])
+    if truncated > 0.5:
+        out["truncated"] = (f"{truncated:.0%} of completions hit the token budget over the last {window} steps: raise grpo.max_new_tokens or expect little reward")
+    spread = np.mean([h["zero_spread"] for h in recent])
+    if spread > 0.8:
+        out["zero_spread"] = (f"{spread:.0%} of groups had all G rewards equal over the last {window} steps: they carry no gradient (task too hard or too easy, or temperature too low)")
+    if len(history) >= 2 * window and "reward/trace" in recent[0] and "reward/correctness" in recent[0]:
+        before = history[-2 * window : -window]
+        trace_gain = np.mean([h["reward/trace"] for h in recent]) - np.mean([h["reward/trace"] for h in before])
+        correct_gain = np.mean([h["reward/correctness"] for h in recent]) - np.mean([h["reward/correctness"] for h in before])
+        if trace_gain > 0.05 and correct_gain < -0.05:
+            out["trace_gaming"] = (f"trace score rose {trace_gain:+.2f} while correctness fell {correct_gain:+.2f} over the last {window} steps: the policy may be gaming the trace rubric")
+    return out
+
+
+# ------------------------------------------------------------------------- run
+
+
+@dataclass
+class GRPOResult:
+    run_dir: Path
+    steps: int
+    history: list[dict]
+    merged_dir: Path
+    adapter_dir: Path
+    seconds: float
+
+
+class GRPORun:
+    """One GRPO run directory: config.yaml, checkpoints/, metrics.jsonl, tensorboard/,
+    samples.jsonl, export/."""
+
+    def __init__(self, config: Config, run_dir: Path, *, init: LoadedModel | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.init = init
+        self.started = time.perf_counter()
+        self.history: list[dict] = []
+        self.warned: set[str] = set()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _append(self, path: Path, record: dict) -> None:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _claim_directory(self) -> None:
+        from tracetune.sft import _diff
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "config.yaml"
+        keys = ("data", "rewards", "grpo")
+        if path.exists():
+            saved = {k: v for k, v in load_config(path).to_dict().items() if k in keys}
+            ours = {k: v for k, v in self.config.to_dict().items() if k in keys}
+            diff = sorted(_diff(saved, ours))
+            if diff:
+                raise TrainingError(f"{path} was written for another config (differs in {', '.join(diff)}); use a new run directory or the same settings")
+        else:
+            with atomic_path(path) as tmp:
+                save_config(self.config, tmp)
+
+    def _load_history(self, step: int) -> None:
+        """Metrics up to the resumed step (later lines are redone and dropped)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in kept if r.get("step", 0) <= step]
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.history = kept
+
+    def _on_metrics(self, buffer) -> None:
+        """Called by RLCluster once per finished step with the step's buffered metrics."""
+        if buffer.mode != "train" or not self.learner.step_records:
+            return
+        records, self.learner.step_records = self.learner.step_records, []
+        step = int(self.cluster.actor_trainer.train_steps)
+        logger = self.cluster.actor_trainer.metrics_logger
+
+        def actor_metric(name: str) -> float | None:
+            if logger.metric_exists("actor", name, "train"):
+                return float(np.asarray(logger.get_metric("actor", name, "train")))
+            return None
+
+        loss = actor_metric("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {step}; the update was skipped and the run stopped. "
+                f"Last good checkpoint: step {self.cluster.actor_trainer.checkpoint_manager.latest_step()}. "
+                "Lower grpo.learning_rate, then re-run to resume."
+            )
+        record = {
+            "step": step,
+            "reward/composite": float(np.mean([r["composite"] for r in records])),
+            **{f"reward/{k}": float(np.mean([r["components"][k] for r in records])) for k in records[0]["components"]},
+            "zero_spread": float(np.mean([r["zero_spread"] for r in records])),
+            "truncated": float(np.mean([r["truncated"] for r in records])),
+            "completion_length": float(np.mean([r["length"] for r in records])),
+            "rollout_seeds": [r["seed"] for r in records],
+            "loss": loss,
+            "kl": actor_metric("kl"),
+            "seconds": {k: round(v, 3) for k, v in self.cluster.phase_seconds.items()},
+            "elapsed_seconds": time.perf_counter() - self.started,
+            "reward_weights": self.config.rewards.as_dict(),
+        }
+        self.cluster.phase_seconds = {}
+        self.history.append(record)
+        self._append(self.metrics_path, record)
+        for key in ("zero_spread", "truncated", "reward/correctness", "reward/trace", "reward/confidence"):
+            if key in record:
+                logger.log("tracetune", key, record[key], tunix_metrics.Mode.TRAIN, step)
+        every = self.config.grpo.sample_every_steps
+        if every and (step % every == 0 or step == 1):
+            for sample in records[0]["samples"]:
+                self._append(self.run_dir / "samples.jsonl", {"step": step, **sample})
+        window = self.config.grpo.warn_window
+        for kind, warning in failure_warnings(self.history, window).items():
+            if kind not in self.warned or step % window == 0:  # loud, but not on every step
+                print(f"warning: step {step}: {warning}", file=sys.stderr)
+            self.warned.add(kind)
+        if not sys.stderr.isatty() and (step % max(1, self.steps // 10) == 0 or step == self.steps):
+            parts = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/"))
+            print(f"step {step}/{self.steps} {parts} zero-spread {record['zero_spread']:.0%} "
+                  f"truncated {record['truncated']:.0%}", file=sys.stderr)
+
+    def _init_model(self) -> LoadedModel:
+        if self.init is not None:
+            return self.init
+        grpo = self.config.grpo
+        source = grpo.init or str(Path("runs") / self.config.preset / "sft")
+        return load_model(source, dtype=grpo.dtype)
+
+    def train(self) -> GRPOResult:
+        grpo = self.config.grpo
+        self._claim_directory()
+        loaded = self._init_model()
+        tokenizer = loaded.tokenizer
+        examples = prompt_examples(self.config, tokenizer)
+        if len(examples) < grpo.prompts_per_step:
+            raise TrainingError(f"only {len(examples)} training problems fit grpo.max_prompt_tokens={grpo.max_prompt_tokens}")
+        self.steps = grpo.max_steps
+
+        # One backbone: shard the SFT model, put LoRA on it, shard the LoRA model.
+        # The reference is the SFT model itself; the actor only adds adapters.
+        mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        reference = reshard.reshard_model_to_mesh(loaded.model, mesh)
+        with jax.set_mesh(mesh):
+            actor = apply_lora(reference, grpo.lora, grpo.seed)
+        actor = reshard.reshard_model_to_mesh(actor, mesh)
+
+        warmup = int(grpo.warmup_fraction * grpo.max_steps)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, grpo.learning_rate, max(warmup, 1)),
+                                         optax.constant_schedule(grpo.learning_rate)], [warmup]) if warmup else grpo.learning_rate
+        # A non-finite gradient skips the update instead of writing NaN weights that a
+        # checkpoint could then keep; the metrics hook stops the run.
+        optimizer = optax.apply_if_finite(
+            optax.chain(optax.clip_by_global_norm(grpo.max_grad_norm), optax.adamw(schedule, weight_decay=0.0)),
+            max_consecutive_errors=1 << 30,
+        )
+        policies = []
+        if grpo.checkpoint_minutes > 0:
+            policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=int(grpo.checkpoint_minutes * 60)))
+        if grpo.checkpoint_steps > 0:
+            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(grpo.checkpoint_steps))
+        checkpointing = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies) if policies else
+            ocp.checkpoint_managers.SpecificStepsPolicy(steps=[]),
+            max_to_keep=grpo.keep_checkpoints,
+        )
+        batch = grpo.prompts_per_step
+        training = rl_cluster_lib.RLTrainingConfig(
+            actor_optimizer=optimizer,
+            eval_every_n_steps=1 << 30,
+            max_steps=grpo.max_steps,
+            mini_batch_size=batch,
+            train_micro_batch_size=batch,
+            rollout_micro_batch_size=batch,
+            compute_logps_micro_batch_size=batch,
+            checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
+            checkpointing_options=checkpointing,
+            metrics_logging_options=tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10),
+            pbar_description="grpo",
+        )
+        rollout = base_rollout.RolloutConfig(
+            max_tokens_to_generate=grpo.max_new_tokens,
+            max_prompt_length=grpo.max_prompt_tokens,
+            temperature=grpo.temperature,
+            top_p=grpo.top_p,
+            top_k=grpo.top_k or None,
+            seed=grpo.seed,
+            kv_cache_size=grpo.max_prompt_tokens + grpo.max_new_tokens + 32,
+            return_logprobs=True,
+            eos_tokens=list(tokenizer.stop_ids),
+        )
+        engine = (functools.partial(TracetuneRollout, tracetune_tokenizer=tokenizer, lora=grpo.lora)
+                  if grpo.rollout_engine == "tracetune" else "vanilla")
+        cluster_config = rl_cluster_lib.ClusterConfig(
+            role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
+            rollout_engine=engine,
+            offload_to_cpu=False,
+            training_config=training,
+            rollout_config=rollout,
+        )
+        self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config)
+        composite = CompositeReward(self.config.rewards)
+        algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon)
+        self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm, reward_fns=[composite],
+                               seed=grpo.seed, composite=composite, tokenizer=tokenizer)
+        resumed = self.cluster.actor_trainer.train_steps
+        # The forced final save carries no step metadata: count steps from the trainer.
+        self.cluster.global_steps = resumed
+        self._load_history(resumed)
+        if resumed:
+            print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
+        self.cluster.with_external_metrics_logger(self._on_metrics)
+        w = self.config.rewards
+        print(f"grpo: {len(examples)} problems, {self.steps} updates of {batch} prompts x G={grpo.num_generations}, "
+              f"R = {w.correctness} correctness + {w.trace} trace + {w.confidence} confidence, "
+              f"from {loaded.source}", file=sys.stderr)
+
+        with StopFlag() as stop:
+            data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, stop)
+            try:
+                if resumed < self.steps:
+                    self.learner.train(data)
+            except BaseException:
+                self.cluster.actor_trainer.checkpoint_manager.close()
+                raise
+        step = self.cluster.actor_trainer.train_steps
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, step, self.run_dir)
+        adapter_dir, merged_dir = export_run(actor, loaded, grpo.lora, self.run_dir, stage="grpo", step=step)
+        quarter = max(1, len(self.history) // 4)
+        summary = {
+            "steps": step,
+            "reward_weights": self.config.rewards.as_dict(),
+            "first_quarter": _means(self.history[:quarter]),
+            "last_quarter": _means(self.history[-quarter:]),
+            "seconds": time.perf_counter() - self.started,
+            "warnings": sorted(self.warned),
+        }
+        with atomic_path(self.run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        return GRPOResult(self.run_dir, step, self.history, merged_dir, adapter_dir, summary["seconds"])
+
+
+def _means(records: Sequence[dict]) -> dict[str, float]:
+    keys = [k for k in (records[0] if records else {}) if k.startswith("reward/") or k in ("zero_spread", "truncated", "kl")]
+    values = {k: [r[k] for r in records if r.get(k) is not None] for k in keys}
+    return {k: float(np.mean(v)) for k, v in values.items() if v}
+
+
+def train_grpo(config: Config, run_dir: Path, *, init: LoadedModel | None = None) -> GRPOResult:
+    """Train (or resume) the GRPO stage of ``config`` in ``run_dir``."""
+    return GRPORun(config, run_dir, init=init).train()

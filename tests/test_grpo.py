@@ -1,0 +1,158 @@
+"""Stage 2: the composite reward as Tunix sees it, seeds, warnings, and GRPO runs
+on the tiny model (slow: resume equality; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import wrap
+from tracetune.config import ConfigError, RewardWeights, load_config
+from tracetune.data import Example
+from tracetune.grpo import CompositeReward, PromptBatches, failure_warnings
+from tracetune.sft import StopFlag
+
+RIGHT = wrap("4")  # "Step 1: 2 + 2 = 4. Therefore, the answer is 4." -> <answer>4</answer>
+COLUMNS = {"reference": np.array(["4", "4"]), "token_texts": [[RIGHT], ["oops"]], "token_logprobs": [[-0.1], [-0.1]]}
+
+
+def test_composite_reward_applies_the_weights_once():
+    reward = CompositeReward(RewardWeights())
+    values = reward(["p", "p"], [RIGHT, "oops"], **COLUMNS)
+    c, t, k = (reward.last[name][0] for name in ("correctness", "trace", "confidence"))
+    assert c == 1.0 and values[0] == pytest.approx(0.6 * c + 0.25 * t + 0.15 * k)
+    assert values[1] == 0.0  # no tags, no answer: every component is 0
+    assert reward.__name__ == "composite"  # Tunix logs rewards/<__name__>
+
+
+def test_the_no_trace_ablation_drops_exactly_the_trace_term():
+    full = CompositeReward(RewardWeights())(["p", "p"], [RIGHT, "oops"], **COLUMNS)
+    ablation = CompositeReward(RewardWeights.parse("0.6,0,0.15"))
+    values = ablation(["p", "p"], [RIGHT, "oops"], **COLUMNS)
+    trace = ablation.last["trace"][0]
+    assert trace > 0.5  # the rubric still scores it (and it is logged) ...
+    assert values[0] == pytest.approx(full[0] - 0.25 * trace)  # ... but it no longer pays
+    assert load_config("no-trace-reward").rewards == RewardWeights.parse("0.6,0,0.15")
+
+
+def test_grpo_config_checks_its_symbols():
+    with pytest.raises(ConfigError, match="num_generations"):
+        load_config("tiny", ["grpo.num_generations=1"])
+    with pytest.raises(ConfigError, match="rollout_engine"):
+        load_config("tiny", ["grpo.rollout_engine=vllm-on-cpu"])
+    recipe = load_config("recipe-1b").grpo
+    assert (recipe.num_generations, recipe.learning_rate, recipe.beta, recipe.epsilon, recipe.max_steps) == (4, 3e-6, 0.03, 0.2, 2000)
+    assert recipe.prompts_per_step * recipe.num_generations == 32  # effective batch 32
+    assert recipe.max_prompt_tokens + recipe.max_new_tokens == 1400
+
+
+def test_prompt_batches_are_fixed_by_the_seed_and_stop_on_a_signal():
+    examples = [Example(id=str(i), question=f"q{i}", reference=str(i)) for i in range(10)]
+    stop = StopFlag()
+    first = [b["reference"].tolist() for b, _ in zip(PromptBatches(examples, 4, 42, "plain", stop), range(5))]
+    again = [b["reference"].tolist() for b, _ in zip(PromptBatches(examples, 4, 42, "plain", stop), range(5))]
+    assert first == again and len({tuple(b) for b in first}) > 1
+    batch = next(iter(PromptBatches(examples, 4, 42, "plain", stop)))
+    assert isinstance(batch["prompts"], np.ndarray) and batch["prompts"][0].startswith("Q: q")  # Tunix needs arrays
+    stop.signum = signal.SIGTERM
+    assert list(PromptBatches(examples, 4, 42, "plain", stop)) == []
+
+
+def step(truncated=0.0, zero_spread=0.0, correctness=0.5, trace=0.5):
+    return {"truncated": truncated, "zero_spread": zero_spread, "reward/correctness": correctness, "reward/trace": trace}
+
+
+def test_failure_modes_are_named_with_their_numbers():
+    assert failure_warnings([step()] * 9, window=10) == {}  # not enough history yet
+    assert failure_warnings([step()] * 20, window=10) == {}
+    warned = failure_warnings([step(truncated=0.9, zero_spread=0.95)] * 10, window=10)
+    assert "90% of completions hit the token budget" in warned["truncated"]
+    assert "95% of groups had all G rewards equal" in warned["zero_spread"]
+    gaming = [step(correctness=0.5, trace=0.4)] * 10 + [step(correctness=0.3, trace=0.6)] * 10
+    assert "trace score rose +0.20 while correctness fell -0.20" in failure_warnings(gaming, window=10)["trace_gaming"]
+
+
+# ------------------------------------------------------------------ tiny runs
+
+TINY = ["sft.max_steps=60", "sft.eval_every_steps=0", "sft.eval_examples=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A short tiny SFT run to start GRPO from."""
+    from tracetune.sft import train_sft
+
+    run = tmp_path_factory.mktemp("sft")
+    train_sft(load_config("tiny", TINY), run)
+    return run
+
+
+def grpo_process(run_dir: Path, init: Path, *overrides: str) -> subprocess.Popen:
+    settings = ["grpo.max_steps=12", "grpo.checkpoint_steps=4", "grpo.temperature=0.6", "grpo.top_k=8", *overrides]
+    args = [sys.executable, "-m", "tracetune.cli", "grpo", "--preset", "tiny", "--run-dir", str(run_dir), "--init", str(init)]
+    for item in settings:
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft_run):
+    result = finish(grpo_process(tmp_path / "run", sft_run, "grpo.max_steps=4"))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence", "zero_spread", "truncated", "kl", "completion_length"):
+            assert record[key] is not None, key
+        assert set(record["seconds"]) == {"rollout", "reference", "update"}
+    seeds = [s for r in records for s in r["rollout_seeds"]]
+    assert len(set(seeds)) == len(seeds)  # a new rollout key every step
+    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15}
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "reward", "correctness", "trace", "confidence"} <= set(samples[0])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and "reward/composite" in summary["last_quarter"]
+    assert (tmp_path / "run" / "export" / "merged" / "tracetune.json").exists()
+
+
+def adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "export" / "adapter" / "adapter.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
+    reference = finish(grpo_process(tmp_path / "straight", sft_run))
+    assert reference.returncode == 0, reference.stderr
+    killed = grpo_process(tmp_path / "killed", sft_run)
+    marker = tmp_path / "killed" / "checkpoints" / "actor" / "4" / "commit_success.txt"
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert killed.poll() is None, finish(killed).stderr
+        assert time.time() < deadline
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = finish(grpo_process(tmp_path / "killed", sft_run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    expected, actual = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    straight = [json.loads(line)["reward/composite"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line)["reward/composite"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert again == straight  # the same samples and rewards, step by step
