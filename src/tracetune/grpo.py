@@ -365,6 +365,8 @@ class GRPORun:
                 return float(np.asarray(logger.get_metric("actor", name, "train")))
             return None
 
+        # The actor's loss and KL arrive one update late (Tunix buffers them); a
+        # non-finite loss was an update that apply_if_finite skipped.
         loss = actor_metric("loss")
         if loss is not None and not math.isfinite(loss):
             raise TrainingError(
