@@ -24,6 +24,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/rewards.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/sft.py
+	$(BIN)/python bench/grpo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

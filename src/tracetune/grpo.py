@@ -209,7 +209,10 @@ class Learner(grpo_learner.GRPOLearner):
             truncated = [len(t) >= budget for t in rollout.tokens]
         kwargs["token_texts"] = texts
         kwargs["token_logprobs"] = [[float(x) for x in lp] for lp in rollout.logprobs]
+        start = time.perf_counter()
         rewards = super()._compute_rewards(prompts, completions, mode, step, **kwargs)
+        phases = self.rl_cluster.phase_seconds
+        phases["reward"] = phases.get("reward", 0.0) + time.perf_counter() - start
         groups = np.asarray(rewards).reshape(-1, self.algo_config.num_generations)  # [prompts, G]
         self.step_records.append({
             "seed": int(self.rl_cluster.get_rollout_config(mode).seed),
