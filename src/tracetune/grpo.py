@@ -27,16 +27,13 @@ import json
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tunix.rl import common as rl_common
 from tunix.rl import reshard
@@ -45,17 +42,17 @@ from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger as tunix_metrics
 
-from tracetune.config import Config, GRPOConfig, LoraConfig, RewardWeights, load_config, save_config
+from tracetune.config import Config, LoraConfig, RewardWeights
 from tracetune.data import Example, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.generate import Generator, SamplingConfig
-from tracetune.models.params import flatten, unflatten
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
-from tracetune.sft import MERGE_SPECS, StopFlag, apply_lora, export_run
+from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
+from tracetune.sft import StopFlag, apply_lora, export_run, merged_tree
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
@@ -79,19 +76,6 @@ class CompositeReward:
 
 
 # --------------------------------------------------------------------- rollout
-
-
-def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
-    """The live LoRA policy as a plain Gemma 3 parameter tree, W + (alpha / r) A @ B,
-    computed on device (no host copy of the weights)."""
-    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    scale = lora.alpha / lora.rank
-    for key in [k for k in flat if k.endswith("_lora_a")]:
-        weight = key.removesuffix("_lora_a")
-        a, b = flat.pop(key), flat.pop(weight + "_lora_b")
-        delta = jnp.einsum(MERGE_SPECS[weight.split(".")[-2]], a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-        flat[weight] = (flat[weight].astype(jnp.float32) + delta).astype(flat[weight].dtype)
-    return unflatten(flat)
 
 
 class TracetuneRollout(base_rollout.BaseRollout):
@@ -329,32 +313,6 @@ class GRPORun:
         with path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def _claim_directory(self) -> None:
-        from tracetune.sft import _diff
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "config.yaml"
-        keys = ("data", "rewards", "grpo")
-        if path.exists():
-            saved = {k: v for k, v in load_config(path).to_dict().items() if k in keys}
-            ours = {k: v for k, v in self.config.to_dict().items() if k in keys}
-            diff = sorted(_diff(saved, ours))
-            if diff:
-                raise TrainingError(f"{path} was written for another config (differs in {', '.join(diff)}); use a new run directory or the same settings")
-        else:
-            with atomic_path(path) as tmp:
-                save_config(self.config, tmp)
-
-    def _load_history(self, step: int) -> None:
-        """Metrics up to the resumed step (later lines are redone and dropped)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [r for r in kept if r.get("step", 0) <= step]
-        with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        self.history = kept
-
     def _on_metrics(self, buffer) -> None:
         """Called by RLCluster once per finished step with the step's buffered metrics."""
         if buffer.mode != "train" or not self.learner.step_records:
@@ -420,7 +378,7 @@ class GRPORun:
 
     def train(self) -> GRPOResult:
         grpo = self.config.grpo
-        self._claim_directory()
+        claim_directory(self.run_dir, self.config, ("data", "rewards", "grpo"))
         loaded = self._init_model()
         tokenizer = loaded.tokenizer
         examples = prompt_examples(self.config, tokenizer)
@@ -445,16 +403,6 @@ class GRPORun:
             optax.chain(optax.clip_by_global_norm(grpo.max_grad_norm), optax.adamw(schedule, weight_decay=0.0)),
             max_consecutive_errors=1 << 30,
         )
-        policies = []
-        if grpo.checkpoint_minutes > 0:
-            policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=int(grpo.checkpoint_minutes * 60)))
-        if grpo.checkpoint_steps > 0:
-            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(grpo.checkpoint_steps))
-        checkpointing = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies) if policies else
-            ocp.checkpoint_managers.SpecificStepsPolicy(steps=[]),
-            max_to_keep=grpo.keep_checkpoints,
-        )
         batch = grpo.prompts_per_step
         training = rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optimizer,
@@ -465,7 +413,7 @@ class GRPORun:
             rollout_micro_batch_size=batch,
             compute_logps_micro_batch_size=batch,
             checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
-            checkpointing_options=checkpointing,
+            checkpointing_options=checkpoint_options(grpo.checkpoint_minutes, grpo.checkpoint_steps, grpo.keep_checkpoints),
             metrics_logging_options=tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10),
             pbar_description="grpo",
         )
@@ -497,7 +445,7 @@ class GRPORun:
         resumed = self.cluster.actor_trainer.train_steps
         # The forced final save carries no step metadata: count steps from the trainer.
         self.cluster.global_steps = resumed
-        self._load_history(resumed)
+        self.history = truncate_metrics(self.metrics_path, resumed)
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         self.cluster.with_external_metrics_logger(self._on_metrics)

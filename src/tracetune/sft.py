@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import qwix
 from flax import nnx
 from tunix.sft import hooks as tunix_hooks
@@ -39,15 +38,16 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
 from tunix.sft import utils as tunix_utils
 
-from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig, load_config, save_config
+from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
 from tracetune.data import Trace, curate, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.hf import save_checkpoint
-from tracetune.models.params import build_model, flatten, save_safetensors, write_json
+from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
+from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
 from tracetune.scoring import score_sample
 
 
@@ -83,18 +83,23 @@ def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
 
 
-def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
-    """Base weights with the adapters folded in: W + (alpha / rank) * A @ B, as the
-    flat parameters of a plain Gemma 3 (no LoRA), computed in float32."""
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
+    """The LoRA model as a plain Gemma 3 parameter tree (no adapters), with
+    W + (alpha / rank) * A @ B folded in, in float32 on the device: no host copy,
+    so an RL rollout can refold the live policy every step."""
+    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # LoRAParam is a Param
     scale = lora.alpha / lora.rank
     for key in [k for k in flat if k.endswith("_lora_a")]:
         weight = key.removesuffix("_lora_a")
-        module = weight.split(".")[-2]
         a, b = flat.pop(key), flat.pop(weight + "_lora_b")
-        delta = np.einsum(MERGE_SPECS[module], a.astype(np.float32), b.astype(np.float32)) * scale
-        flat[weight] = (flat[weight].astype(np.float32) + delta).astype(flat[weight].dtype)
-    return flat
+        delta = jnp.einsum(MERGE_SPECS[weight.split(".")[-2]], a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        flat[weight] = (flat[weight].astype(jnp.float32) + delta).astype(flat[weight].dtype)
+    return unflatten(flat)
+
+
+def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
+    """``merged_tree`` as the flat host arrays that loaders and writers take."""
+    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(merged_tree(model, lora)).items()}
 
 
 def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
@@ -386,30 +391,6 @@ class SFTRun:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def _claim_directory(self) -> None:
-        """Save the resolved config, or check that a resumed run has the same one."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "config.yaml"
-        if path.exists():
-            # Only what shapes this stage: a later stage's settings may change freely.
-            saved = {k: v for k, v in load_config(path).to_dict().items() if k in ("data", "sft")}
-            ours = {k: v for k, v in self.config.to_dict().items() if k in ("data", "sft")}
-            diff = sorted(_diff(saved, ours))
-            if diff:
-                raise TrainingError(f"{path} was written for another config (differs in {', '.join(diff)}); use a new run directory or the same settings")
-        else:
-            with atomic_path(path) as tmp:
-                save_config(self.config, tmp)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint we resume from (they will be redone)."""
-        if not self.metrics_path.exists():
-            return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
     # -- data
     def _traces(self) -> tuple[list[Trace], list[Trace]]:
         data = self.config.data
@@ -460,7 +441,7 @@ class SFTRun:
     # -- the run
     def train(self) -> SFTResult:
         sft = self.config.sft
-        self._claim_directory()
+        claim_directory(self.run_dir, self.config, ("data", "sft"))
         if self.loaded is None:
             self.loaded = load_model(sft.model, dtype=sft.dtype, weights=sft.weights or None, seed=sft.seed)
         tokenizer = self.loaded.tokenizer
@@ -474,16 +455,6 @@ class SFTRun:
         base = self.loaded.model
         model = apply_lora(base, sft.lora, sft.seed)
         optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
-        policies = []
-        if sft.checkpoint_minutes > 0:
-            policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=int(sft.checkpoint_minutes * 60)))
-        if sft.checkpoint_steps > 0:
-            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(sft.checkpoint_steps))
-        checkpointing = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies) if policies else
-            ocp.checkpoint_managers.SpecificStepsPolicy(steps=[]),
-            max_to_keep=sft.keep_checkpoints,
-        )
         self.metrics_logger = tunix_metrics.MetricsLogger(
             tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10)
         )
@@ -492,7 +463,7 @@ class SFTRun:
             max_steps=self.steps,
             gradient_accumulation_steps=sft.grad_accum if sft.grad_accum > 1 else None,
             checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
-            checkpointing_options=checkpointing,
+            checkpointing_options=checkpoint_options(sft.checkpoint_minutes, sft.checkpoint_steps, sft.keep_checkpoints),
             pbar_description="sft",
         )
         trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
@@ -502,7 +473,7 @@ class SFTRun:
         trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch["tokens"], batch["loss_mask"], pad_id=pad_id))
         trainer.with_training_hooks(RunHooks(self))
         resumed = trainer.train_steps
-        self._truncate_metrics(resumed)
+        truncate_metrics(self.metrics_path, resumed)
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         elif sft.eval_every_steps:
@@ -538,15 +509,6 @@ class SFTRun:
         write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
                     "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
         return result
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            yield from _diff(x, y, f"{prefix}{key}.")
-        elif x != y:
-            yield f"{prefix}{key}"
 
 
 def train_sft(config: Config, run_dir: Path, *, loaded: LoadedModel | None = None) -> SFTResult:
