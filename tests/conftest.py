@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,3 +31,34 @@ def write_jsonl(tmp_path):
         return path
 
     return _write
+
+
+# ------------------------------------------------ training runs in real processes
+
+
+def start_tracetune(command: str, run_dir: Path, *extra: str, settings: list[str]) -> subprocess.Popen:
+    """``tracetune COMMAND --run-dir RUN_DIR EXTRA... --set S...`` as a process that can be killed."""
+    args = [sys.executable, "-m", "tracetune.cli", command, "--run-dir", str(run_dir), *extra]
+    for item in settings:
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+def finish(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def wait_for(marker: Path, process: subprocess.Popen, timeout: float) -> None:
+    """Until ``marker`` exists (e.g. a checkpoint's commit_success.txt); fails if the process ends first."""
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert process.poll() is None, finish(process, 60).stderr
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def adapter_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "export" / "adapter" / "adapter.safetensors"))

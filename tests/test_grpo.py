@@ -4,18 +4,14 @@ on the tiny model (slow: resume equality; CI runs them)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import wrap
+from conftest import adapter_weights, finish, start_tracetune, wait_for, wrap
 from tracetune.config import ConfigError, RewardWeights, load_config
 from tracetune.data import Example
 from tracetune.grpo import CompositeReward, PromptBatches, failure_warnings
@@ -98,20 +94,16 @@ def sft_run(tmp_path_factory):
 
 def grpo_process(run_dir: Path, init: Path, *overrides: str) -> subprocess.Popen:
     settings = ["grpo.max_steps=12", "grpo.checkpoint_steps=4", "grpo.temperature=0.6", "grpo.top_k=8", *overrides]
-    args = [sys.executable, "-m", "tracetune.cli", "grpo", "--preset", "tiny", "--run-dir", str(run_dir), "--init", str(init)]
-    for item in settings:
-        args += ["--set", item]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    return start_tracetune("grpo", run_dir, "--preset", "tiny", "--init", str(init), settings=settings)
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=900)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+def finish_grpo(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    return finish(process, timeout=900)
 
 
 @pytest.mark.slow
 def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft_run):
-    result = finish(grpo_process(tmp_path / "run", sft_run, "grpo.max_steps=4"))
+    result = finish_grpo(grpo_process(tmp_path / "run", sft_run, "grpo.max_steps=4"))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -131,27 +123,18 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert (tmp_path / "run" / "export" / "merged" / "tracetune.json").exists()
 
 
-def adapter(run_dir: Path) -> dict[str, np.ndarray]:
-    return load_file(str(run_dir / "export" / "adapter" / "adapter.safetensors"))
-
-
 @pytest.mark.slow
 def test_a_killed_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
-    reference = finish(grpo_process(tmp_path / "straight", sft_run))
+    reference = finish_grpo(grpo_process(tmp_path / "straight", sft_run))
     assert reference.returncode == 0, reference.stderr
     killed = grpo_process(tmp_path / "killed", sft_run)
-    marker = tmp_path / "killed" / "checkpoints" / "actor" / "4" / "commit_success.txt"
-    deadline = time.time() + 600
-    while not marker.exists():
-        assert killed.poll() is None, finish(killed).stderr
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for(tmp_path / "killed" / "checkpoints" / "actor" / "4" / "commit_success.txt", killed, timeout=600)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    resumed = finish(grpo_process(tmp_path / "killed", sft_run))
+    resumed = finish_grpo(grpo_process(tmp_path / "killed", sft_run))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    expected, actual = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
+    expected, actual = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "killed")
     assert expected.keys() == actual.keys()
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)

@@ -4,11 +4,8 @@ and resumes exactly. Slow tests train the tiny model (CI runs them)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -16,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
 
+from conftest import adapter_weights, finish, start_tracetune, wait_for
 from tracetune.config import ConfigError, LoraConfig, SFTConfig, load_config
 from tracetune.data import arithmetic_examples, curate
 from tracetune.errors import TrainingError
@@ -190,56 +187,43 @@ def test_sft_teaches_the_trace_format_on_held_out_problems(tmp_path):
 
 def sft_process(run_dir: Path, *overrides: str) -> subprocess.Popen:
     settings = ["sft.max_steps=30", "sft.checkpoint_steps=10", "sft.eval_every_steps=0", "sft.eval_examples=0", *overrides]
-    args = [sys.executable, "-m", "tracetune.cli", "sft", "--preset", "tiny", "--run-dir", str(run_dir)]
-    for item in settings:
-        args += ["--set", item]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    return start_tracetune("sft", run_dir, "--preset", "tiny", settings=settings)
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+def finish_sft(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    return finish(process, timeout=600)
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    marker = run_dir / "checkpoints" / str(step) / "commit_success.txt"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert process.poll() is None, finish(process).stderr
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
-def adapter(run_dir: Path) -> dict[str, np.ndarray]:
-    return load_file(str(run_dir / "export" / "adapter" / "adapter.safetensors"))
+    wait_for(run_dir / "checkpoints" / str(step) / "commit_success.txt", process, timeout=300)
 
 
 @pytest.mark.slow
 def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
-    reference = finish(sft_process(tmp_path / "straight"))
+    reference = finish_sft(sft_process(tmp_path / "straight"))
     assert reference.returncode == 0, reference.stderr
-    expected = adapter(tmp_path / "straight")
+    expected = adapter_weights(tmp_path / "straight")
 
     killed = sft_process(tmp_path / "killed")
     wait_for_checkpoint(tmp_path / "killed", 10, killed)
     killed.send_signal(signal.SIGKILL)  # loses at most the steps since checkpoint 10
     killed.wait()
-    resumed = finish(sft_process(tmp_path / "killed"))
+    resumed = finish_sft(sft_process(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
 
     stopped = sft_process(tmp_path / "stopped")
     wait_for_checkpoint(tmp_path / "stopped", 10, stopped)
     stopped.send_signal(signal.SIGTERM)
-    result = finish(stopped)
+    result = finish_sft(stopped)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert "checkpoint saved" in result.stderr and "Traceback" not in result.stderr
     saved = max(int(p.name) for p in (tmp_path / "stopped" / "checkpoints").iterdir() if p.name.isdigit())
     assert 10 <= saved < 30
-    assert finish(sft_process(tmp_path / "stopped")).returncode == 0
+    assert finish_sft(sft_process(tmp_path / "stopped")).returncode == 0
 
     for run in ("killed", "stopped"):
-        weights = adapter(tmp_path / run)
+        weights = adapter_weights(tmp_path / run)
         assert weights.keys() == expected.keys()
         for name in expected:
             np.testing.assert_array_equal(weights[name], expected[name], err_msg=f"{run}: {name}")
@@ -247,7 +231,7 @@ def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
 
 @pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = finish(sft_process(tmp_path / "run", "sft.learning_rate=1e30", "sft.checkpoint_steps=1", "sft.warmup_fraction=0"))
+    result = finish_sft(sft_process(tmp_path / "run", "sft.learning_rate=1e30", "sft.checkpoint_steps=1", "sft.warmup_fraction=0"))
     assert result.returncode == 2, result.stderr
     assert "loss is" in result.stderr and "Last good checkpoint" in result.stderr and "Traceback" not in result.stderr
     failed_at = int(result.stderr.split(" at step ")[1].split(";")[0])
