@@ -42,6 +42,7 @@ from tracetune.models.tokenizer import Tokenizer
 CANDIDATES = 64  # top-k / top-p consider at most this many most likely tokens
 CHUNK = 32  # decode steps per jitted call; stop strings are checked between calls
 PROMPT_BUCKET = 64
+ARGMAX_BLOCK = 256  # vocabulary block of the greedy argmax, see _argmax
 K_MASK = -2.3819763e38  # Tunix's masked-logit value, for identical softmax results
 LOCAL, GLOBAL = 0, 1
 ATTENTION_PATTERN = (LOCAL, LOCAL, LOCAL, LOCAL, LOCAL, GLOBAL)  # Gemma 3: 5 sliding : 1 global
@@ -245,7 +246,7 @@ def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sourc
 
     tokens, positions, new_valid [B, T] (new_valid: not padding). sources_of(layer,
     query_slots, local) gives that layer's read-only (keys, values, mask) sources.
-    Returns the logits of the last new token [B, V] and each layer's new (k, v).
+    Returns the logits of the last new token [V, B] and each layer's new (k, v).
     """
     emb = params["embedding"]  # [V, D]
     x = emb[tokens] * jnp.sqrt(emb.shape[-1]).astype(emb.dtype)  # [B, T, D]
@@ -261,19 +262,49 @@ def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sourc
                                  own_local if local else own)
         new_kv.append((k_new, v_new))
     x = _rms_norm(x[:, -1], params["final_norm"])  # [B, D]: only the last position is projected
-    logits = (x @ emb.T).astype(jnp.float32)  # [B, V]; log-softmax in float32 for stable log-probs
-    return logits, new_kv
+    return _head(x, emb), new_kv
+
+
+def _head(x, emb):
+    """The tied vocabulary projection of x [B, D] -> logits [V, B], float32 (for stable log-probs).
+
+    Vocabulary-major: with the 262k embedding rows as the matmul's long side, XLA:CPU
+    runs it in 139 ms instead of 208 ms at B=32 (59 vs 103 ms at B=8); a single row
+    is faster as a vector-matrix product (26 vs 36 ms), whose [1, V] result is already
+    laid out as [V, 1].
+    """
+    if x.shape[0] == 1:
+        return (x @ emb.T).T.astype(jnp.float32)  # [V, 1]
+    return (emb @ x.T).astype(jnp.float32)  # [V, B]
+
+
+def _argmax(logits):
+    """The first most likely token [B] of logits [V, B], as jnp.argmax picks it.
+
+    jnp.argmax is a (value, index) reduction that XLA:CPU does not vectorise (35 ms
+    for [32, 262144]); a max, then the first block of ARGMAX_BLOCK holding it, then the
+    position inside that block picks the same token in 2 ms.
+    """
+    V, B = logits.shape
+    block = math.gcd(V, ARGMAX_BLOCK)
+    blocks = logits.reshape(V // block, block, B)
+    block_max = jnp.max(blocks, axis=1)  # [V/block, B]
+    top = jnp.max(block_max, axis=0)  # [B]
+    first = jnp.argmax(block_max == top, axis=0)  # [B]
+    inside = jnp.take_along_axis(blocks, first[None, None, :], axis=0)[0]  # [block, B]
+    return first * block + jnp.argmax(inside == top, axis=0)
 
 
 def _choose(logits, key, mode: str, temperature, top_k, top_p):
-    """Next token [B] from logits [B, V] (float32), and its log-probability at temperature 1."""
+    """Next token [B] from logits [V, B] (float32), and its log-probability at temperature 1."""
+    V, B = logits.shape
     if mode == "greedy":
-        token = jnp.argmax(logits, axis=-1)
+        token = _argmax(logits)
     elif mode == "full":  # Gumbel-max: an exact categorical sample without a softmax over V
-        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-        token = jnp.argmax(logits / temperature + gumbel, axis=-1)
+        gumbel = jax.random.gumbel(key, (B, V), jnp.float32)
+        token = _argmax(logits / temperature + gumbel.T)  # the same noise as over [B, V]
     else:  # top-k / top-p among the CANDIDATES most likely tokens
-        top_logits, top_ids = jax.lax.top_k(logits, CANDIDATES)  # [B, C], sorted descending
+        top_logits, top_ids = jax.lax.top_k(logits.T, CANDIDATES)  # [B, C], sorted descending
         scaled = top_logits / temperature
         rank = jnp.arange(CANDIDATES)[None, :]
         keep = rank < jnp.where(top_k > 0, top_k, CANDIDATES)
@@ -282,9 +313,15 @@ def _choose(logits, key, mode: str, temperature, top_k, top_p):
         keep &= before < top_p  # the nucleus: the smallest prefix with mass >= top_p
         choice = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
         token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
-    # log p(token) = logit - logsumexp(logits): no [B, V] array of log-probs is written.
-    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    # log p(token) = logit - logsumexp(logits): no [V, B] array of log-probs is written.
+    logprob = logits[token, jnp.arange(B)] - _logsumexp(logits)
     return token.astype(jnp.int32), logprob
+
+
+def _logsumexp(logits):  # [V, B] -> [B]
+    if logits.shape[1] == 1:  # along the contiguous axis of [1, V]: 0.2 ms, not 6.7 ms down [V, 1]
+        return jax.nn.logsumexp(logits.T, axis=-1)
+    return jax.nn.logsumexp(logits, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "cache_size"))
