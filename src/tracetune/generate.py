@@ -256,7 +256,7 @@ def _attend(q, sources, K: int):
         jnp.where(mask[:, None, :, None, :], (qg @ keys).reshape(B, K, T, G, -1), K_MASK)  # [B, K, T, G, S_i]
         for keys, _, mask in sources
     ]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(sources[0][1].dtype)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(sources[0][1].dtype)  # one softmax over all keys
     encoded, start = 0, 0
     for _, vals, _ in sources:
         width = vals.shape[2]
@@ -299,7 +299,8 @@ def _head(x, emb):
     Vocabulary-major: with the 262k embedding rows as the matmul's long side, XLA:CPU
     runs it in 139 ms instead of 208 ms at B=32 (59 vs 103 ms at B=8); a single row
     is faster as a vector-matrix product (26 vs 36 ms), whose [1, V] result is already
-    laid out as [V, 1].
+    laid out as [V, 1]; that product re-reads x per output, so x must not be a strided
+    view (a column of [D, B*T] made it 136 ms, hence the final layer's last_only).
     """
     if x.shape[1] == 1:
         return (x.T @ emb.T).T.astype(jnp.float32)  # [V, 1]
