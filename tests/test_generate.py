@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracetune.generate import Generator, SamplingConfig, _decode, _prefill
+from tracetune.generate import Generator, SamplingConfig, _argmax, _decode, _prefill
 from tracetune.models.registry import load_model
 
 PROMPTS = ["Q: What is 2 + 3?\nA:\n", "Q: Natalia sold 48 clips in April and half as many in May. How many?\nA:\n", "Q: 7?\nA:\n"]
@@ -98,3 +98,9 @@ def test_bad_sampling_settings():
     for kwargs in ({"top_k": 65}, {"top_p": 0}, {"temperature": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):
             SamplingConfig(**kwargs)
+
+
+def test_blocked_argmax_picks_the_first_most_likely_token_like_jnp_argmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.integers(0, 50, (1000, 6)).astype(np.float32))  # [V, B], many ties
+    assert (np.asarray(_argmax(logits)) == np.asarray(jnp.argmax(logits, axis=0))).all()

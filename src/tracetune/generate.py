@@ -3,16 +3,22 @@
 Rollouts dominate GRPO and evaluation time, so tracetune decodes with its own
 jitted loop over the weights of Tunix's ``Gemma3`` (the same parameters, the same
 arithmetic, checked against Tunix's forward pass in the tests) instead of Tunix's
-``Sampler``. On this 2-core CPU the difference comes from three places
+``Sampler``. On this 2-core CPU the difference comes from four places
 (measured, see bench/generate.py):
 
-* prefill computes the vocabulary projection for the last prompt position only,
-  not for all of them ([B, P, 262144] floats is 8.6 GB at B=32, P=256);
+* prefill computes the final layer's output and the vocabulary projection for
+  the last prompt position only, not for all of them ([B, P, 262144] floats is
+  8.6 GB at B=32, P=256);
 * weights and caches are laid out for plain matmuls (Tunix's einsum layouts made
   XLA:CPU transpose weights and caches on every step), and the caches are read-only
   inside the decode loop: a chunk's keys and values collect in small buffers that
   are written into the caches once per chunk;
-* sampling over the 262k vocabulary never sorts it: greedy is an argmax, plain
+* activations are feature-major ([D, B*T], weights [out, in]) and the logits
+  vocabulary-major ([V, B]): XLA:CPU runs a matmul of a weight with a few rows
+  20-50% faster with the weight as the left operand (the [262144, 640] head at
+  B=32: 139 vs 208 ms);
+* sampling over the 262k vocabulary never sorts it: greedy is an argmax (in
+  blocks: XLA:CPU's own argmax does not vectorise, 35 ms at B=32), plain
   temperature sampling is a Gumbel-max over the full vocabulary, and top-k /
   top-p look only at the ``CANDIDATES`` most likely tokens (``lax.top_k``).
 
@@ -40,8 +46,9 @@ from tracetune.models.params import ModelConfig
 from tracetune.models.tokenizer import Tokenizer
 
 CANDIDATES = 64  # top-k / top-p consider at most this many most likely tokens
-CHUNK = 32  # decode steps per jitted call; stop strings are checked between calls
+CHUNK = 16  # decode steps per jitted call; stop strings are checked between calls (16: 2-4% faster steps than 32)
 PROMPT_BUCKET = 64
+ARGMAX_BLOCK = 256  # vocabulary block of the greedy argmax, see _argmax
 K_MASK = -2.3819763e38  # Tunix's masked-logit value, for identical softmax results
 LOCAL, GLOBAL = 0, 1
 ATTENTION_PATTERN = (LOCAL, LOCAL, LOCAL, LOCAL, LOCAL, GLOBAL)  # Gemma 3: 5 sliding : 1 global
@@ -132,26 +139,29 @@ class Arch:
 
 
 def decode_layout(tree: dict, config: ModelConfig) -> dict:
-    """Tunix's einsum weights re-laid as plain matrices, once per Generator.
+    """Tunix's einsum weights re-laid as transposed plain matrices [out, in], once per Generator.
 
     XLA on CPU copies and transposes an einsum weight such as q [N, D, H] on every
     call (0.5 ms vs 0.1 ms for the same matmul per layer and step, measured); plain
-    [in, out] matrices avoid it. The arithmetic is unchanged.
+    matrices avoid it. They are stored [out, in] because the forward pass keeps its
+    activations feature-major (see _layer). q and kv share one matrix, gate and up
+    another: one matmul each, whose outputs split along the leading axis for free.
+    The arithmetic is unchanged.
     """
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
     layers = []
     for i in range(config.num_layers):
         p = tree["layers"][i]
         attn = p["attn"]
+        wq = jnp.transpose(attn["q_einsum"]["w"], (0, 2, 1)).reshape(n * h, d)  # [N, D, H] -> [N*H, D]
+        wkv = jnp.transpose(attn["kv_einsum"]["w"], (0, 1, 3, 2)).reshape(2 * k * h, d)  # [2, K, D, H] -> [2*K*H, D]
         layers.append({
-            "wq": jnp.transpose(attn["q_einsum"]["w"], (1, 0, 2)).reshape(d, n * h),  # [N, D, H] -> [D, N*H]
-            "wkv": jnp.transpose(attn["kv_einsum"]["w"], (2, 0, 1, 3)).reshape(d, 2 * k * h),  # [2, K, D, H] -> [D, 2*K*H]
-            "wo": attn["attn_vec_einsum"]["w"].reshape(n * h, d),  # [N, H, D] -> [N*H, D]
+            "wqkv": jnp.concatenate([wq, wkv]),  # [(N + 2K)*H, D]
+            "wo": attn["attn_vec_einsum"]["w"].reshape(n * h, d).T,  # [N, H, D] -> [D, N*H]
             "query_norm": attn["_query_norm"]["scale"],
             "key_norm": attn["_key_norm"]["scale"],
-            "gate": p["mlp"]["gate_proj"]["kernel"],  # [D, F]
-            "up": p["mlp"]["up_proj"]["kernel"],  # [D, F]
-            "down": p["mlp"]["down_proj"]["kernel"],  # [F, D]
+            "gate_up": jnp.concatenate([p["mlp"]["gate_proj"]["kernel"].T, p["mlp"]["up_proj"]["kernel"].T]),  # [2F, D]
+            "down": p["mlp"]["down_proj"]["kernel"].T,  # [D, F]
             **{name: p[name]["scale"] for name in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")},
         })
     return {"embedding": tree["embedder"]["input_embedding"], "final_norm": tree["final_norm"]["scale"], "layers": layers}
@@ -169,71 +179,90 @@ def _bucket_prompt(n: int) -> int:
 # The arithmetic of tunix.models.gemma3.model, written over the parameter tree.
 
 
-def _rms_norm(x, scale):  # x [..., D], scale [D]
-    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(var + 1e-06) * (1 + scale)
+def _rms_norm(x, scale, axis: int = 0):  # normalises x along axis; scale [x.shape[axis]]
+    var = jnp.mean(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(var + 1e-06) * (1 + scale.reshape(scale.shape + (1,) * (x.ndim - 1 - axis)))
 
 
-def _rope(x, positions, base_frequency: float, scale_factor: float):  # x [B, T, N, H], positions [B, T]
-    head_dim = x.shape[-1]
+def _rope(x, positions, base_frequency: float, scale_factor: float):  # x [N, H, B, T], positions [B, T]
+    head_dim = x.shape[1]
     fraction = 2 * jnp.arange(0, head_dim // 2) / head_dim
     timescale = base_frequency**fraction
-    sinusoid = positions[..., None] / timescale[None, None, :]  # [B, T, H/2]
-    sinusoid = sinusoid[..., None, :] / scale_factor  # [B, T, 1, H/2]
+    sinusoid = positions[None] / timescale[:, None, None]  # [H/2, B, T]
+    sinusoid = sinusoid[None] / scale_factor  # [1, H/2, B, T]
     sin, cos = jnp.sin(sinusoid), jnp.cos(sinusoid)
-    first, second = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=1).astype(x.dtype)
 
 
-def _layer(p, config: Arch, kind: int, x, positions, sources, own_mask):
-    """One decoder layer over T new tokens.
+def _layer(p, config: Arch, kind: int, x, positions, sources, own_mask, last_only: bool):
+    """One decoder layer over T new tokens of B rows.
 
-    x [B, T, D]; positions [B, T]; sources: (keys [B, K, H, S_i], values [B, K, S_i, H],
+    x [D, B*T]; positions [B, T]; sources: (keys [B, K, H, S_i], values [B, K, S_i, H],
     mask [B, T, S_i]) of the tokens before these, read-only; own_mask [B, T, T] among
-    the new tokens. Returns x [B, T, D] and the new keys [B, K, H, T] / values [B, K, T, H].
+    the new tokens. Returns x [D, B*T] ([D, B] if last_only: the output at each row's
+    last position alone, all the final layer needs to give) and the new keys
+    [B, K, H, T] / values [B, K, T, H].
+
+    Activations are feature-major, [D, B*T]: with the weight as the left operand,
+    XLA:CPU runs these matmuls 20-40% faster at 8-32 rows (18 layers of gate/up/down
+    at B=32: 17.8 + 15.8 ms vs 22.6 + 21.2 ms) and a little faster at prefill sizes.
+    Sources are never written here: updating a cache inside the decode loop made XLA
+    copy it on every step (~90 ms per step at B=32).
+    """
+    B, T = positions.shape
+    q, k_new, v_new = _project(p, config, kind, _rms_norm(x, p["pre_attention_norm"]), positions)
+    dtype = sources[0][0].dtype if sources else x.dtype
+    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+    sources = [*sources, (k_new, v_new, own_mask)]
+    if last_only:
+        x, q = x.reshape(-1, B, T)[:, :, -1], q[..., -1:]  # [D, B], [N, H, B, 1]
+        sources = [(keys, vals, mask[:, -1:]) for keys, vals, mask in sources]
+    x = x + _rms_norm(p["wo"] @ _attend(q, sources, config.num_kv_heads), p["post_attention_norm"])
+    h = _rms_norm(x, p["pre_ffw_norm"])
+    gate, up = jnp.split(p["gate_up"] @ h, 2)  # [F, B*T] each
+    h = p["down"] @ (jax.nn.gelu(gate) * up)  # tanh approximation, as nnx.gelu
+    return x + _rms_norm(h, p["post_ffw_norm"]), k_new, v_new
+
+
+def _project(p, config: Arch, kind: int, h, positions):
+    """h [D, B*T] -> queries [N, H, B, T] (roped, scaled), keys [B, K, H, T], values [B, K, T, H].
 
     Keys are laid out [B, K, H, S] and values [B, K, S, H] for plain batched matmuls:
     a [B, S, K, H] cache made XLA transpose it per layer and step (117 ms vs 25 ms for
-    18 layers at B=32). Sources are never written here: updating a cache inside the
-    decode loop made XLA copy it on every step (~90 ms per step at B=32).
+    18 layers at B=32).
     """
-    B, T, _ = x.shape
+    B, T = positions.shape
     K, H = config.num_kv_heads, config.head_dim
-    h = _rms_norm(x, p["pre_attention_norm"])
-    q = (h @ p["wq"]).reshape(B, T, -1, H)  # [B, T, N, H]
-    k, v = jnp.split((h @ p["wkv"]).reshape(B, T, 2 * K, H), 2, axis=2)  # [B, T, K, H] each
-    q = _rms_norm(q, p["query_norm"])
-    k = _rms_norm(k, p["key_norm"])
+    qkv = (p["wqkv"] @ h).reshape(-1, H, B, T)  # [N + 2K, H, B, T]
+    N = qkv.shape[0] - 2 * K
+    q = _rms_norm(qkv[:N], p["query_norm"], axis=1)  # [N, H, B, T]
+    k = _rms_norm(qkv[N : N + K], p["key_norm"], axis=1)  # [K, H, B, T]
+    v = qkv[N + K :]  # [K, H, B, T]
     base = config.local_base_frequency if kind == LOCAL else config.global_base_frequency
     scale = config.local_scale_factor if kind == LOCAL else config.global_scale_factor
     q = _rope(q, positions, base, scale) * config.query_scale
     k = _rope(k, positions, base, scale)
+    return q, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 3, 1)
 
-    N = q.shape[2]
+
+def _attend(q, sources, K: int):
+    """q [N, H, B, T] over sources (keys [B, K, H, S_i], values [B, K, S_i, H], mask
+    [B, T, S_i]), one softmax over all their keys -> [N*H, B*T]."""
+    N, H, B, T = q.shape
     G = N // K  # query heads sharing one KV head
-    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # [B, K, T*G, H]
-    dtype = sources[0][0].dtype if sources else x.dtype
-    k_new = k.transpose(0, 2, 3, 1).astype(dtype)  # [B, K, H, T]
-    v_new = v.transpose(0, 2, 1, 3).astype(dtype)  # [B, K, T, H]
-    scores, values = [], []
-    for keys, vals, mask in [*sources, (k_new, v_new, own_mask)]:
-        score = (qg @ keys).reshape(B, K, T, G, -1)  # [B, K, T, G, S_i]
-        scores.append(jnp.where(mask[:, None, :, None, :], score, K_MASK))
-        values.append(vals)
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)  # one softmax over all keys
+    qg = q.reshape(K, G, H, B, T).transpose(3, 0, 4, 1, 2).reshape(B, K, T * G, H)  # [B, K, T*G, H]
+    scores = [
+        jnp.where(mask[:, None, :, None, :], (qg @ keys).reshape(B, K, T, G, -1), K_MASK)  # [B, K, T, G, S_i]
+        for keys, _, mask in sources
+    ]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(sources[0][1].dtype)  # one softmax over all keys
     encoded, start = 0, 0
-    for vals in values:
+    for _, vals, _ in sources:
         width = vals.shape[2]
         encoded = encoded + probs[..., start : start + width].reshape(B, K, T * G, width) @ vals  # [B, K, T*G, H]
         start += width
-    encoded = encoded.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
-    out = encoded.reshape(B, T, N * H) @ p["wo"]  # [B, T, D]
-    x = x + _rms_norm(out, p["post_attention_norm"])
-
-    h = _rms_norm(x, p["pre_ffw_norm"])
-    gate = jax.nn.gelu(h @ p["gate"])  # tanh approximation, as nnx.gelu
-    h = (gate * (h @ p["up"])) @ p["down"]
-    return x + _rms_norm(h, p["post_ffw_norm"]), k_new, v_new
+    return encoded.reshape(B, K, T, G, H).transpose(1, 3, 4, 0, 2).reshape(N * H, B * T)  # [N*H, B*T]
 
 
 def _window(query, keys, size: int):  # query [T], keys [S] slots -> [T, S]: inside the sliding window
@@ -245,11 +274,11 @@ def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sourc
 
     tokens, positions, new_valid [B, T] (new_valid: not padding). sources_of(layer,
     query_slots, local) gives that layer's read-only (keys, values, mask) sources.
-    Returns the logits of the last new token [B, V] and each layer's new (k, v).
+    Returns the logits of the last new token [V, B] and each layer's new (k, v).
     """
     emb = params["embedding"]  # [V, D]
-    x = emb[tokens] * jnp.sqrt(emb.shape[-1]).astype(emb.dtype)  # [B, T, D]
-    T = tokens.shape[1]
+    B, T = tokens.shape
+    x = (emb[tokens] * jnp.sqrt(emb.shape[-1]).astype(emb.dtype)).reshape(B * T, -1).T  # [D, B*T]
     query = write_at + jnp.arange(T)  # [T] slots of the new tokens
     own = new_valid[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]  # [B, T, T]
     own_local = own & _window(query, query, config.sliding_window_size)[None]
@@ -258,22 +287,53 @@ def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sourc
         local = ATTENTION_PATTERN[i % len(ATTENTION_PATTERN)] == LOCAL
         sources = sources_of(i, query, local)
         x, k_new, v_new = _layer(params["layers"][i], config, LOCAL if local else GLOBAL, x, positions, sources,
-                                 own_local if local else own)
+                                 own_local if local else own, last_only=i == config.num_layers - 1)
         new_kv.append((k_new, v_new))
-    x = _rms_norm(x[:, -1], params["final_norm"])  # [B, D]: only the last position is projected
-    logits = (x @ emb.T).astype(jnp.float32)  # [B, V]; log-softmax in float32 for stable log-probs
-    return logits, new_kv
+    x = _rms_norm(x, params["final_norm"])  # [D, B]: only the last position is projected
+    return _head(x, emb), new_kv
+
+
+def _head(x, emb):
+    """The tied vocabulary projection of x [D, B] -> logits [V, B], float32 (for stable log-probs).
+
+    Vocabulary-major: with the 262k embedding rows as the matmul's long side, XLA:CPU
+    runs it in 139 ms instead of 208 ms at B=32 (59 vs 103 ms at B=8); a single row
+    is faster as a vector-matrix product (26 vs 36 ms), whose [1, V] result is already
+    laid out as [V, 1]; that product re-reads x per output, so x must not be a strided
+    view (a column of [D, B*T] made it 136 ms, hence the final layer's last_only).
+    """
+    if x.shape[1] == 1:
+        return (x.T @ emb.T).T.astype(jnp.float32)  # [V, 1]
+    return (emb @ x).astype(jnp.float32)  # [V, B]
+
+
+def _argmax(logits):
+    """The first most likely token [B] of logits [V, B], as jnp.argmax picks it.
+
+    jnp.argmax is a (value, index) reduction that XLA:CPU does not vectorise (35 ms
+    for [32, 262144]); a max, then the first block of ARGMAX_BLOCK holding it, then the
+    position inside that block picks the same token in 2 ms.
+    """
+    V, B = logits.shape
+    block = math.gcd(V, ARGMAX_BLOCK)
+    blocks = logits.reshape(V // block, block, B)
+    block_max = jnp.max(blocks, axis=1)  # [V/block, B]
+    top = jnp.max(block_max, axis=0)  # [B]
+    first = jnp.argmax(block_max == top, axis=0)  # [B]
+    inside = jnp.take_along_axis(blocks, first[None, None, :], axis=0)[0]  # [block, B]
+    return first * block + jnp.argmax(inside == top, axis=0)
 
 
 def _choose(logits, key, mode: str, temperature, top_k, top_p):
-    """Next token [B] from logits [B, V] (float32), and its log-probability at temperature 1."""
+    """Next token [B] from logits [V, B] (float32), and its log-probability at temperature 1."""
+    V, B = logits.shape
     if mode == "greedy":
-        token = jnp.argmax(logits, axis=-1)
+        token = _argmax(logits)
     elif mode == "full":  # Gumbel-max: an exact categorical sample without a softmax over V
-        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-        token = jnp.argmax(logits / temperature + gumbel, axis=-1)
+        gumbel = jax.random.gumbel(key, (B, V), jnp.float32)
+        token = _argmax(logits / temperature + gumbel.T)  # the same noise as over [B, V]
     else:  # top-k / top-p among the CANDIDATES most likely tokens
-        top_logits, top_ids = jax.lax.top_k(logits, CANDIDATES)  # [B, C], sorted descending
+        top_logits, top_ids = jax.lax.top_k(logits.T, CANDIDATES)  # [B, C], sorted descending
         scaled = top_logits / temperature
         rank = jnp.arange(CANDIDATES)[None, :]
         keep = rank < jnp.where(top_k > 0, top_k, CANDIDATES)
@@ -282,9 +342,15 @@ def _choose(logits, key, mode: str, temperature, top_k, top_p):
         keep &= before < top_p  # the nucleus: the smallest prefix with mass >= top_p
         choice = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
         token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
-    # log p(token) = logit - logsumexp(logits): no [B, V] array of log-probs is written.
-    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    # log p(token) = logit - logsumexp(logits): no [V, B] array of log-probs is written.
+    logprob = logits[token, jnp.arange(B)] - _logsumexp(logits)
     return token.astype(jnp.int32), logprob
+
+
+def _logsumexp(logits):  # [V, B] -> [B]
+    if logits.shape[1] == 1:  # along the contiguous axis of [1, V]: 0.2 ms, not 6.7 ms down [V, 1]
+        return jax.nn.logsumexp(logits.T, axis=-1)
+    return jax.nn.logsumexp(logits, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "cache_size"))
