@@ -31,6 +31,10 @@ SHIPPED = {"gsm8k": ("train", "test")}
 SYNTHETIC = {  # name -> split -> (seed, count)
     "arithmetic": {"train": (0, 2000), "test": (1, 200)},
     "addition": {"train": (2, 2000), "test": (3, 200)},
+    # addition whose training traces stop early half the time (a noisy annotator's
+    # "premature conclusion"): SFT on it is right only part of the time, and
+    # correctness is what tells the two habits apart. The test split is clean.
+    "addition-shortcut": {"train": (4, 2000), "test": (3, 200)},
 }
 
 
@@ -155,7 +159,9 @@ _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "shells")
 
 def arithmetic_examples(split: str = "train", task: str = "arithmetic") -> list[Example]:
     """Synthetic problems with GSM8K-style solutions and references: "arithmetic" is
-    two steps (a + b - c, numbers up to 40), "addition" one step (a + b, digits 1-9).
+    two steps (a + b - c, numbers up to 40), "addition" one step (a + b, digits 1-9),
+    "addition-shortcut" the same with half of its training solutions (and labels)
+    stopping at the first number.
 
     >>> arithmetic_examples("test")[0].reference.isdigit()
     True
@@ -167,10 +173,12 @@ def arithmetic_examples(split: str = "train", task: str = "arithmetic") -> list[
     out = []
     for index in range(count):
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        if task == "addition":
+        if task.startswith("addition"):
             a, b = rng.randint(1, 9), rng.randint(1, 9)
             question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
             solution, reference = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.", a + b
+            if task == "addition-shortcut" and split == "train" and rng.random() < 0.5:
+                solution, reference = f"{name} has {a} {item}.", a
         else:
             a, b = rng.randint(2, 40), rng.randint(2, 40)
             c = rng.randint(1, a + b - 1)
