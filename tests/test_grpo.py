@@ -45,6 +45,8 @@ def test_grpo_config_checks_its_symbols():
         load_config("tiny", ["grpo.num_generations=1"])
     with pytest.raises(ConfigError, match="rollout_engine"):
         load_config("tiny", ["grpo.rollout_engine=vllm-on-cpu"])
+    with pytest.raises(ConfigError, match="micro_batch_size must divide"):
+        load_config("tiny", ["grpo.micro_batch_size=3"])
     recipe = load_config("recipe-1b").grpo
     assert (recipe.num_generations, recipe.learning_rate, recipe.beta, recipe.epsilon, recipe.max_steps) == (4, 3e-6, 0.03, 0.2, 2000)
     assert recipe.prompts_per_step * recipe.num_generations == 32  # effective batch 32
@@ -179,3 +181,19 @@ def test_a_killed_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
     straight = [json.loads(line)["reward/composite"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(line)["reward/composite"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert again == straight  # the same samples and rewards, step by step
+
+
+@pytest.mark.slow
+def test_micro_batches_accumulate_to_the_same_update(tmp_path, sft_run):
+    """grpo.micro_batch_size trades memory for passes: same rollouts and rewards,
+    and the accumulated gradient gives the same weights as one pass."""
+    whole = finish_grpo(grpo_process(tmp_path / "whole", sft_run, "grpo.max_steps=3"))
+    split = finish_grpo(grpo_process(tmp_path / "split", sft_run, "grpo.max_steps=3", "grpo.micro_batch_size=4"))
+    assert whole.returncode == 0 and split.returncode == 0, whole.stderr + split.stderr
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("whole", "split")}
+    assert [r["rollout_seeds"] for r in records["split"]] == [r["rollout_seeds"] for r in records["whole"]]
+    assert [r["reward/composite"] for r in records["split"]] == [r["reward/composite"] for r in records["whole"]]
+    expected, actual = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "split")
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], atol=1e-3, err_msg=name)

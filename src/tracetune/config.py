@@ -174,6 +174,10 @@ class GRPOConfig:
     beta: weight of the KL penalty to the reference policy.
     epsilon: the PPO-style clip range of the probability ratio.
     prompts_per_step: prompts per update (each gives G completions).
+    micro_batch_size: prompts per forward/backward pass; gradients accumulate up to
+      prompts_per_step (0 = all at once). Rollouts still sample the whole step
+      together. Memory scales with it: the 270M's logits alone are
+      G x (prompt + completion) x 262k floats per prompt.
     max_prompt_tokens + max_new_tokens: the sequence budget (prompts longer than
       max_prompt_tokens are skipped, completions are cut at max_new_tokens).
     rollout_engine: "tracetune" (tracetune's sampler: fast on CPU, log-probs at
@@ -192,6 +196,7 @@ class GRPOConfig:
     epsilon: float = 0.2
     max_steps: int = 2000
     prompts_per_step: int = 8
+    micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     temperature: float = 0.9
     top_p: float = 1.0
@@ -212,6 +217,8 @@ class GRPOConfig:
             raise ConfigError(f"grpo.num_generations (G) must be >= 2 to compare completions, got {self.num_generations}")
         if self.learning_rate <= 0 or self.max_steps < 1 or self.prompts_per_step < 1:
             raise ConfigError("grpo.learning_rate, grpo.max_steps and grpo.prompts_per_step must be > 0")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.prompts_per_step % self.micro_batch_size):
+            raise ConfigError(f"grpo.micro_batch_size must divide grpo.prompts_per_step={self.prompts_per_step}, got {self.micro_batch_size}")
         if self.beta < 0 or not 0 < self.epsilon < 1:
             raise ConfigError(f"grpo.beta must be >= 0 and grpo.epsilon in (0, 1), got {self.beta}, {self.epsilon}")
         if self.rollout_engine not in ("tracetune", "vanilla"):

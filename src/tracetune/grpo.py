@@ -176,8 +176,12 @@ class Learner(grpo_learner.GRPOLearner):
         self.step_records: list[dict] = []  # this step's reward facts, read by the metrics hook
 
     def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
-        # _iter_steps is restored on resume, so a resumed run draws the same samples.
-        counter = self._iter_steps if mode == Mode.TRAIN else self._eval_iter_steps
+        # _iter_steps counts micro-batches and is restored on resume, so a resumed run
+        # draws the same samples. The rollout of a step comes with its last
+        # micro-batch: dividing gives the step, whatever the micro-batching.
+        config = self._training_config
+        per_step = config.mini_batch_size // (config.train_micro_batch_size or config.mini_batch_size)
+        counter = self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
         self.rl_cluster.get_rollout_config(mode).seed = (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
         return super()._generate_and_compute_advantage(training_input, mode)
 
@@ -403,15 +407,15 @@ class GRPORun:
             optax.chain(optax.clip_by_global_norm(grpo.max_grad_norm), optax.adamw(schedule, weight_decay=0.0)),
             max_consecutive_errors=1 << 30,
         )
-        batch = grpo.prompts_per_step
+        batch, micro = grpo.prompts_per_step, grpo.micro_batch_size or grpo.prompts_per_step
         training = rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optimizer,
             eval_every_n_steps=1 << 30,
             max_steps=grpo.max_steps,
-            mini_batch_size=batch,
-            train_micro_batch_size=batch,
-            rollout_micro_batch_size=batch,
-            compute_logps_micro_batch_size=batch,
+            mini_batch_size=batch,  # one optimizer update per step
+            train_micro_batch_size=micro,  # gradient accumulation over batch // micro passes
+            rollout_micro_batch_size=batch,  # one rollout of all batch x G completions
+            compute_logps_micro_batch_size=micro,
             checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
             checkpointing_options=checkpoint_options(grpo.checkpoint_minutes, grpo.checkpoint_steps, grpo.keep_checkpoints),
             metrics_logging_options=tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10),
