@@ -38,6 +38,7 @@ def run_side(engine: str, steps: int, init: str, overrides: list[str]) -> dict:
         "seconds_per_step": sum(mean.values()),
         "phases": mean,
         "completion_length": sum(r["completion_length"] for r in result.history) / len(result.history),
+        "completions_per_step": config.grpo.prompts_per_step * config.grpo.num_generations,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -66,7 +67,13 @@ def main() -> None:
     print(f"  {'total':20}{ours['seconds_per_step']:>12.2f}{peer['seconds_per_step']:>15.2f}")
     print(f"{'first step (compile)':22}{ours['first_step_seconds']:>12.1f}{peer['first_step_seconds']:>15.1f}")
     print(f"{'peak RSS MB':22}{ours['peak_rss_mb']:>12.0f}{peer['peak_rss_mb']:>15.0f}")
-    print(f"ratio (steps/s): {peer['seconds_per_step'] / ours['seconds_per_step']:.2f}x")
+    def rollout_rate(side: dict) -> float:  # generated tokens per second of rollout
+        return side["completion_length"] * side["completions_per_step"] / side["phases"]["rollout"]
+
+    print(f"{'rollout tokens/s':22}{rollout_rate(ours):>12.1f}{rollout_rate(peer):>15.1f}")
+    print(f"{'steps/s':22}{1 / ours['seconds_per_step']:>12.4f}{1 / peer['seconds_per_step']:>15.4f}")
+    print(f"ratio (steps/s): {peer['seconds_per_step'] / ours['seconds_per_step']:.2f}x, "
+          f"rollout tokens/s: {rollout_rate(ours) / rollout_rate(peer):.2f}x")
     print(json.dumps(results))
 
 
