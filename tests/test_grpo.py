@@ -164,7 +164,7 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
 
 
 @pytest.mark.slow
-def test_a_killed_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
+def test_a_killed_or_stopped_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
     reference = finish_grpo(grpo_process(tmp_path / "straight", sft_run))
     assert reference.returncode == 0, reference.stderr
     killed = grpo_process(tmp_path / "killed", sft_run)
@@ -174,10 +174,21 @@ def test_a_killed_grpo_run_resumes_to_the_same_weights(tmp_path, sft_run):
     resumed = finish_grpo(grpo_process(tmp_path / "killed", sft_run))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    expected, actual = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "killed")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    stopped = grpo_process(tmp_path / "stopped", sft_run)
+    wait_for(tmp_path / "stopped" / "checkpoints" / "actor" / "4" / "commit_success.txt", stopped, timeout=600)
+    stopped.send_signal(signal.SIGTERM)
+    result = finish_grpo(stopped)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "checkpoint saved" in result.stderr and "Traceback" not in result.stderr
+    saved = max(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "actor").iterdir() if p.name.isdigit())
+    assert 4 <= saved < 12
+    assert finish_grpo(grpo_process(tmp_path / "stopped", sft_run)).returncode == 0
+    expected = adapter_weights(tmp_path / "straight")
+    for run in ("killed", "stopped"):
+        actual = adapter_weights(tmp_path / run)
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{run}: {name}")
     straight = [json.loads(line)["reward/composite"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(line)["reward/composite"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert again == straight  # the same samples and rewards, step by step
@@ -197,3 +208,4 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path, sft_run):
     expected, actual = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "split")
     for name in expected:
         np.testing.assert_allclose(actual[name], expected[name], atol=1e-3, err_msg=name)
+
