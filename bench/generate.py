@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
+
+import sides
 
 
 def run_ours(batch: int, new_tokens: int, dtype: str) -> dict:
@@ -88,27 +88,21 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.side == "ours":
-        print(json.dumps(run_ours(args.batch, args.new_tokens, args.dtype)))
+        sides.report(run_ours(args.batch, args.new_tokens, args.dtype))
         return
     if args.side == "peer":
-        print(json.dumps(run_peer(args.batch, args.new_tokens, json.loads(open(args.ids).read()))))
+        sides.report(run_peer(args.batch, args.new_tokens, json.loads(open(args.ids).read())))
         return
-
-    def side(*extra: str) -> dict:
-        result = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"benchmark side failed: {result.stderr[-3000:]}")
-        return json.loads(result.stdout.strip().splitlines()[-1])
 
     import tempfile
 
     print(f"Gemma 3 270M (embedded GGUF), greedy, {args.new_tokens} new tokens, GSM8K test prompts, this machine's CPUs")
     print(f"{'batch':>5} | {'tracetune tok/s':>15} | {'compile s':>9} | {'peak MB':>7} | {'transformers tok/s':>18} | {'peak MB':>7} | {'ratio':>5}")
     for batch in args.batches:
-        ours = side("--side", "ours", "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype)
+        ours = sides.run(__file__, "--side", "ours", "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump(ours["ids"], handle)
-        peer = side("--side", "peer", "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--ids", handle.name)
+        peer = sides.run(__file__, "--side", "peer", "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--ids", handle.name)
         ours_rate, peer_rate = ours["tokens"] / ours["seconds"], peer["tokens"] / peer["seconds"]
         print(f"{batch:>5} | {ours_rate:>15.1f} | {ours['compile_seconds']:>9.1f} | {ours['peak_rss_mb']:>7.0f} | "
               f"{peer_rate:>18.1f} | {peer['peak_rss_mb']:>7.0f} | {ours_rate / peer_rate:>5.2f}", flush=True)

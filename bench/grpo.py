@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+import sides
 
 
 def run_side(engine: str, steps: int, init: str, overrides: list[str]) -> dict:
@@ -51,15 +51,12 @@ def main() -> None:
     parser.add_argument("--engine", choices=("tracetune", "vanilla"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        print("RESULT " + json.dumps(run_side(args.engine, args.steps, args.init, args.set)))
+        sides.report(run_side(args.engine, args.steps, args.init, args.set))
         return
     results = {}
     for engine in ("tracetune", "vanilla"):
-        command = [sys.executable, __file__, "--engine", engine, "--steps", str(args.steps), "--init", args.init]
-        for item in args.set:
-            command += ["--set", item]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[engine] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        overrides = [arg for item in args.set for arg in ("--set", item)]
+        results[engine] = sides.run(__file__, "--engine", engine, "--steps", str(args.steps), "--init", args.init, *overrides)
     ours, peer = results["tracetune"], results["vanilla"]
     print(f"{'seconds per step':22}{'tracetune':>12}{'Tunix vanilla':>15}")
     for phase in ("rollout", "reward", "reference", "update"):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
+
+import sides
 
 
 def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
@@ -99,15 +99,12 @@ def main() -> None:
     parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, args.micro_batches, args.set)))
+        sides.report(run_side(args.side, args.micro_batches, args.set))
         return
     results = {}
     for side in ("ours", "peer"):
-        command = [sys.executable, __file__, "--side", side, "--micro-batches", str(args.micro_batches)]
-        for item in args.set:
-            command += ["--set", item]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[side] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        overrides = [arg for item in args.set for arg in ("--set", item)]
+        results[side] = sides.run(__file__, "--side", side, "--micro-batches", str(args.micro_batches), *overrides)
     ours, peer = results["ours"], results["peer"]
     print(f"{'':22}{'tracetune':>12}{'vanilla Tunix':>15}")
     for key, fmt in (("tokens_per_second", "{:.1f}"), ("steps_per_second", "{:.3f}"), ("padding_share", "{:.1%}"),
