@@ -209,3 +209,18 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path, sft_run):
     for name in expected:
         np.testing.assert_allclose(actual[name], expected[name], atol=1e-3, err_msg=name)
 
+
+
+@pytest.mark.slow
+def test_a_diverging_grpo_run_stops_with_the_last_good_checkpoint(tmp_path, sft_run):
+    """A learning rate of 1e30 gives finite but absurd weights (Adam steps are about
+    +-LR), which apply_if_finite cannot catch; the next rollout must stop the run
+    before anything else is trained, saved or exported."""
+    result = finish_grpo(grpo_process(tmp_path / "run", sft_run, "grpo.learning_rate=1e30", "grpo.checkpoint_steps=1",
+                                      "grpo.warmup_fraction=0"))
+    assert result.returncode == 2, result.stderr
+    assert "not finite" in result.stderr and "Last good checkpoint" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "export").exists()
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints" / "actor").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) <= 2, saved  # update 1 diverged; step 2's rollout stopped the run

@@ -99,6 +99,7 @@ class Generation:
     token_logprobs: list[float]
     finish_reason: str  # "stop" (a stop string), "eos", or "length"
     prompt_tokens: int = 0
+    finite: bool = True  # every sampled token's log-prob, the stop token's included, was finite
 
 
 @dataclass
@@ -517,9 +518,11 @@ class Generator:
         """Cut a row at its first stop token or stop string, within the token budget."""
         ids = [int(i) for i in ids[: sampling.max_new_tokens]]
         logprobs = [float(x) for x in logprobs[: len(ids)]]
-        reason = "length"
+        reason, finite = "length", all(map(math.isfinite, logprobs))
         for index, token in enumerate(ids):
             if token in self.tokenizer.stop_ids:
+                # NaN logits often "sample" a stop token first: keep its log-prob's verdict.
+                finite = all(map(math.isfinite, logprobs[: index + 1]))
                 ids, logprobs, reason = ids[:index], logprobs[:index], "eos"
                 break
         texts = self.tokenizer.token_texts(ids)
@@ -534,4 +537,4 @@ class Generator:
                     break
             if end is not None:
                 ids, logprobs, texts, reason = ids[:end], logprobs[:end], texts[:end], "stop"
-        return Generation(prompt, "".join(texts), ids, texts, logprobs, reason, prompt_tokens)
+        return Generation(prompt, "".join(texts), ids, texts, logprobs, reason, prompt_tokens, finite)

@@ -16,8 +16,9 @@ two share one backbone in memory. tracetune adds around it:
   lengths) to metrics.jsonl and TensorBoard, samples every N steps, and loud
   warnings for the known failure modes;
 * the run guarantees of SFT: same data order on resume, checkpoints every N
-  minutes, SIGTERM saves, a non-finite loss stops with the last checkpoint good
-  (non-finite updates are skipped by ``optax.apply_if_finite``, never applied).
+  minutes, SIGTERM saves, a non-finite loss or rollout stops the run and names
+  the last good checkpoint (non-finite updates are skipped by
+  ``optax.apply_if_finite``, never applied).
 """
 
 from __future__ import annotations
@@ -185,9 +186,36 @@ class Learner(grpo_learner.GRPOLearner):
         self.rl_cluster.get_rollout_config(mode).seed = (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
         return super()._generate_and_compute_advantage(training_input, mode)
 
+    def _check_finite(self, rollout, engine) -> None:
+        """Stop before the step is trained or saved if the rollout's log-probs are not
+        finite. A diverged update can leave weights that are finite but huge (Adam's
+        step is about +-learning rate whatever the gradient), so apply_if_finite lets
+        it through; the next rollout samples from NaN logits, ends at once, and its
+        masked loss is a harmless 0. The rollout is where the damage shows first."""
+        if isinstance(engine, TracetuneRollout):
+            finite = all(g.finite for g in engine.last_generations)
+        else:
+            finite = all(np.isfinite(np.asarray(lp, np.float32)).all() for lp in rollout.logprobs)
+        if finite:
+            return
+        trainer = self.rl_cluster.actor_trainer
+        done = trainer.train_steps  # this rollout sampled from the weights after `done` updates
+        manager = trainer.checkpoint_manager._checkpoint_manager
+        saved = sorted(manager.all_steps()) if manager is not None else []
+        good = [s for s in saved if s < done] if done else saved
+        bad = [s for s in saved if s >= done] if done else []
+        raise TrainingError(
+            f"the policy's log-probabilities are not finite in step {done + 1}'s rollout: the weights after update {done} "
+            "diverged, so the run stopped before training or saving further. "
+            f"Last good checkpoint: {'step ' + str(good[-1]) if good else 'none'}"
+            + (f" (checkpoint {', '.join(map(str, bad))} holds the diverged weights)" if bad else "")
+            + ". Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
+        )
+
     def _compute_rewards(self, prompts, completions, mode, step=None, **kwargs):
         rollout = self.rl_cluster.last_rollout
         engine = self.rl_cluster.rollout
+        self._check_finite(rollout, engine)
         budget = self.rl_cluster.get_rollout_config(mode).max_tokens_to_generate
         if isinstance(engine, TracetuneRollout):
             texts = [g.token_texts for g in engine.last_generations]
@@ -337,7 +365,7 @@ class GRPORun:
             raise TrainingError(
                 f"loss is {loss} at step {step}; the update was skipped and the run stopped. "
                 f"Last good checkpoint: step {self.cluster.actor_trainer.checkpoint_manager.latest_step()}. "
-                "Lower grpo.learning_rate, then re-run to resume."
+                "Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
             )
         record = {
             "step": step,

@@ -300,7 +300,7 @@ class Trainer(peft_trainer.PeftTrainer):
             raise TrainingError(
                 f"loss is {loss} at step {self.train_steps + 1}; stopped without saving it. "
                 f"Last good checkpoint: {'step ' + str(last) if last is not None else 'none'}. "
-                "Lower sft.learning_rate or check the data, then re-run to resume from it."
+                "Lower sft.learning_rate or fix the data and start a new run directory (this one keeps its checkpoints)."
             )
 
     @property
