@@ -19,22 +19,17 @@ import time
 from pathlib import Path
 
 
-def score(model, tokenizer, examples, max_new_tokens: int) -> dict:
-    from tracetune.format import build_prompt
-    from tracetune.generate import Generator, SamplingConfig
-    from tracetune.scoring import aggregate, score_sample
+def score(loaded, examples, config, out_dir: Path) -> dict:
+    """The fixed harness (tracetune eval), resumable in ``out_dir``."""
+    from tracetune.evaluate import evaluate
 
-    generator = Generator(model, tokenizer, max_batch=32)
-    start = time.perf_counter()
-    outputs = generator.generate([build_prompt(e.question) for e in examples], SamplingConfig(max_new_tokens=max_new_tokens))
-    scores = [score_sample(e.question, e.reference, o.text, id=e.id) for e, o in zip(examples, outputs)]
-    metrics = aggregate(scores)
+    result = evaluate(loaded, examples, out_dir, config)
     return {
-        "format_rate": metrics["format_rate"].mean,
-        "accuracy": metrics["accuracy"].mean,
-        "lenient_accuracy": metrics["lenient_accuracy"].mean,
-        "seconds": time.perf_counter() - start,
-        "example": outputs[0].text,
+        "format_rate": result.metrics["format_rate"].mean,
+        "accuracy": result.metrics["accuracy"].mean,
+        "lenient_accuracy": result.metrics["lenient_accuracy"].mean,
+        "seconds": result.seconds,
+        "example": result.records[0]["completion"],
     }
 
 
@@ -46,20 +41,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from tracetune.config import load_config
-    from tracetune.data import load_examples
+    from tracetune.evaluate import problems
     from tracetune.models.registry import load_model
     from tracetune.sft import train_sft
 
-    config = load_config("cpu-demo", args.set)
-    budget = config.sft.eval_max_new_tokens
-    examples = load_examples("gsm8k", "test", limit=args.problems).examples
+    config = load_config("cpu-demo", [*args.set, f"eval.limit={args.problems}"])
+    examples = problems(config)
     base = load_model(config.sft.model, dtype=config.sft.dtype)
-    before = score(base.model, base.tokenizer, examples, budget)
+    before = score(base, examples, config, args.run_dir / "eval" / "zero-shot")
     start = time.perf_counter()
     run = train_sft(config, args.run_dir, loaded=base)
     sft_seconds = time.perf_counter() - start
     tuned = load_model(str(run.merged_dir), dtype=config.sft.dtype)
-    after = score(tuned.model, tuned.tokenizer, examples, budget)
+    after = score(tuned, examples, config, args.run_dir / "eval" / "sft")
     report = {
         "problems": len(examples),
         "before": before,

@@ -95,20 +95,14 @@ def sft_run(tmp_path_factory):
 
 
 def held_out_scores(model_dir: Path, count: int = 128) -> dict[str, float]:
-    """The foundation's harness on the clean addition test split: greedy, the tiny
-    preset's evaluation budget (sft.eval_max_new_tokens)."""
-    from tracetune.data import load_examples
-    from tracetune.format import build_prompt
-    from tracetune.generate import Generator, SamplingConfig
+    """The fixed harness on the clean addition test split at the tiny preset's
+    evaluation budget."""
+    from tracetune.evaluate import evaluate, problems
     from tracetune.models.registry import load_model
-    from tracetune.scoring import aggregate, score_sample
 
-    loaded = load_model(str(model_dir))
-    examples = load_examples("addition", "test", limit=count).examples
-    outputs = Generator(loaded.model, loaded.tokenizer, max_batch=64).generate(
-        [build_prompt(e.question) for e in examples], SamplingConfig(max_new_tokens=96))
-    metrics = aggregate([score_sample(e.question, e.reference, o.text, id=e.id) for e, o in zip(examples, outputs)])
-    return {"accuracy": metrics["accuracy"].mean, "format_rate": metrics["format_rate"].mean}
+    config = load_config("tiny", ["data.source=addition", f"eval.limit={count}"])
+    result = evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / "eval", config)
+    return {"accuracy": result.metrics["accuracy"].mean, "format_rate": result.metrics["format_rate"].mean}
 
 
 @pytest.mark.slow

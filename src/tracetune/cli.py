@@ -285,6 +285,78 @@ def generate(
     console.print(f"wrote {len(results)} completions to {output}")
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "model"
+
+
+def _failure_table(rows, total: int) -> Table:
+    table = Table(title=f"Failures ({sum(r.count for r in rows)} of {total} samples)")
+    for column, justify in (("Category", "left"), ("Count", "right"), ("Share", "right"), ("Example", "left")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row.label, str(row.count), f"{row.share:.0%}", f"{row.example_id}: {row.example_evidence}")
+    return table
+
+
+def _judge(cfg: Config, result) -> None:
+    """Rate the evaluation's samples with the configured LLM judge and print the summary."""
+    from tracetune.evaluate import judge_directory, judge_settings
+    from tracetune.judge import JudgeConfig
+
+    judge = judge_settings(cfg) or JudgeConfig.from_env()  # from_env names what is missing
+    with _progress() as progress:
+        task = progress.add_task(f"judging with {judge.model}", total=min(judge.samples, len(result.records)))
+        summary = judge_directory(result.out_dir, judge, progress=lambda n: progress.advance(task, n))
+    if summary["scored"]:
+        console.print(f"judge {judge.model}: mean {summary['mean']:.2f} [{summary['low']:.2f}, {summary['high']:.2f}] "
+                      f"on {summary['scored']} samples ({summary['unscored']} unscored); "
+                      f"histogram 1-5: {' '.join(str(summary['histogram'][str(k)]) for k in range(1, 6))}")
+    else:
+        console.print(f"judge {judge.model}: no sample could be scored ({summary['unscored']} unscored; see judge.json)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Model to evaluate: a name (gemma3-270m, gemma3-1b-it, tiny, ...) or a checkpoint path.")] = "gemma3-270m",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A finished SFT or GRPO run directory: evaluates its merged export instead of --model.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of data.source to score. Default: the preset's eval.split (test).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score the first N problems (0 = all). Default: the preset's eval.limit.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Evaluation directory (eval.json, samples.jsonl, metrics.json, metrics.md). Default: runs/eval/<model>-<split>.")] = None,
+    judge: Annotated[bool, typer.Option("--judge/--no-judge", help="Also rate reasoning 1-5 with an LLM judge (an OpenAI-compatible endpoint; see --judge-url).")] = False,
+    judge_url: Annotated[Optional[str], typer.Option(help="Judge base URL, e.g. http://127.0.0.1:8000/v1. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL or $OPENAI_BASE_URL.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
+    judge_samples: Annotated[Optional[int], typer.Option(help="How many scored samples the judge rates (seeded choice). Default: eval.judge_samples (50).")] = None,
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """The fixed harness: greedy completions of the same problems with the same prompt
+    and token budget for every model variant, scored with 95% confidence intervals.
+
+    Writes per-sample records (with a failure category and its evidence for every
+    wrong answer) and the metrics; re-running skips the samples already scored.
+    """
+    from tracetune.evaluate import evaluate, problems
+    from tracetune.models.registry import load_model
+
+    cfg = _config(preset, set_, **{"eval.split": split, "eval.limit": limit, "eval.judge_base_url": judge_url,
+                                   "eval.judge_model": judge_model, "eval.judge_samples": judge_samples})
+    source = str(checkpoint) if checkpoint is not None else model
+    directory = out or Path("runs") / "eval" / f"{_slug(Path(source).name if checkpoint else source)}-{cfg.eval.split}"
+    examples = problems(cfg)
+    with err_console.status(f"loading {source}"):
+        loaded = load_model(source, dtype=cfg.eval.dtype)
+    with _progress() as progress:
+        task = progress.add_task(f"evaluating {directory.name}", total=len(examples))
+        result = evaluate(loaded, examples, directory, cfg, progress=lambda n: progress.advance(task, n))
+    console.print(_metrics_table(f"{source} on {cfg.data.source} {cfg.eval.split} ({len(result.records)} problems, greedy, "
+                                 f"{cfg.eval.max_new_tokens} tokens)", result.metrics))
+    if result.failure_rows:
+        console.print(_failure_table(result.failure_rows, len(result.records)))
+    if judge:
+        _judge(cfg, result)
+    console.print(f"wrote {directory}/samples.jsonl, metrics.json, metrics.md")
+
+
 @app.command()
 def sft(
     preset: PresetOpt = "cpu-demo",
@@ -338,6 +410,64 @@ def grpo(
         table.add_row(key, f"{value:.3f}", f"{summary['last_quarter'].get(key, float('nan')):.3f}")
     console.print(table)
     console.print(f"merged weights: {result.merged_dir}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model to serve: a name (gemma3-270m, tiny, ...), a checkpoint path, or a finished run directory.")] = "gemma3-270m",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name reported by the API. Default: --model.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Greedy requests with the same settings are decoded together, up to this many.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Default completion budget when a request gives none.")] = 256,
+    dtype: Annotated[str, typer.Option(help="Parameter dtype: float32 or bfloat16.")] = "float32",
+) -> None:
+    """An OpenAI-compatible HTTP endpoint (/v1/models, /v1/chat/completions,
+    /v1/completions) around a tracetune model: a local judge for `tracetune eval
+    --judge`, or a backend for any OpenAI client."""
+    from tracetune.models.registry import load_model
+    from tracetune.serve import serve as run_server
+
+    with err_console.status(f"loading {model}"):
+        loaded = load_model(model, dtype=dtype)
+    err_console.print(f"serving {name or model} on http://{host}:{port}/v1")
+    run_server(loaded, host=host, port=port, model_name=name or model, max_batch=max_batch, default_max_tokens=max_tokens)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories: a `tracetune run` directory, evaluation directories (eval.json) and/or SFT/GRPO run directories. Several are compared side by side (e.g. an ablation).")],
+    out: Annotated[Optional[Path], typer.Option(help="Directory for report.md and its PNG plots. Default: <first run>/report.")] = None,
+    title: Annotated[str, typer.Option(help="The report's title.")] = "tracetune results",
+) -> None:
+    """A Markdown report: the results table (every variant side by side, with 95%
+    intervals), failure categories, judge scores, training curves and sample outputs."""
+    from tracetune.report import write_report
+
+    path = write_report(runs, out or runs[0] / "report", title=title)
+    console.print(f"wrote {path} (and its plots beside it)")
+
+
+@app.command()
+def run(
+    preset: PresetOpt = "cpu-demo",
+    overrides: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Directory for every stage's output. Default: runs/<preset>.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(help="GRPO reward weights 'correctness,trace,confidence' (e.g. 0.6,0,0.15 for the no-trace ablation). Default: the preset's.")] = None,
+    judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for the LLM judge. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL; none: the judge stage is skipped.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
+) -> None:
+    """The main job: prepare data, evaluate zero-shot, SFT, evaluate, GRPO, evaluate,
+    judge, report. Re-running continues where it stopped (finished stages are
+    skipped, the interrupted one resumes from its checkpoint)."""
+    from tracetune.pipeline import Pipeline
+
+    fields: dict[str, object] = {"eval.judge_base_url": judge_url, "eval.judge_model": judge_model}
+    if reward_weights is not None:
+        fields.update({f"rewards.{k}": v for k, v in RewardWeights.parse(reward_weights).as_dict().items()})
+    cfg = _config(preset, overrides, **fields)
+    path = Pipeline(cfg, run_dir or Path("runs") / cfg.preset, err_console).run()
+    console.print(f"report: {path}")
 
 
 def main() -> None:

@@ -228,6 +228,40 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """The fixed evaluation harness: every variant (zero-shot, SFT, GRPO, ablations)
+    gets the same problems, prompt (``data.prompt_style``), greedy decoding and
+    token budget, so their numbers can sit side by side.
+
+    split / limit: problems of ``data.source`` to score (limit 0 = the whole split).
+    max_new_tokens: the token budget per completion.
+    batch_size: prompts decoded together; samples are saved after each batch, so a
+      killed evaluation resumes at the batch it was in.
+    judge_*: the LLM judge (any OpenAI-compatible chat endpoint). An empty
+      ``judge_base_url`` falls back to TRACETUNE_JUDGE_BASE_URL / OPENAI_BASE_URL;
+      with none set, ``tracetune run`` skips the judge and the report says so.
+    """
+
+    split: str = "test"
+    limit: int = 0
+    max_new_tokens: int = 400
+    batch_size: int = 32
+    dtype: str = "float32"
+    judge_samples: int = 50
+    judge_concurrency: int = 4
+    judge_base_url: str = ""
+    judge_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.limit < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("eval.limit must be >= 0, eval.max_new_tokens and eval.batch_size >= 1")
+        if self.judge_samples < 0 or self.judge_concurrency < 1:
+            raise ConfigError("eval.judge_samples must be >= 0 and eval.judge_concurrency >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"eval.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run's configuration: what a preset resolves to."""
 
@@ -236,6 +270,7 @@ class Config:
     rewards: RewardWeights = field(default_factory=RewardWeights)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,16 +39,16 @@ from tunix.sft import peft_trainer
 from tunix.sft import utils as tunix_utils
 
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
-from tracetune.data import Trace, curate, load_examples
+from tracetune.data import Example, Trace, curate, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
-from tracetune.generate import Generator, SamplingConfig
+from tracetune.evaluate import generate_and_score
+from tracetune.generate import Generator
 from tracetune.models.hf import save_checkpoint
 from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
-from tracetune.scoring import score_sample
 
 
 # ------------------------------------------------------------------------- LoRA
@@ -412,9 +412,10 @@ class SFTRun:
             return {}
         plain = self.loaded.model if lora_model is None else merged_model(lora_model, self.loaded, sft.lora)
         generator = Generator(plain, self.loaded.tokenizer, max_batch=min(32, len(held_out)))
-        sampling = SamplingConfig(max_new_tokens=sft.eval_max_new_tokens)
-        outputs = generator.generate([t.prompt for t in held_out], sampling)
-        scores = [score_sample(t.question, t.reference, o.text, id=t.id) for t, o in zip(held_out, outputs)]
+        scored = generate_and_score(generator, [Example(t.id, t.question, t.reference) for t in held_out],
+                                    max_new_tokens=sft.eval_max_new_tokens, prompt_style=self.config.data.prompt_style,
+                                    weights=self.config.rewards)
+        scores, outputs = [s for s, _ in scored], [o for _, o in scored]
         result = {
             "step": step,
             "eval/format_rate": sum(s.well_formed for s in scores) / len(scores),

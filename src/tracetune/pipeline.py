@@ -1,0 +1,211 @@
+"""``tracetune run``: the whole recipe as one resumable job.
+
+    data -> zero-shot eval -> SFT -> eval -> GRPO -> eval -> judge -> report
+
+Everything lives in one run directory (``runs/<preset>`` by default)::
+
+    config.yaml      the resolved config: every stage reads this file
+    pipeline.json    each stage's status and wall time
+    data/            the curated SFT traces (train.jsonl, validation.jsonl)
+    sft/  grpo/      the training runs (checkpoints, metrics, export)
+    eval/<variant>/  the harness's output per variant (zero-shot, sft, grpo)
+    report/          report.md and its plots
+
+The training and evaluation stages run as ``tracetune`` sub-processes on the saved
+config, so each stage's memory is returned to the system before the next (the
+270M's SFT and GRPO peaks do not add up), and each stage is exactly the command a
+user could run by hand. Re-running skips finished stages; an interrupted stage
+resumes from its own checkpoint or saved samples. SIGTERM / Ctrl-C reach the
+running stage, which saves before it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tracetune.config import Config
+from tracetune.errors import Interrupted, TrainingError
+from tracetune.files import atomic_path
+from tracetune.runs import claim_directory
+
+SECTIONS = ("data", "rewards", "sft", "grpo", "eval")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+
+
+STAGES = (
+    Stage("data", "curate and check the SFT traces"),
+    Stage("eval-zero-shot", "evaluate the base model (zero-shot)"),
+    Stage("sft", "SFT with LoRA"),
+    Stage("eval-sft", "evaluate SFT"),
+    Stage("grpo", "GRPO from the SFT policy"),
+    Stage("eval-grpo", "evaluate SFT + GRPO"),
+    Stage("judge", "LLM judge on every variant"),
+    Stage("report", "write the report"),
+)
+
+
+class StageInterrupted(Interrupted):
+    def __init__(self, signum: int, stage: str):
+        self.signum = signum
+        RuntimeError.__init__(self, f"stopped by {signal.Signals(signum).name} during stage {stage} (it saved what it had); "
+                                    "re-run `tracetune run` with the same options to continue")
+
+
+class Pipeline:
+    def __init__(self, config: Config, run_dir: Path, console: Console | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.console = console or Console(stderr=True)
+        self.state_path = self.run_dir / "pipeline.json"
+        self.state: dict[str, dict] = {}
+        self.started = time.perf_counter()
+
+    # -- state
+    def _load_state(self) -> None:
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def _mark(self, stage: str, status: str, seconds: float, note: str = "") -> None:
+        self.state[stage] = {"status": status, "seconds": round(seconds, 1), "note": note,
+                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with atomic_path(self.state_path) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+
+    def overview(self) -> Table:
+        table = Table(title=f"tracetune run {self.run_dir} ({self.config.preset})")
+        for column in ("#", "stage", "status", "time"):
+            table.add_column(column)
+        for index, stage in enumerate(STAGES, start=1):
+            info = self.state.get(stage.name, {})
+            status = info.get("status", "to do")
+            style = {"done": "green", "skipped": "yellow", "running": "cyan"}.get(status, "")
+            seconds = info.get("seconds")
+            table.add_row(str(index), stage.title, f"[{style}]{status}[/{style}]" if style else status,
+                          f"{seconds / 60:.1f} min" if seconds is not None else "",)
+        return table
+
+    # -- the stages
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    def _tracetune(self, *args: str) -> None:
+        """One stage as ``python -m tracetune.cli ARGS``; its output streams through.
+        SIGTERM / SIGINT are forwarded so the stage can save before stopping."""
+        command = [sys.executable, "-m", "tracetune.cli", *args]
+        process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        received: list[int] = []
+
+        def forward(signum, _frame):
+            received.append(signum)
+            if process.poll() is None:
+                process.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = process.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT) or received:
+            raise StageInterrupted(received[0] if received else (abs(code) % 128 or signal.SIGTERM), args[0])
+        if code != 0:
+            raise TrainingError(f"stage `tracetune {' '.join(args)}` failed with exit code {code} (its error is above); "
+                                "fix it and re-run `tracetune run` to continue from this stage")
+
+    def stage_data(self) -> str:
+        from tracetune import data as data_mod
+        from tracetune import scoring
+
+        cfg = self.config.data
+        loaded = data_mod.load_examples(cfg.source, "train", question_field=cfg.question_field,
+                                        answer_field=cfg.answer_field, skip_invalid=cfg.skip_invalid)
+        curated = data_mod.curate(loaded.examples, val_fraction=cfg.val_fraction, seed=cfg.seed, prompt_style=cfg.prompt_style)
+        curated.write(self.run_dir / "data")
+        # The harness's sanity check: the curated targets must score perfectly.
+        traces = curated.train + curated.validation
+        scores = [scoring.score_sample(t.question, t.reference, t.completion, id=t.id) for t in traces]
+        problems = scoring.validation_problems(scoring.aggregate(scores))
+        if problems:
+            raise TrainingError(f"curated traces of {cfg.source} fail the harness's check: {'; '.join(problems)} (see `tracetune validate`)")
+        return f"{len(curated.train)} train + {len(curated.validation)} validation traces, targets score 100%"
+
+    def _eval(self, variant: str, model_args: list[str]) -> str:
+        out = self.run_dir / "eval" / variant
+        self._tracetune("eval", *model_args, "--out", str(out), "--preset", str(self.config_path))
+        metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+        return (f"accuracy {metrics['accuracy']['mean']:.1%}, format rate {metrics['format_rate']['mean']:.1%}, "
+                f"trace {metrics['trace']['mean']:.3f} on {metrics['accuracy']['n']} problems")
+
+    def stage_eval_zero_shot(self) -> str:
+        return self._eval("zero-shot", ["--model", self.config.sft.model])
+
+    def stage_sft(self) -> str:
+        self._tracetune("sft", "--preset", str(self.config_path), "--run-dir", str(self.run_dir / "sft"))
+        return "merged weights in sft/export/merged"
+
+    def stage_eval_sft(self) -> str:
+        return self._eval("sft", ["--checkpoint", str(self.run_dir / "sft")])
+
+    def stage_grpo(self) -> str:
+        self._tracetune("grpo", "--preset", str(self.config_path), "--run-dir", str(self.run_dir / "grpo"),
+                        "--init", str(self.run_dir / "sft" / "export" / "merged"))
+        return "merged weights in grpo/export/merged"
+
+    def stage_eval_grpo(self) -> str:
+        return self._eval("grpo", ["--checkpoint", str(self.run_dir / "grpo")])
+
+    def stage_judge(self) -> str | None:
+        from tracetune.evaluate import judge_directory, judge_settings
+
+        judge = judge_settings(self.config)
+        if judge is None:
+            return None
+        notes = []
+        for variant in ("zero-shot", "sft", "grpo"):
+            summary = judge_directory(self.run_dir / "eval" / variant, judge)
+            notes.append(f"{variant} {summary['mean']:.2f}" if summary["scored"] else f"{variant} unscored")
+        return ", ".join(notes)
+
+    def stage_report(self) -> str:
+        from tracetune.report import write_report
+
+        path = write_report([self.run_dir], self.run_dir / "report", title=f"tracetune: {self.config.preset} on {self.config.sft.model}")
+        return str(path)
+
+    # -- the run
+    def run(self, on_stage: Callable[[Stage], None] | None = None) -> Path:
+        claim_directory(self.run_dir, self.config, SECTIONS)
+        self._load_state()
+        self.console.print(self.overview())
+        for index, stage in enumerate(STAGES, start=1):
+            if self.state.get(stage.name, {}).get("status") in ("done", "skipped"):
+                continue
+            elapsed = (time.perf_counter() - self.started) / 60
+            self.console.rule(f"[bold]stage {index}/{len(STAGES)}: {stage.title}[/bold]  (pipeline {elapsed:.1f} min)")
+            if on_stage:
+                on_stage(stage)
+            start = time.perf_counter()
+            note = getattr(self, "stage_" + stage.name.replace("-", "_"))()
+            status = "skipped" if note is None else "done"
+            if note is None:
+                note = "no judge endpoint configured (eval.judge_base_url or TRACETUNE_JUDGE_BASE_URL)"
+            self._mark(stage.name, status, time.perf_counter() - start, note)
+            self.console.print(f"[green]{stage.name}[/green]: {note}" if status == "done" else f"[yellow]{stage.name} skipped[/yellow]: {note}")
+        self.console.print(self.overview())
+        return self.run_dir / "report" / "report.md"

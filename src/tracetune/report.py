@@ -1,0 +1,339 @@
+"""``tracetune report``: the results section, written from run directories.
+
+Every evaluation directory found under the given paths (``eval.json``) is one
+variant (zero-shot, SFT-only, SFT+GRPO, an ablation, ...), and every training
+run (an SFT or GRPO ``metrics.jsonl``) gives curves. The report is Markdown with
+PNG plots beside it:
+
+    report.md        results table (the recipe's columns, 95% CIs), failure table,
+                     judge scores, training summary, sample outputs
+    variants.png     the main metrics per variant with their intervals
+    sft_loss.png     SFT training loss (and held-out format rate) over updates
+    grpo_rewards.png GRPO reward components over updates (one panel per run)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracetune.evaluate import EvalResult, load_result
+from tracetune.failures import CATEGORIES, CATEGORY_LABELS
+from tracetune.files import atomic_path
+from tracetune.scoring import METRIC_LABELS, PROPORTIONS, Estimate
+
+# The results table's columns, in the recipe's order.
+COLUMNS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "composite")
+# Known variants first, in pipeline order; anything else after, by name.
+VARIANT_ORDER = ("zero-shot", "sft", "grpo")
+VARIANT_LABELS = {"zero-shot": "Zero-shot", "sft": "SFT only", "grpo": "SFT + GRPO"}
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    result: EvalResult
+    judge: dict[str, Any] | None = None  # judge.json's summary, when the judge ran
+
+
+@dataclass
+class TrainingRun:
+    name: str
+    kind: str  # "sft" or "grpo"
+    path: Path
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: the rest still reports
+            continue
+    return out
+
+
+def _name(path: Path, root: Path, prefix: str) -> str:
+    relative = path.relative_to(root).parts
+    tail = relative[-1] if relative else root.name
+    return f"{prefix}{tail}"
+
+
+def collect(paths: Sequence[Path]) -> tuple[list[Variant], list[TrainingRun]]:
+    """Variants and training runs under ``paths``. With several paths, names get
+    the path's directory name as a prefix so ablation runs stay apart."""
+    variants: list[Variant] = []
+    runs: list[TrainingRun] = []
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(2, "no such run directory", str(root))
+        prefix = f"{root.name}/" if len(paths) > 1 else ""
+        for settings in sorted(root.glob("**/eval.json")):
+            directory = settings.parent
+            result = load_result(directory)
+            if not result.records:
+                continue
+            name = _name(directory, root, prefix)
+            base = directory.name
+            label = VARIANT_LABELS.get(base, base)
+            judge_path = directory / "judge.json"
+            judge = json.loads(judge_path.read_text()) if judge_path.exists() else None
+            variants.append(Variant(name, f"{prefix}{label}", result, judge))
+        for metrics in sorted(root.glob("**/metrics.jsonl")):
+            directory = metrics.parent
+            if (directory / "eval.json").exists():
+                continue
+            records = _read_jsonl(metrics)
+            kind = "grpo" if any("reward/composite" in r for r in records) else "sft" if any("loss" in r for r in records) else ""
+            if not kind:
+                continue
+            summary_path = directory / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            runs.append(TrainingRun(_name(directory, root, prefix), kind, directory, records, summary))
+
+    def order(v: Variant) -> tuple:
+        base = v.result.out_dir.name
+        return (v.name.split("/")[0] if "/" in v.name else "", VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER), base)
+
+    return sorted(variants, key=order), runs
+
+
+# ----------------------------------------------------------------- formatting
+
+
+def fmt(estimate: Estimate | None, metric: str) -> str:
+    """``"41.2% [28.1, 55.4]"`` for proportions, ``"0.812 [0.78, 0.84]"`` otherwise."""
+    if estimate is None or estimate.n == 0 or math.isnan(estimate.mean):
+        return "n/a"
+    if metric in PROPORTIONS:
+        return f"{100 * estimate.mean:.1f}% [{100 * estimate.low:.1f}, {100 * estimate.high:.1f}]"
+    return f"{estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
+
+
+def judge_cell(judge: dict[str, Any] | None) -> str:
+    if not judge:
+        return "n/a"
+    if not judge.get("scored"):
+        return f"unscored ({judge.get('unscored', 0)})"
+    return f"{judge['mean']:.2f} [{judge['low']:.2f}, {judge['high']:.2f}] (n={judge['scored']})"
+
+
+def results_table(variants: Sequence[Variant]) -> str:
+    head = ["Variant", "n", *(METRIC_LABELS[c] for c in COLUMNS), "Judge (1-5)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    for v in variants:
+        cells = [v.label, str(len(v.result.records)), *(fmt(v.result.metrics.get(c), c) for c in COLUMNS), judge_cell(v.judge)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def failure_table(variants: Sequence[Variant]) -> str:
+    """Counts (share of that variant's samples) per category, and one example each
+    from the last variant that has one (the most trained, in pipeline order)."""
+    lines = ["| Category | " + " | ".join(v.label for v in variants) + " | Example |",
+             "|---|" + "---:|" * len(variants) + "---|"]
+    for category in CATEGORIES:
+        counts, example = [], ""
+        for v in variants:
+            found = [r for r in v.result.records if (r.get("failure") or {}).get("category") == category]
+            total = len(v.result.records)
+            counts.append(f"{len(found)} ({len(found) / total:.0%})" if total else "0")
+            if found:
+                evidence = found[0]["failure"]["evidence"].replace("|", "\\|").replace("\n", " ")
+                example = f"{v.label}, {found[0]['id']}: {evidence[:200]}"
+        if any(not c.startswith("0 ") and c != "0" for c in counts):
+            lines.append(f"| {CATEGORY_LABELS[category]} | " + " | ".join(counts) + f" | {example} |")
+    if len(lines) == 2:
+        return "No wrong answers.\n"
+    return "\n".join(lines) + "\n"
+
+
+def judge_section(variants: Sequence[Variant]) -> str:
+    judged = [v for v in variants if v.judge]
+    if not judged:
+        return ("The LLM judge did not run: no endpoint was configured (`--judge-url` or "
+                "`TRACETUNE_JUDGE_BASE_URL`; `tracetune serve` can provide one).\n")
+    lines = ["| Variant | Judge model | Mean [95% CI] | Scored | Unscored | 1 | 2 | 3 | 4 | 5 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in judged:
+        j = v.judge
+        hist = j.get("histogram", {})
+        mean = f"{j['mean']:.2f} [{j['low']:.2f}, {j['high']:.2f}]" if j.get("scored") else "n/a"
+        lines.append(f"| {v.label} | {j.get('judge_model', '?')} | {mean} | {j.get('scored', 0)} | {j.get('unscored', 0)} | "
+                     + " | ".join(str(hist.get(str(k), hist.get(k, 0))) for k in range(1, 6)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def training_section(runs: Sequence[TrainingRun]) -> str:
+    lines = []
+    for run in runs:
+        if run.kind == "sft":
+            losses = [r["loss"] for r in run.records if r.get("loss") is not None]
+            evals = [r for r in run.records if "eval/format_rate" in r]
+            text = f"- **{run.name}** (SFT): {len(losses)} updates"
+            if losses:
+                text += f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            if evals:
+                text += f", held-out format rate {evals[0]['eval/format_rate']:.0%} -> {evals[-1]['eval/format_rate']:.0%}"
+            if run.summary.get("seconds"):
+                text += f", {run.summary['seconds'] / 60:.1f} min"
+            lines.append(text)
+        else:
+            first, last = run.summary.get("first_quarter", {}), run.summary.get("last_quarter", {})
+            text = f"- **{run.name}** (GRPO): {len(run.records)} updates"
+            weights = run.summary.get("reward_weights") or (run.records[0].get("reward_weights") if run.records else None)
+            if weights:
+                text += f", weights {weights['correctness']:g} / {weights['trace']:g} / {weights['confidence']:g}"
+            if first and last:
+                parts = ", ".join(f"{k.split('/')[-1]} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k.startswith("reward/") and k in last)
+                text += f"; first -> last quarter: {parts}"
+            if run.summary.get("seconds"):
+                text += f"; {run.summary['seconds'] / 60:.1f} min"
+            lines.append(text)
+    return "\n".join(lines) + "\n" if lines else "No training runs found.\n"
+
+
+def samples_section(variants: Sequence[Variant], count: int = 3, width: int = 700) -> str:
+    """The same problems under every variant, so the difference is visible."""
+    if not variants:
+        return ""
+    ids = [r["id"] for r in variants[-1].result.records[:count]]
+    out = []
+    for sample_id in ids:
+        first = next(r for r in variants[-1].result.records if r["id"] == sample_id)
+        out.append(f"### {sample_id}\n\n**Question.** {first['question']}\n\n**Reference answer:** {first['reference']}\n")
+        for v in variants:
+            record = next((r for r in v.result.records if r["id"] == sample_id), None)
+            if record is None:
+                continue
+            verdict = "correct" if record["correct"] else "wrong"
+            failure = f", {CATEGORY_LABELS[record['failure']['category']]}" if record.get("failure") else ""
+            text = record["completion"] if len(record["completion"]) <= width else record["completion"][:width] + " [...]"
+            fence = "````" if "```" in text else "```"
+            out.append(f"**{v.label}** ({verdict}{failure}, trace {record['trace']:.2f}):\n\n{fence}\n{text}\n{fence}\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_variants(variants: Sequence[Variant], path: Path) -> Path:
+    plt = _pyplot()
+    metrics = [m for m in ("accuracy", "format_rate", "trace", "composite") if any(v.result.metrics[m].n for v in variants)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics) * max(1, len(variants)) / 2), 4))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(metrics))]
+        est = [v.result.metrics[m] for m in metrics]
+        means = [0 if math.isnan(e.mean) else e.mean for e in est]
+        errors = [[0 if math.isnan(e.mean) else e.mean - e.low for e in est], [0 if math.isnan(e.mean) else e.high - e.mean for e in est]]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=v.label)
+    ax.set_xticks(range(len(metrics)), [METRIC_LABELS[m] for m in metrics])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (95% CI)")
+    ax.set_title("Metrics per variant")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sft(runs: Sequence[TrainingRun], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    twin = None
+    for run in runs:
+        points = [(r["step"], r["loss"]) for r in run.records if r.get("loss") is not None and "step" in r]
+        if points:
+            ax.plot(*zip(*points), label=f"{run.name} loss")
+        evals = [(r["step"], r["eval/format_rate"]) for r in run.records if "eval/format_rate" in r]
+        if evals:
+            twin = twin or ax.twinx()
+            twin.plot(*zip(*evals), "o--", label=f"{run.name} held-out format rate")
+            twin.set_ylim(0, 1.05)
+            twin.set_ylabel("format rate")
+    ax.set_xlabel("update")
+    ax.set_ylabel("completion-token loss")
+    ax.set_title("SFT")
+    handles = ax.get_legend_handles_labels()
+    if twin is not None:
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_grpo(runs: Sequence[TrainingRun], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence"):
+            points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=key.split("/")[1])
+        ax.set_xlabel("update")
+        ax.set_ylabel("mean reward")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"GRPO rewards: {run.name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------- report
+
+
+def write_report(paths: Sequence[Path], out_dir: Path, *, title: str = "tracetune results") -> Path:
+    """Write ``out_dir/report.md`` and its plots; returns the report's path."""
+    variants, runs = collect(paths)
+    if not variants and not runs:
+        raise FileNotFoundError(2, "no evaluations (eval.json) or training runs (metrics.jsonl) under", ", ".join(map(str, paths)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = [f"# {title}\n"]
+    if variants:
+        first = variants[0].result.settings
+        sections.append(f"Every variant is scored by the same harness: {first['source']} {first['split']} "
+                        f"({len(variants[0].result.records)} problems), greedy decoding, {first['max_new_tokens']} new tokens, "
+                        f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means).\n")
+        sections.append("## Results\n\n" + results_table(variants))
+        plot_variants(variants, out_dir / "variants.png")
+        sections.append("![Metrics per variant](variants.png)\n")
+        sections.append("## Failure analysis\n\nEvery wrong or malformed answer gets one category with its evidence.\n\n" + failure_table(variants))
+        sections.append("## LLM judge\n\n" + judge_section(variants))
+    sections.append("## Training\n\n" + training_section(runs))
+    sft_runs = [r for r in runs if r.kind == "sft"]
+    grpo_runs = [r for r in runs if r.kind == "grpo"]
+    if sft_runs:
+        plot_sft(sft_runs, out_dir / "sft_loss.png")
+        sections.append("![SFT loss](sft_loss.png)\n")
+    if grpo_runs:
+        plot_grpo(grpo_runs, out_dir / "grpo_rewards.png")
+        sections.append("![GRPO rewards](grpo_rewards.png)\n")
+    if variants:
+        sections.append("## Sample outputs\n\n" + samples_section(variants))
+    report = out_dir / "report.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text("\n".join(sections), encoding="utf-8")
+    return report

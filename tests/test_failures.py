@@ -1,0 +1,379 @@
+from __future__ import annotations
+
+import doctest
+import time
+
+import pytest
+
+from tracetune import failures
+from tracetune.data import load_examples
+from tracetune.failures import (
+    CATEGORIES,
+    CATEGORY_LABELS,
+    Failure,
+    FailureRow,
+    arithmetic_claims,
+    categorize,
+    calculate,
+    failure_markdown,
+    failure_table,
+    is_failure,
+)
+from tracetune.format import format_completion
+
+from conftest import wrap
+
+
+def trace(steps: list[str], answer: str) -> str:
+    """A well-formed completion: the steps, the recipe's conclusion, the answer."""
+    return format_completion(steps, f"Therefore, the answer is {answer}.", answer)
+
+
+NATALIA_Q = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+NATALIA_SOLUTION = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May."
+)
+# Five lines, each a result; the answer is 70000 (GSM8K test-3, with one line added).
+HOUSE_SOLUTION = (
+    "The cost of the house and repairs came out to 80,000+50,000=$<<80000+50000=130000>>130,000\n"
+    "He increased the value of the house by 80,000*1.5=<<80000*1.5=120000>>120,000\n"
+    "So the new value of the house is 120,000+80,000=$<<120000+80000=200000>>200,000\n"
+    "So he made a profit of 200,000-130,000=$<<200000-130000=70000>>70,000\n"
+    "That is 70,000 dollars of profit."
+)
+FOUR_STEP_SOLUTION = "He has 3*4=<<3*4=12>>12 classes.\nEach has 5 rows.\nSo 12*5=<<12*5=60>>60 students.\nHe needs 60+1=<<60+1=61>>61 seats."
+
+# ---------------------------------------------------------------- categorize
+
+# (question, reference, completion, solution, category, evidence), one probe per line.
+CATEGORIZE_CASES = [
+    # looping until the token budget: no closing tags, the step markers counted
+    ("Q?", "60", "<reasoning>" + "".join(f"Step {i}: So he has 60 students.\n" for i in range(1, 32)), "",
+     "format_failure", "no </reasoning>, <answer>, </answer> tags; 31 'Step' markers, text cut off"),
+    # the reasoning is closed but no answer block follows
+    ("Q?", "4", "<reasoning>Step 1: 2 + 2 = 4.\nTherefore, the answer is 4.</reasoning>", "",
+     "format_failure", "no <answer>, </answer> tags"),
+    # right answer, but chatter outside the tags: still not the strict format
+    ("Q?", "4", "Sure! " + trace(["2 + 2 = 4."], "4"), "",
+     "format_failure", "text outside the tags: 'Sure!'"),
+    # strict tags around an answer without a number (a deliberate extension of "not strict")
+    ("Q?", "4", trace(["2 + 2 = 4."], "four"), "",
+     "format_failure", "the <answer> block holds no number: 'four'"),
+    ("Q?", "4", "<reasoning>r</reasoning>\n<answer> </answer>", "", "format_failure", "empty <answer> block"),
+    ("Q?", "4", wrap("4") + "<answer>4</answer>", "", "format_failure", "2 <answer> tags; 2 </answer> tags"),
+    ("Q?", "4", "<reasoning>r</reasoning>\n<answer>4", "", "format_failure", "no </answer> tag; text cut off in <answer>"),
+    ("Q?", "4", "<answer>4</answer><reasoning>r</reasoning>", "", "format_failure", "<answer> comes before <reasoning>"),
+    # the brief's three false claims; the true value is named
+    ("Q?", "40", trace(["He drives 60 / 1.5 = 45 km per hour."], "45"), "",
+     "calculation_error", "`60 / 1.5 = 45` is false (60 / 1.5 = 40)"),
+    ("Q?", "12", trace(["3 x 4 = 13 apples."], "13"), "", "calculation_error", "`3 x 4 = 13` is false (3 x 4 = 12)"),
+    ("Q?", "36", trace(["He buys 12*3=35 eggs."], "35"), "", "calculation_error", "`12*3 = 35` is false (12*3 = 36)"),
+    # a GSM8K calculator annotation that is right does not excuse the visible claim
+    ("Q?", "36", trace(["He has 12*3 = <<12*3=36>>35 eggs."], "35"), "",
+     "calculation_error", "`12*3 = 35` is false (12*3 = 36)"),
+    # the first false claim is reported, with the currency kept
+    ("Q?", "15", trace(["2 + 2 = 4.", "$5 x 3 = $16.", "7 - 1 = 5."], "16"), "",
+     "calculation_error", "`$5 x 3 = $16` is false ($5 x 3 = 15)"),
+    # answer 2.5 = 150 / 60: hours for minutes
+    ("A movie lasts 2.5 hours. How many minutes does it last?", "150", trace(["The movie lasts 2.5 hours."], "2.5"), "",
+     "unit_confusion",
+     "answer 2.5 vs reference 150: off by a factor of 60 (answer = reference / 60; minutes/hours or seconds/minutes?)"),
+    # answer 1.5 = 150 / 100: dollars for cents
+    ("A pen costs $1.50. How many cents does a pen cost?", "150", trace(["The pen costs $1.50."], "1.50"), "",
+     "unit_confusion", "answer 1.5 vs reference 150: off by a factor of 100 (answer = reference / 100; cents/dollars or percent?)"),
+    # answer 9000 = 150 x 60: seconds for minutes
+    ("How many minutes are 2.5 hours?", "150", trace(["2.5 hours is 9000 seconds."], "9000"), "",
+     "unit_confusion",
+     "answer 9000 vs reference 150: off by a factor of 60 (answer = reference x 60; minutes/hours or seconds/minutes?)"),
+    # answer 2.5 = 2500 / 1000: kilograms for grams
+    ("A bag holds 2.5 kg of rice. How many grams of rice is that?", "2500", trace(["The bag holds 2.5 kg."], "2.5"), "",
+     "unit_confusion",
+     "answer 2.5 vs reference 2500: off by a factor of 1000 (answer = reference / 1000; e.g. grams/kilograms or meters/kilometers?)"),
+    # 84 = 7 x 12, but nothing in the problem is measured in months, inches or dozens
+    ("Ann has 7 apples. How many apples does she have?", "7", trace(["She has 84 apples."], "84"), "",
+     "other", "answer 84 vs reference 7; no arithmetic claims to check"),
+    # no factor (2 vs 90), but the conclusion is in hours where minutes were asked
+    ("Ann walks 3 km in 1.5 hours. How many minutes does she walk?", "90", trace(["She walks for 1 hour and a half."], "2 hours"), "",
+     "unit_confusion", "question asks for minutes; the conclusion says 'hours'"),
+    # stopped one operation early: the answer is the reference's step-1 result
+    (NATALIA_Q, "72", trace(["In May she sold 48 / 2 = 24 clips."], "24"), NATALIA_SOLUTION,
+     "premature_conclusion", "1 step vs 2 in the reference; answer 24 is the reference's intermediate result from step 1"),
+    # 2 steps where the reference needs 5 (2 <= 5 / 2 and 3 fewer)
+    ("How much profit?", "70000", trace(["The house cost 80,000 + 50,000 = 130,000.", "He sold it for 200,000."], "75000"),
+     HOUSE_SOLUTION, "premature_conclusion", "2 steps vs 5 in the reference"),
+    # without "Step" markers the lines are the steps: 2 vs 4
+    ("How many seats?", "61", wrap("17", "He has 3*4=12 classes.\nSo 12+5=17."), FOUR_STEP_SOLUTION,
+     "premature_conclusion", "2 steps vs 4 in the reference"),
+    # 14 steps vs 4 (more than twice, and 10 more), one step said 6 times
+    ("How many seats?", "61",
+     trace(["He has 3*4=12 classes.", "Each has 5 rows."] + ["So he has 60 students."] * 6 + [f"Row {i} is full." for i in range(1, 7)], "62"),
+     FOUR_STEP_SOLUTION, "verbose_reasoning", "14 steps vs 4 in the reference; step 'So he has 60 students.' repeated 6 times"),
+    # without a reference solution only repetition counts
+    ("How many seats?", "61", trace(["He has 60 students.", "He has 60 students.", "He adds 2 seats."], "62"), "",
+     "verbose_reasoning", "step 'He has 60 students.' repeated 2 times"),
+    # 9 steps vs 4: more than twice but with no repeats, still verbose
+    ("How many seats?", "61", trace([f"Row {i} has 5 seats." for i in range(1, 10)], "45"), FOUR_STEP_SOLUTION,
+     "verbose_reasoning", "9 steps vs 4 in the reference"),
+    # 3 steps vs 4 and no false arithmetic: nothing to blame but the answer
+    ("How many seats?", "61", trace(["He has 3*4=12 classes.", "Each has 5 rows.", "So 12+5=17 students."], "17"),
+     FOUR_STEP_SOLUTION, "other", "answer 17 vs reference 61; 2 arithmetic claims, none false"),
+    ("Q?", "18", trace(["She has seventeen."], "17"), "", "other", "answer 17 vs reference 18; no arithmetic claims to check"),
+]
+
+
+@pytest.mark.parametrize(("question", "reference", "completion", "solution", "category", "evidence"), CATEGORIZE_CASES)
+def test_categorize(question, reference, completion, solution, category, evidence):
+    assert categorize(question, reference, completion, solution) == Failure(category, evidence)
+
+
+# Two kinds of failure in one sample: the earlier category in CATEGORIES wins.
+PRECEDENCE_CASES = [
+    # malformed (no answer block) and a false claim
+    ("Q?", "40", "<reasoning>Step 1: 60 / 1.5 = 45</reasoning>", "", "format_failure"),
+    # a false claim and an answer off by x60
+    ("How many minutes are 2.5 hours?", "150", trace(["2.5 x 2 = 6 hours."], "2.5"), "", "calculation_error"),
+    # off by x100 and a reference intermediate (24 x 100 = 2400; 24 is step 1's result)
+    ("How many cents?", "72", trace(["She earns $24."], "0.72"), NATALIA_SOLUTION, "unit_confusion"),
+    # a reference intermediate, and a repeated step
+    (NATALIA_Q, "72", trace(["She sold 24 clips in May.", "She sold 24 clips in May."], "24"), NATALIA_SOLUTION,
+     "premature_conclusion"),
+]
+
+
+@pytest.mark.parametrize(("question", "reference", "completion", "solution", "category"), PRECEDENCE_CASES)
+def test_the_first_category_in_precedence_order_wins(question, reference, completion, solution, category):
+    assert categorize(question, reference, completion, solution).category == category
+
+
+def test_categories_are_in_precedence_order_and_labelled():
+    assert CATEGORIES == (
+        "format_failure", "calculation_error", "unit_confusion", "premature_conclusion", "verbose_reasoning", "other",
+    )
+    assert list(CATEGORY_LABELS) == list(CATEGORIES)
+    assert CATEGORY_LABELS["calculation_error"] == "Calculation error"
+
+
+def test_a_right_well_formed_sample_is_no_failure():
+    with pytest.raises(ValueError, match="not a failure"):
+        categorize("Q?", "4", trace(["2 + 2 = 4."], "4"))
+
+
+def test_a_right_answer_outside_the_format_is_a_format_failure():
+    assert categorize("Q?", "4", "The answer is <answer>4</answer>").category == "format_failure"
+
+
+def test_a_reference_that_is_no_number_is_a_data_bug():
+    with pytest.raises(ValueError, match="not a number"):
+        categorize("Q?", "many", trace(["2 + 2 = 4."], "4"))
+
+
+def test_an_unparseable_reference_solution_skips_the_step_comparison():
+    # "<<" without ">>" is not GSM8K-shaped (solution_steps raises): no step counts
+    completion = trace(["He has 3*4=12 classes."], "12")
+    assert categorize("Q?", "61", completion, "He has <<3*4=12 classes.\nA\nB\nC\nD").category == "other"
+
+
+@pytest.mark.parametrize(
+    ("correct", "well_formed", "expected"),
+    [(True, True, False), (True, False, True), (False, True, True), (False, False, True)],
+)
+def test_is_failure(correct, well_formed, expected):
+    assert is_failure(correct, well_formed) is expected
+
+
+def test_a_long_loop_is_categorized_quickly():
+    # ~60k characters, as a model looping to a large token budget writes
+    loop = [f"So he has {60 + i % 3} students and 3 x 4 = 12." for i in range(1500)]
+    start = time.perf_counter()
+    assert categorize("Q?", "61", trace(loop, "62"), FOUR_STEP_SOLUTION).category == "verbose_reasoning"
+    assert categorize("Q?", "61", trace(loop, "62")[:-30], FOUR_STEP_SOLUTION).category == "format_failure"
+    assert time.perf_counter() - start < 1.0
+
+
+# --------------------------------------------------------- arithmetic claims
+
+# (text, [(claim text, holds)]), one probe per line.
+CLAIM_CASES = [
+    ("48 / 2 = 24", [("48 / 2 = 24", True)]),
+    ("1,200 + 300 = 1,500", [("1,200 + 300 = 1,500", True)]),  # thousands separators
+    ("$5 x 3 = $15", [("$5 x 3 = $15", True)]),  # currency, x as times
+    ("12*3=36", [("12*3 = 36", True)]),
+    ("3 × 4 = 12 and 12 ÷ 4 = 3", [("3 × 4 = 12", True), ("12 ÷ 4 = 3", True)]),  # Unicode operators
+    ("3 x 4 = 13", [("3 x 4 = 13", False)]),
+    ("60 / 1.5 = 45", [("60 / 1.5 = 45", False)]),
+    ("10 / 3 = 3.33", [("10 / 3 = 3.33", True)]),  # rounded to 2 decimals
+    ("2 / 3 = 0.66", [("2 / 3 = 0.66", True)]),  # truncated: within one unit of the last digit
+    ("10 / 3 = 3", [("10 / 3 = 3", True)]),  # rounded to an integer
+    ("10 / 3 = 4", [("10 / 3 = 4", True)]),  # ... or up ("4 buses are needed")
+    ("10 / 3 = 3.4", [("10 / 3 = 3.4", False)]),  # 3.33... is not 3.4 at one decimal
+    ("2 / 3 = 0.7", [("2 / 3 = 0.7", True)]),  # but 0.66... is 0.7
+    ("1 / 8 = 0.13", [("1 / 8 = 0.13", True)]),  # a tie, rounded half up (Python's round() gives 0.12)
+    ("12 x 1 and 1/4 = 15", []),  # a mixed number written with "and"
+    ("12.5 * 4 = 49", [("12.5 * 4 = 49", False)]),  # 50 is exact: rounding is no excuse
+    ("0.1 + 0.2 = 0.3", [("0.1 + 0.2 = 0.3", True)]),  # float error
+    ("5 - 8 = -3", [("5 - 8 = -3", True)]),  # negative result
+    ("5 - 8 = 3", [("5 - 8 = 3", False)]),
+    ("3 + 4 * 2 = 11", [("3 + 4 * 2 = 11", True)]),  # precedence
+    ("(3 + 4) * 2 = 14", [("(3 + 4) * 2 = 14", True)]),
+    ("(so 3 + 4 = 7)", [("3 + 4 = 7", True)]),  # stray parentheses of the sentence
+    ("3 * 4 = 12 + 5 = 17", [("3 * 4 = 12 + 5", True), ("12 + 5 = 17", True)]),  # a running total
+    ("(3*4)+5 = 12+5 = 17", [("(3*4)+5 = 12+5", True), ("12+5 = 17", True)]),  # a proper chain
+    ("3 * 4 = 13 + 5 = 18", [("3 * 4 = 13 + 5", False), ("13 + 5 = 18", True)]),
+    ("20% * 50 = 10", [("20% * 50 = 10", True)]),  # 20% as 0.2
+    ("100 + 20% = 120", [("100 + 20% = 120", True)]),  # 20% of the left operand
+    ("0.25 * 80 = 20%", [("0.25 * 80 = 20%", True)]),  # 20% as the number 20
+    ("20% of 50 = 10", []),  # skipped: "of" is a word, not an operator
+    ("28 / 1/5 = 140", [("28 / 1/5 = 140", True)]),  # GSM8K: a compact fraction is one number
+    ("48/2 = <<48/2=24>>24 clips", [("48/2 = 24", True)]),  # the annotation repeats the visible claim
+    ("48/2 = <<48/2=24>>25 clips", [("48/2 = 25", False), ("48/2 = 24", True)]),
+    ("<<48/2=25>>", [("48/2 = 25", False)]),  # an annotation alone
+    ("Total = 3 + 4 = 7", [("3 + 4 = 7", True)]),  # "Total =" is no number
+    ("24 = 20 + 4, and x = 5", []),  # no operator on the left: nothing calculated
+    ("Step 1: 2 + 2 = 4. Step 2: 4 * 3 = 12", [("2 + 2 = 4", True), ("4 * 3 = 12", True)]),
+    ("Step 1 - 3 + 4 = 7", []),  # "1 - 3 + 4" would be a misreading
+    ("1. 3 + 4 = 7", [("3 + 4 = 7", True)]),  # a numbered line
+    ("3 * 4 = 12 apples a day", [("3 * 4 = 12", True)]),  # a word after the result
+    ("3 * 4 = 12 (4 in each box)", [("3 * 4 = 12", True)]),  # a remark after the result
+    ("2 + 1 = 2(3 + 4)", []),  # implicit multiplication continues the result
+    ("It costs 3 * 4 = $12/hour", [("3 * 4 = $12", True)]),  # a unit after the result
+    ("2 hours * 60 = 120 minutes", []),  # part of an expression with words
+    ("9 hours * 2/3 = 6 hours", []),
+    ("27 - 9 = 6 * x - 3 * x", []),  # the result continues with a variable
+    ("5 - 1 - 1/2 = 3 1/2 hours", []),  # a mixed number
+    ("X*6 + 9 = 87", []),  # algebra
+    ("6:00+48 = 6:48 PM", []),  # clock times
+    ("8 / 0 = 0", []),  # division by zero is no claim
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CLAIM_CASES)
+def test_arithmetic_claims(text, expected):
+    assert [(c.text, c.holds) for c in arithmetic_claims(text)] == expected
+
+
+def test_a_claim_keeps_the_claimed_and_the_true_value():
+    [claim] = arithmetic_claims("Step 2: he drives 60 / 1.5 = 45 km/h.")
+    assert (claim.claimed, claim.actual, claim.holds, claim.expression) == (45.0, 40.0, False, "60 / 1.5")
+
+
+def test_the_shipped_gsm8k_test_solutions_hold_but_two_typos():
+    # 4408 claims in 1319 reference solutions; the two false ones are GSM8K's own
+    # mistakes: "364 / 4 = 273" (meant 3/4 * 364) and "$32 - $20 = $300" (meant $12).
+    examples = load_examples("gsm8k", "test").examples
+    claims = {e.id: arithmetic_claims(e.solution) for e in examples}
+    false = [(id_, c.text) for id_, found in claims.items() for c in found if not c.holds]
+    assert sum(map(len, claims.values())) > 4000
+    assert false == [("test-502", "364 / 4 = 273"), ("test-1025", "$32 - $20 = $300")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1+" * 50_000 + "1 = 3",  # one huge expression
+        "((((" * 20_000,  # parentheses that never reach a number
+        "( " * 50_000 + "1",
+        "9" * 100_000 + " = 9",
+        "= 1 " * 20_000,
+    ],
+)
+def test_claim_scanning_is_linear_on_pathological_text(text):
+    start = time.perf_counter()
+    arithmetic_claims(text)
+    assert time.perf_counter() - start < 0.5
+
+
+# ------------------------------------------------------------ the safe parser
+
+EVALUATE_CASES = [
+    ("$1,200 + 300", 1500.0),
+    ("(3 + 4) x 2", 14.0),
+    ("12 ÷ 4 − 1", 2.0),  # Unicode divide and minus
+    ("20% * 50", 10.0),
+    ("28 / 1/5", 140.0),  # compact fraction
+    ("10 / 4 / 5", 0.5),  # left-associative when spaced
+    (".5 * 4", 2.0),
+]
+
+
+@pytest.mark.parametrize(("expression", "value"), EVALUATE_CASES)
+def test_calculate(expression, value):
+    assert calculate(expression) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os').system('echo hi')",  # names and calls
+        "(1).__class__",  # attribute access
+        "2 ** 10",  # powers
+        "2 ^ 10",
+        "1e9",  # exponent notation
+        "-3 + 4",  # no unary minus
+        "3 +",  # dangling operator
+        "(3 + 4",  # unbalanced
+        "3 + 4)",
+        "1 / 0",  # division by zero
+        "1 / (2 - 2)",
+        "1/0",
+        "",  # nothing
+        "(" * 100 + "1" + ")" * 100,  # longer than MAX_EXPRESSION_CHARS
+        "1 + 1 # comment",
+        "[1, 2]",
+    ],
+)
+def test_calculate_rejects_anything_but_arithmetic(expression):
+    with pytest.raises(ValueError):
+        calculate(expression)
+
+
+# ------------------------------------------------------------------ the table
+
+FAILURES = [
+    ("t-1", Failure("other", "answer 17 vs reference 18")),
+    ("t-2", Failure("calculation_error", "`3 x 4 = 13` is false (3 x 4 = 12)")),
+    ("t-3", Failure("format_failure", "no <answer>, </answer> tags")),
+    ("t-4", Failure("calculation_error", "`60 / 1.5 = 45` is false (60 / 1.5 = 40)")),
+]
+
+
+def test_failure_table_counts_shares_and_first_examples():
+    assert failure_table(FAILURES) == [
+        FailureRow("format_failure", "Format failure", 1, 0.25, "t-3", "no <answer>, </answer> tags"),
+        FailureRow("calculation_error", "Calculation error", 2, 0.5, "t-2", "`3 x 4 = 13` is false (3 x 4 = 12)"),
+        FailureRow("other", "Other", 1, 0.25, "t-1", "answer 17 vs reference 18"),
+    ]
+
+
+def test_failure_table_of_nothing_and_of_an_unknown_category():
+    assert failure_table([]) == []
+    with pytest.raises(ValueError, match="unknown failure categories"):
+        failure_table([("t-1", Failure("bad_luck", "..."))])
+
+
+def test_failure_markdown():
+    assert failure_markdown(failure_table(FAILURES), 10) == (
+        "4 of 10 samples failed (40.0%).\n"
+        "\n"
+        "| Category | Count | Share of failures | Example (id: evidence) |\n"
+        "|---|---:|---:|---|\n"
+        "| Format failure | 1 | 25.0% | t-3: no <answer>, </answer> tags |\n"
+        "| Calculation error | 2 | 50.0% | t-2: `3 x 4 = 13` is false (3 x 4 = 12) |\n"
+        "| Other | 1 | 25.0% | t-1: answer 17 vs reference 18 |\n"
+    )
+
+
+def test_failure_markdown_escapes_pipes_and_newlines_and_has_no_table_without_failures():
+    rows = failure_table([("t|1", Failure("other", "said 'a | b'\nthen 3"))])
+    assert failure_markdown(rows, 2).splitlines()[-1] == "| Other | 1 | 100.0% | t\\|1: said 'a \\| b' then 3 |"
+    assert failure_markdown([], 5) == "0 of 5 samples failed (0.0%).\n"
+    assert failure_markdown([], 0) == "0 of 0 samples failed.\n"
+    with pytest.raises(ValueError, match="4 failures but only 3 samples"):
+        failure_markdown(failure_table(FAILURES), 3)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(failures).failed == 0
