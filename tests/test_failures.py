@@ -360,7 +360,7 @@ def test_failure_markdown():
         "\n"
         "| Category | Count | Share of failures | Example (id: evidence) |\n"
         "|---|---:|---:|---|\n"
-        "| Format failure | 1 | 25.0% | t-3: no <answer>, </answer> tags |\n"
+        "| Format failure | 1 | 25.0% | t-3: no &lt;answer>, &lt;/answer> tags |\n"
         "| Calculation error | 2 | 50.0% | t-2: `3 x 4 = 13` is false (3 x 4 = 12) |\n"
         "| Other | 1 | 25.0% | t-1: answer 17 vs reference 18 |\n"
     )

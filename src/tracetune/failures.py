@@ -756,9 +756,10 @@ def failure_table(failures: Sequence[tuple[str, Failure]]) -> list[FailureRow]:
     ]
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
     """Text that cannot break a Markdown table row."""
-    return " ".join(text.split()).replace("|", "\\|")
+    # "<answer>" would be read as an HTML tag and vanish from the rendered table.
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;")
 
 
 def failure_markdown(rows: Sequence[FailureRow], total_samples: int) -> str:
@@ -779,7 +780,7 @@ def failure_markdown(rows: Sequence[FailureRow], total_samples: int) -> str:
     if rows:
         lines += ["", "| Category | Count | Share of failures | Example (id: evidence) |", "|---|---:|---:|---|"]
         lines += [
-            f"| {row.label} | {row.count} | {100 * row.share:.1f}% | {_cell(row.example_id)}: {_cell(row.example_evidence)} |"
+            f"| {row.label} | {row.count} | {100 * row.share:.1f}% | {markdown_cell(row.example_id)}: {markdown_cell(row.example_evidence)} |"
             for row in rows
         ]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.evaluate import EvalResult, load_result
-from tracetune.failures import CATEGORIES, CATEGORY_LABELS
+from tracetune.failures import CATEGORIES, CATEGORY_LABELS, markdown_cell
 from tracetune.files import atomic_path
 from tracetune.scoring import METRIC_LABELS, PROPORTIONS, Estimate
 
@@ -103,7 +103,7 @@ def collect(paths: Sequence[Path]) -> tuple[list[Variant], list[TrainingRun]]:
         base = v.result.out_dir.name
         return (v.name.split("/")[0] if "/" in v.name else "", VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER), base)
 
-    return sorted(variants, key=order), runs
+    return sorted(variants, key=order), sorted(runs, key=lambda r: (r.name.rsplit("/", 1)[0] if "/" in r.name else "", r.kind != "sft", r.name))
 
 
 # ----------------------------------------------------------------- formatting
@@ -147,7 +147,7 @@ def failure_table(variants: Sequence[Variant]) -> str:
             total = len(v.result.records)
             counts.append(f"{len(found)} ({len(found) / total:.0%})" if total else "0")
             if found:
-                evidence = found[0]["failure"]["evidence"].replace("|", "\\|").replace("\n", " ")
+                evidence = markdown_cell(found[0]["failure"]["evidence"])
                 example = f"{v.label}, {found[0]['id']}: {evidence[:200]}"
         if any(not c.startswith("0 ") and c != "0" for c in counts):
             lines.append(f"| {CATEGORY_LABELS[category]} | " + " | ".join(counts) + f" | {example} |")
