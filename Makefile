@@ -13,8 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/tracetune validate
-	$(BIN)/tracetune sft --preset cpu-demo
+	$(BIN)/tracetune run --preset cpu-demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
