@@ -233,6 +233,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_variants(variants: Sequence[Variant], path: Path) -> Path:
     plt = _pyplot()
     metrics = [m for m in ("accuracy", "format_rate", "trace", "composite") if any(v.result.metrics[m].n for v in variants)]
@@ -249,10 +256,7 @@ def plot_variants(variants: Sequence[Variant], path: Path) -> Path:
     ax.set_ylabel("score (95% CI)")
     ax.set_title("Metrics per variant")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sft(runs: Sequence[TrainingRun], path: Path) -> Path:
@@ -277,10 +281,7 @@ def plot_sft(runs: Sequence[TrainingRun], path: Path) -> Path:
         more = twin.get_legend_handles_labels()
         handles = (handles[0] + more[0], handles[1] + more[1])
     ax.legend(*handles, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_grpo(runs: Sequence[TrainingRun], path: Path) -> Path:
@@ -296,10 +297,7 @@ def plot_grpo(runs: Sequence[TrainingRun], path: Path) -> Path:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"GRPO rewards: {run.name}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------- report
