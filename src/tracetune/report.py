@@ -180,8 +180,10 @@ def training_section(runs: Sequence[TrainingRun]) -> str:
             text = f"- **{run.name}** (SFT): {len(losses)} updates"
             if losses:
                 text += f", loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-            if evals:
+            if len(evals) > 1:
                 text += f", held-out format rate {evals[0]['eval/format_rate']:.0%} -> {evals[-1]['eval/format_rate']:.0%}"
+            elif evals:
+                text += f", final held-out format rate {evals[-1]['eval/format_rate']:.0%}"
             if run.summary.get("seconds"):
                 text += f", {run.summary['seconds'] / 60:.1f} min"
             lines.append(text)
