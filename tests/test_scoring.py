@@ -38,6 +38,9 @@ def test_mean_interval():
     # mean 0.5, sample sd 0.57735, half-width 1.95996 * 0.57735 / 2 = 0.56579
     assert est.mean == 0.5 and est.high - est.mean == pytest.approx(0.56579, abs=1e-5)
     assert mean_ci([0.3]) .low == 0.3
+    # Scores near the top of [0, 1]: the interval stops at 1.
+    high = mean_ci([1.0] * 9 + [0.6], (0.0, 1.0))
+    assert high.high == 1.0 and high.low < high.mean < 1.0
 
 
 def test_harness_on_hand_written_completions_gives_exact_metrics():

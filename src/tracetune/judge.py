@@ -414,7 +414,7 @@ def summarize(judgements: Sequence[Judgement]) -> dict[str, Any]:
     when nothing was scored); the histogram of scores, keyed "1".."5" (JSON keys);
     the judge model(s)."""
     scores = [j.score for j in judgements if j.score is not None]
-    estimate = mean_ci([float(s) for s in scores])
+    estimate = mean_ci([float(s) for s in scores], (1.0, 5.0))
     return {
         "judge_model": ", ".join(sorted({j.judge_model for j in judgements})) or None,
         "n": len(judgements),

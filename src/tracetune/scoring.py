@@ -40,6 +40,7 @@ METRIC_LABELS = {
     "confidence": "Avg confidence reward",
     "composite": "Avg composite reward",
 }
+UNIT = (0.0, 1.0)  # the trace and confidence scores lie in [0, 1]
 PROPORTIONS = {"accuracy", "lenient_accuracy", "format_rate"}
 
 
@@ -122,8 +123,9 @@ def proportion_ci(successes: int, n: int) -> Estimate:
     return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
-def mean_ci(values: Sequence[float]) -> Estimate:
-    """Normal-approximation interval of a mean (sample standard deviation)."""
+def mean_ci(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """Normal-approximation interval of a mean (sample standard deviation), cut to
+    ``bounds`` when the values have them (a mean of scores in [0, 1] cannot exceed 1)."""
     n = len(values)
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
@@ -132,7 +134,7 @@ def mean_ci(values: Sequence[float]) -> Estimate:
         return Estimate(mean, mean, mean, 1)
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     half = Z95 * sd / math.sqrt(n)
-    return Estimate(mean, mean - half, mean + half, n)
+    return Estimate(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), n)
 
 
 def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
@@ -143,9 +145,9 @@ def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
         "accuracy": proportion_ci(sum(s.correct for s in scores), n),
         "lenient_accuracy": proportion_ci(sum(s.lenient_correct for s in scores), n),
         "format_rate": proportion_ci(sum(s.well_formed for s in scores), n),
-        "trace": mean_ci([s.trace for s in scores]),
-        "confidence": mean_ci([s.confidence for s in scores if s.confidence is not None]),
-        "composite": mean_ci([s.composite for s in scores if s.composite is not None]),
+        "trace": mean_ci([s.trace for s in scores], UNIT),
+        "confidence": mean_ci([s.confidence for s in scores if s.confidence is not None], UNIT),
+        "composite": mean_ci([s.composite for s in scores if s.composite is not None]),  # weights may sum past 1
     }
 
 
