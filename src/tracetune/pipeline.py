@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +92,7 @@ class Pipeline:
         for index, stage in enumerate(STAGES, start=1):
             info = self.state.get(stage.name, {})
             status = info.get("status", "to do")
-            style = {"done": "green", "skipped": "yellow", "running": "cyan"}.get(status, "")
+            style = {"done": "green", "skipped": "yellow"}.get(status, "")
             seconds = info.get("seconds")
             table.add_row(str(index), stage.title, f"[{style}]{status}[/{style}]" if style else status,
                           f"{seconds / 60:.1f} min" if seconds is not None else "",)
@@ -129,21 +128,13 @@ class Pipeline:
                                 "fix it and re-run `tracetune run` to continue from this stage")
 
     def stage_data(self) -> str:
-        from tracetune import data as data_mod
-        from tracetune import scoring
-
-        cfg = self.config.data
-        loaded = data_mod.load_examples(cfg.source, "train", question_field=cfg.question_field,
-                                        answer_field=cfg.answer_field, skip_invalid=cfg.skip_invalid)
-        curated = data_mod.curate(loaded.examples, val_fraction=cfg.val_fraction, seed=cfg.seed, prompt_style=cfg.prompt_style)
-        curated.write(self.run_dir / "data")
-        # The harness's sanity check: the curated targets must score perfectly.
-        traces = curated.train + curated.validation
-        scores = [scoring.score_sample(t.question, t.reference, t.completion, id=t.id) for t in traces]
-        problems = scoring.validation_problems(scoring.aggregate(scores))
-        if problems:
-            raise TrainingError(f"curated traces of {cfg.source} fail the harness's check: {'; '.join(problems)} (see `tracetune validate`)")
-        return f"{len(curated.train)} train + {len(curated.validation)} validation traces, targets score 100%"
+        # The same two commands a user runs by hand: curate the traces, then the
+        # harness's sanity check (the curated targets must score perfectly).
+        out = self.run_dir / "data"
+        self._tracetune("data", "--out", str(out), "--preset", str(self.config_path))
+        self._tracetune("validate", "--preset", str(self.config_path))
+        counts = {split: len((out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()) for split in ("train", "validation")}
+        return f"{counts['train']} train + {counts['validation']} validation traces, targets score 100%"
 
     def _eval(self, variant: str, model_args: list[str]) -> str:
         out = self.run_dir / "eval" / variant
@@ -189,7 +180,7 @@ class Pipeline:
         return str(path)
 
     # -- the run
-    def run(self, on_stage: Callable[[Stage], None] | None = None) -> Path:
+    def run(self) -> Path:
         claim_directory(self.run_dir, self.config, SECTIONS)
         self._load_state()
         self.console.print(self.overview())
@@ -198,8 +189,6 @@ class Pipeline:
                 continue
             elapsed = (time.perf_counter() - self.started) / 60
             self.console.rule(f"[bold]stage {index}/{len(STAGES)}: {stage.title}[/bold]  (pipeline {elapsed:.1f} min)")
-            if on_stage:
-                on_stage(stage)
             start = time.perf_counter()
             note = getattr(self, "stage_" + stage.name.replace("-", "_"))()
             status = "skipped" if note is None else "done"
