@@ -518,13 +518,14 @@ class Generator:
         """Cut a row at its first stop token or stop string, within the token budget."""
         ids = [int(i) for i in ids[: sampling.max_new_tokens]]
         logprobs = [float(x) for x in logprobs[: len(ids)]]
-        reason, finite = "length", all(map(math.isfinite, logprobs))
+        reason, end = "length", len(ids)
         for index, token in enumerate(ids):
             if token in self.tokenizer.stop_ids:
-                # NaN logits often "sample" a stop token first: keep its log-prob's verdict.
-                finite = all(map(math.isfinite, logprobs[: index + 1]))
-                ids, logprobs, reason = ids[:index], logprobs[:index], "eos"
+                reason, end = "eos", index
                 break
+        # The stop token's log-prob counts too: NaN logits often "sample" a stop token first.
+        finite = all(map(math.isfinite, logprobs[: end + 1]))
+        ids, logprobs = ids[:end], logprobs[:end]
         texts = self.tokenizer.token_texts(ids)
         if sampling.stop_strings:
             text, end = "", None
