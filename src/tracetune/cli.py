@@ -37,6 +37,12 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config field, e.g. --set data.seed=7 (repeatable)."),
 ]
+MeshOpt = Annotated[
+    Optional[str],
+    typer.Option("--mesh", help="Hardware preset for the device mesh: v5e-8 (TPU, 8 chips), gpu-1, gpu-8, pod (multi-host, "
+                                "every device). Sets mesh.fsdp / mesh.tp / mesh.distributed; --set mesh.fsdp=2 --set mesh.tp=4 "
+                                "gives any other shape. Default: the preset's mesh (one device)."),
+]
 SourceOpt = Annotated[
     Optional[str],
     typer.Option("--source", help="'gsm8k' (shipped), a JSONL file, or a Hugging Face dataset id. Default: the preset's data.source."),
@@ -47,11 +53,23 @@ SkipOpt = Annotated[
 ]
 
 
-def _config(preset: str, overrides: list[str] | None, **fields: object) -> Config:
-    """The preset, then --set overrides, then explicit options (which win)."""
+def _config(preset: str, overrides: list[str] | None, mesh: str | None = None, **fields: object) -> Config:
+    """The preset, then the mesh preset, then --set overrides, then explicit options (which win)."""
     pairs = list(overrides or [])
     pairs += [f"{key}={value}" for key, value in fields.items() if value is not None]
-    return load_config(preset, pairs)
+    return load_config(preset, pairs, mesh=mesh)
+
+
+def _join(cfg: Config) -> None:
+    """Join the multi-host run the environment describes (mesh.distributed); before
+    anything touches a device. Only the training commands do: they shard over every
+    host, while evaluation runs on the first host alone."""
+    from tracetune import mesh as mesh_lib
+
+    if mesh_lib.initialize(cfg.mesh):
+        import jax
+
+        err_console.print(f"host {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all")
 
 
 def _progress() -> Progress:
@@ -100,11 +118,14 @@ def _score_all(rows: list[tuple[str, str, str, str, list[float] | None]], weight
 
 @app.command()
 def presets() -> None:
-    """List the config presets shipped with tracetune."""
-    from tracetune.config import preset_names
+    """List the config presets shipped with tracetune, and the hardware (mesh)
+    presets that --mesh lays over any of them."""
+    from tracetune.config import mesh_preset_names, preset_names
 
     for name in preset_names():
         console.print(name)
+    for name in mesh_preset_names():
+        console.print(f"--mesh {name}")
 
 
 @app.command("data")
@@ -328,6 +349,7 @@ def eval_cmd(
     judge_samples: Annotated[Optional[int], typer.Option(help="How many scored samples the judge rates (seeded choice). Default: eval.judge_samples (50).")] = None,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
+    mesh: MeshOpt = None,
 ) -> None:
     """The fixed harness: greedy completions of the same problems with the same prompt
     and token budget for every model variant, scored with 95% confidence intervals.
@@ -338,8 +360,15 @@ def eval_cmd(
     from tracetune.evaluate import evaluate, problems
     from tracetune.models.registry import load_model
 
-    cfg = _config(preset, set_, **{"eval.split": split, "eval.limit": limit, "eval.judge_base_url": judge_url,
+    cfg = _config(preset, set_, mesh, **{"eval.split": split, "eval.limit": limit, "eval.judge_base_url": judge_url,
                                    "eval.judge_model": judge_model, "eval.judge_samples": judge_samples})
+    from tracetune import mesh as mesh_lib
+
+    if cfg.mesh.distributed != "off" and mesh_lib.cluster_requested() and mesh_lib.host_id() != 0:
+        # Greedy decoding of a model that fits one host: host 0 scores it; the
+        # others would only repeat its work and race on the same files.
+        err_console.print(f"evaluation runs on host 0 of this multi-host run; host {mesh_lib.host_id()} has nothing to do")
+        return
     source = str(checkpoint) if checkpoint is not None else model
     directory = out or Path("runs") / "eval" / f"{_slug(Path(source).name if checkpoint else source)}-{cfg.eval.split}"
     examples = problems(cfg)
@@ -364,12 +393,14 @@ def sft(
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (config, checkpoints, metrics, samples, export). Default: runs/<preset>/sft.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model name or checkpoint path. Default: the preset's sft.model.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer updates (0 = the preset's epochs). Default: the preset's sft.max_steps.")] = None,
+    mesh: MeshOpt = None,
 ) -> None:
     """Stage 1: LoRA fine-tuning on curated traces. Re-running the same command resumes
     from the run's latest checkpoint; SIGTERM or Ctrl-C saves one before stopping."""
     from tracetune.sft import train_sft
 
-    cfg = _config(preset, overrides, **{"sft.model": model, "sft.max_steps": max_steps})
+    cfg = _config(preset, overrides, mesh, **{"sft.model": model, "sft.max_steps": max_steps})
+    _join(cfg)
     directory = run_dir or Path("runs") / cfg.preset / "sft"
     result = train_sft(cfg, directory)
     final = result.evals[-1] if result.evals else {}
@@ -389,6 +420,7 @@ def grpo(
     init: Annotated[Optional[str], typer.Option(help="SFT run directory (or model) to start from; also the KL reference. Default: runs/<preset>/sft.")] = None,
     reward_weights: Annotated[Optional[str], typer.Option(help="Weights 'correctness,trace,confidence', e.g. 0.6,0,0.15 for the no-trace ablation. Default: the preset's.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="GRPO updates. Default: the preset's grpo.max_steps.")] = None,
+    mesh: MeshOpt = None,
 ) -> None:
     """Stage 2: GRPO from the SFT policy with the composite reward
     R = w_c correctness + w_t trace + w_k confidence. Re-running the same command
@@ -399,7 +431,8 @@ def grpo(
     if reward_weights is not None:
         weights = RewardWeights.parse(reward_weights)
         fields.update({f"rewards.{k}": v for k, v in weights.as_dict().items()})
-    cfg = _config(preset, overrides, **fields)
+    cfg = _config(preset, overrides, mesh, **fields)
+    _join(cfg)
     result = train_grpo(cfg, run_dir or Path("runs") / cfg.preset / "grpo")
     summary = json.loads((result.run_dir / "summary.json").read_text())
     table = Table(title=f"GRPO: {result.steps} updates in {result.seconds / 60:.1f} min")
@@ -456,6 +489,7 @@ def run(
     reward_weights: Annotated[Optional[str], typer.Option(help="GRPO reward weights 'correctness,trace,confidence' (e.g. 0.6,0,0.15 for the no-trace ablation). Default: the preset's.")] = None,
     judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for the LLM judge. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL; none: the judge stage is skipped.")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
+    mesh: MeshOpt = None,
 ) -> None:
     """The main job: prepare data, evaluate zero-shot, SFT, evaluate, GRPO, evaluate,
     judge, report. Re-running continues where it stopped (finished stages are
@@ -465,7 +499,7 @@ def run(
     fields: dict[str, object] = {"eval.judge_base_url": judge_url, "eval.judge_model": judge_model}
     if reward_weights is not None:
         fields.update({f"rewards.{k}": v for k, v in RewardWeights.parse(reward_weights).as_dict().items()})
-    cfg = _config(preset, overrides, **fields)
+    cfg = _config(preset, overrides, mesh, **fields)
     path = Pipeline(cfg, run_dir or Path("runs") / cfg.preset, err_console).run()
     console.print(f"report: {path}")
 

@@ -23,7 +23,9 @@ two share one backbone in memory. tracetune adds around it:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import sys
@@ -37,23 +39,24 @@ import numpy as np
 import optax
 from flax import nnx
 from tunix.rl import common as rl_common
-from tunix.rl import reshard
+from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger as tunix_metrics
 
-from tracetune.config import Config, LoraConfig, RewardWeights
+from tracetune import mesh as mesh_lib
+from tracetune.config import Config, ConfigError, GRPOConfig, LoraConfig, RewardWeights
 from tracetune.data import Example, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.generate import Generator, SamplingConfig
-from tracetune.models.registry import LoadedModel, load_model
+from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
 from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
-from tracetune.sft import StopFlag, apply_lora, export_run, merged_tree
+from tracetune.sft import StopFlag, export_run, lora_on_mesh, merged_tree
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
@@ -162,7 +165,21 @@ class Cluster(rl_cluster_lib.RLCluster):
         return self._timed("reference", super().get_ref_per_token_logps, *args, **kwargs)
 
     def update_actor(self, *args, **kwargs):
-        return self._timed("update", super().update_actor, *args, **kwargs)
+        out = self._timed("update", super().update_actor, *args, **kwargs)
+        self.share_backbone()
+        return out
+
+    def share_backbone(self) -> None:
+        """Point the actor's frozen base weights back at the reference's arrays.
+
+        Tunix's train step (``nnx.jit`` over the whole model) hands back new arrays
+        for every weight, the untouched base included, so from the first update on
+        the actor would hold a second copy of the backbone beside the reference's:
+        memory doubles, silently (measured: live arrays grow by exactly one base
+        model). Only LoRA parameters are optimised, so the values are the same.
+        """
+        base = nnx.state(self.inference_worker.get_model("reference"), nnx.Not(nnx.LoRAParam))
+        nnx.update(self.actor_trainer.model, base)
 
 
 class Learner(grpo_learner.GRPOLearner):
@@ -246,6 +263,47 @@ class Learner(grpo_learner.GRPOLearner):
         return rewards
 
 
+def vllm_settings(grpo: GRPOConfig, loaded: LoadedModel, mesh: jax.sharding.Mesh) -> dict:
+    """RolloutConfig fields for Tunix's vLLM engine: vLLM builds the architecture from
+    a Hugging Face id and starts from dummy weights, which Tunix then replaces with
+    the actor's before every rollout, on the rollout mesh's (fsdp, tp) layout."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("grpo.rollout_engine=vllm needs vLLM (pip install vllm, on a GPU or TPU host); it is not "
+                          "installed here. Use grpo.rollout_engine=vanilla (Tunix's sampler) or tracetune.")
+    model = grpo.vllm_model
+    if not model:
+        base = str(loaded.name).split(" + ")[0]
+        spec = MODELS.get(base)
+        if spec is None or not spec.hf_repo:
+            raise ConfigError(f"grpo.vllm_model: cannot tell which Hugging Face architecture {loaded.name!r} is; "
+                              "set it, e.g. --set grpo.vllm_model=google/gemma-3-1b-it")
+        model = spec.hf_repo
+    return {
+        "rollout_vllm_model_version": model,
+        "rollout_vllm_hbm_utilization": grpo.vllm_memory_fraction,
+        "rollout_vllm_init_with_random_weights": True,
+        "tensor_parallel_size": mesh.shape["tp"],
+        "data_parallel_size": mesh.shape["fsdp"],
+    }
+
+
+def cluster_models(cluster: rl_cluster_lib.RLCluster) -> dict[str, nnx.Module]:
+    """The models the cluster ended up with, by role (it drops its own handles)."""
+    return {"actor": cluster.actor_trainer.model, "reference": cluster.inference_worker.get_model("reference"),
+            "rollout": cluster.rollout.model()}
+
+
+def check_shared_backbone(cluster: rl_cluster_lib.RLCluster) -> None:
+    """Actor, reference and rollout must hold one copy of the base weights (LoRA
+    only differs): with two copies the run still works, at twice the memory, and
+    Tunix only logs a warning. Stop instead, before the first step."""
+    models = cluster_models(cluster)
+    for role in ("reference", "rollout"):
+        if not rl_utils.is_sharing_backbone(models[role], models["actor"]):
+            raise TrainingError(f"the actor and the {role} hold separate copies of the base weights (memory doubled): "
+                                "build the actor with sft.lora_on_mesh on the reference, all on one mesh")
+
+
 # ------------------------------------------------------------------------ data
 
 
@@ -276,7 +334,8 @@ class PromptBatches:
             for start in range(0, len(order) - self.per_step + 1, self.per_step):
                 if self.stop.signum is not None:
                     return
-                rows = [self.examples[i] for i in order[start : start + self.per_step]]
+                # Every host walks the same global order and keeps its own share.
+                rows = [self.examples[i] for i in mesh_lib.host_share(order[start : start + self.per_step])]
                 yield {
                     "prompts": np.array([build_prompt(r.question, self.prompt_style) for r in rows]),
                     "reference": np.array([r.reference for r in rows]),
@@ -342,6 +401,8 @@ class GRPORun:
         return self.run_dir / "metrics.jsonl"
 
     def _append(self, path: Path, record: dict) -> None:
+        if not mesh_lib.is_primary():
+            return
         with path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -418,13 +479,15 @@ class GRPORun:
             raise TrainingError(f"only {len(examples)} training problems fit grpo.max_prompt_tokens={grpo.max_prompt_tokens}")
         self.steps = grpo.max_steps
 
-        # One backbone: shard the SFT model, put LoRA on it, shard the LoRA model.
-        # The reference is the SFT model itself; the actor only adds adapters.
-        mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-        reference = reshard.reshard_model_to_mesh(loaded.model, mesh)
-        with jax.set_mesh(mesh):
-            actor = apply_lora(reference, grpo.lora, grpo.seed)
-        actor = reshard.reshard_model_to_mesh(actor, mesh)
+        batch, micro = grpo.prompts_per_step, grpo.micro_batch_size or grpo.prompts_per_step
+        mesh = mesh_lib.make_mesh(self.config.mesh)
+        mesh_lib.check_batch(mesh, micro * grpo.num_generations, "grpo.micro_batch_size x grpo.num_generations")
+        mesh_lib.check_batch(mesh, batch, "grpo.prompts_per_step")
+        mesh_lib.check_heads(mesh, loaded.config.num_heads, loaded.name)
+        # One backbone: the reference is the SFT model itself, the actor only adds
+        # adapters to it (lora_on_mesh keeps that true on any mesh).
+        reference, actor = lora_on_mesh(loaded.model, grpo.lora, grpo.seed, mesh)
+        loaded = dataclasses.replace(loaded, model=reference)  # no unsharded copy left behind
 
         warmup = int(grpo.warmup_fraction * grpo.max_steps)
         schedule = optax.join_schedules([optax.linear_schedule(0.0, grpo.learning_rate, max(warmup, 1)),
@@ -435,7 +498,6 @@ class GRPORun:
             optax.chain(optax.clip_by_global_norm(grpo.max_grad_norm), optax.adamw(schedule, weight_decay=0.0)),
             max_consecutive_errors=1 << 30,
         )
-        batch, micro = grpo.prompts_per_step, grpo.micro_batch_size or grpo.prompts_per_step
         training = rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optimizer,
             eval_every_n_steps=1 << 30,
@@ -459,9 +521,10 @@ class GRPORun:
             kv_cache_size=grpo.max_prompt_tokens + grpo.max_new_tokens + 32,
             return_logprobs=True,
             eos_tokens=list(tokenizer.stop_ids),
+            **(vllm_settings(grpo, loaded, mesh) if grpo.rollout_engine == "vllm" else {}),
         )
         engine = (functools.partial(TracetuneRollout, tracetune_tokenizer=tokenizer, lora=grpo.lora)
-                  if grpo.rollout_engine == "tracetune" else "vanilla")
+                  if grpo.rollout_engine == "tracetune" else grpo.rollout_engine)
         cluster_config = rl_cluster_lib.ClusterConfig(
             role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
             rollout_engine=engine,
@@ -470,6 +533,7 @@ class GRPORun:
             rollout_config=rollout,
         )
         self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config)
+        check_shared_backbone(self.cluster)
         composite = CompositeReward(self.config.rewards)
         algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon)
         self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm, reward_fns=[composite],
@@ -484,13 +548,14 @@ class GRPORun:
         w = self.config.rewards
         print(f"grpo: {len(examples)} problems, {self.steps} updates of {batch} prompts x G={grpo.num_generations}, "
               f"R = {w.correctness} correctness + {w.trace} trace + {w.confidence} confidence, "
-              f"from {loaded.source}", file=sys.stderr)
+              f"from {loaded.source}, {grpo.rollout_engine} rollouts, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
         with StopFlag() as stop:
             data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, stop)
             try:
                 if resumed < self.steps:
-                    self.learner.train(data)
+                    with mesh_lib.active(mesh):
+                        self.learner.train(data)
             except BaseException:
                 self.cluster.actor_trainer.checkpoint_manager.close()
                 raise
@@ -507,8 +572,9 @@ class GRPORun:
             "seconds": time.perf_counter() - self.started,
             "warnings": sorted(self.warned),
         }
-        with atomic_path(self.run_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        if mesh_lib.is_primary():
+            with atomic_path(self.run_dir / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return GRPOResult(self.run_dir, step, self.history, merged_dir, adapter_dir, summary["seconds"])
 
 

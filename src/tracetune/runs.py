@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from tracetune.config import Config, load_config, save_config
@@ -30,6 +31,8 @@ def claim_directory(run_dir: Path, config: Config, sections: Sequence[str]) -> N
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if not path.exists():
+        if jax.process_index() != 0:  # on a multi-host run the first host writes it
+            return
         with atomic_path(path) as tmp:
             save_config(config, tmp)
         return
@@ -47,6 +50,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict]:
         return []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [r for r in records if r.get("step", 0) <= step]
+    if jax.process_index() != 0:  # read-only on the other hosts of a multi-host run
+        return kept
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
     return kept

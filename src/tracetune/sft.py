@@ -18,6 +18,7 @@ needs around it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -38,6 +39,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
 from tunix.sft import utils as tunix_utils
 
+from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
 from tracetune.data import Example, Trace, curate, load_examples
 from tracetune.errors import Interrupted, TrainingError
@@ -77,10 +79,24 @@ def apply_lora(model: nnx.Module, lora: LoraConfig, seed: int) -> nnx.Module:
     return qwix.apply_lora_to_model(model, provider, tokens, positions, None, mask, rngs=nnx.Rngs(seed))
 
 
+def lora_on_mesh(base: nnx.Module, lora: LoraConfig, seed: int, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, nnx.Module]:
+    """(base, LoRA model) on ``mesh``, sharing one copy of the base weights.
+
+    The order matters: shard the base first, put the adapters on the sharded base,
+    then shard the LoRA model (only the new adapters move). Applied the other way
+    round, resharding the LoRA model copies the whole backbone and the reference
+    policy and the actor no longer share it: memory doubles, silently.
+    """
+    base = mesh_lib.shard(base, mesh)
+    with jax.set_mesh(mesh):
+        model = apply_lora(base, lora, seed)
+    return base, mesh_lib.shard(model, mesh)
+
+
 def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """The adapters as flat host arrays (``layers.0.attn.q_einsum.w_lora_a`` -> A)."""
     state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
-    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
+    return {k: mesh_lib.host_array(v) for k, v in flatten(state).items()}
 
 
 def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
@@ -99,19 +115,23 @@ def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
 
 def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
     """``merged_tree`` as the flat host arrays that loaders and writers take."""
-    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(merged_tree(model, lora)).items()}
+    return {k: mesh_lib.host_array(v) for k, v in flatten(merged_tree(model, lora)).items()}
 
 
 def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
     """``run_dir/export/adapter`` (LoRA weights + adapter.json) and ``run_dir/export/merged``
-    (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``)."""
-    adapter_dir = run_dir / "export" / "adapter"
+    (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``).
+    Every host gathers the weights; only the first writes them."""
+    adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
+    adapter, merged = lora_params(model), merged_params(model, lora)
+    if not mesh_lib.is_primary():
+        return adapter_dir, merged_dir
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(lora_params(model), adapter_dir / "adapter.safetensors")
+    save_safetensors(adapter, adapter_dir / "adapter.safetensors")
     write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
                 "targets": lora.targets, "stage": stage, "step": step}, adapter_dir / "adapter.json")
     merged_dir = save_checkpoint(
-        merged_params(model, lora), loaded.config, loaded.tokenizer, run_dir / "export" / "merged",
+        merged, loaded.config, loaded.tokenizer, merged_dir,
         base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir)},
     )
     return adapter_dir, merged_dir
@@ -204,7 +224,9 @@ class Batches:
                 self.real_tokens.append(int(sum(len(self.examples[i].ids) for i in indices)))
                 self.padded_tokens.append(int(batch["tokens"].size))
                 produced += 1
-                yield batch
+                # Padded to the whole micro-batch's width, so every host's share has
+                # the same shape; each host then feeds only its own rows.
+                yield {key: mesh_lib.host_share(value) for key, value in batch.items()}
             epoch += 1
 
 
@@ -388,6 +410,8 @@ class SFTRun:
         return self.run_dir / "metrics.jsonl"
 
     def append_metrics(self, record: dict) -> None:
+        if not mesh_lib.is_primary():
+            return
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -403,14 +427,14 @@ class SFTRun:
         return train, curated.validation
 
     # -- evaluation
-    def evaluate(self, step: int, lora_model: nnx.Module | None = None) -> dict:
-        """Greedy generations on the fixed held-out slice -> format rate and accuracy,
-        of the base model, or of ``lora_model`` with its adapters merged."""
+    def evaluate(self, step: int, lora_model: nnx.Module) -> dict:
+        """Greedy generations on the fixed held-out slice -> format rate and accuracy
+        of ``lora_model`` with its adapters merged (at step 0, B = 0: the base model)."""
         sft = self.config.sft
         held_out = self.validation[: sft.eval_examples]
         if not held_out:
             return {}
-        plain = self.loaded.model if lora_model is None else merged_model(lora_model, self.loaded, sft.lora)
+        plain = merged_model(lora_model, self.loaded, sft.lora)
         generator = Generator(plain, self.loaded.tokenizer, max_batch=min(32, len(held_out)))
         scored = generate_and_score(generator, [Example(t.id, t.question, t.reference) for t in held_out],
                                     max_new_tokens=sft.eval_max_new_tokens, prompt_style=self.config.data.prompt_style,
@@ -423,13 +447,8 @@ class SFTRun:
             "eval/examples": len(scores),
             "eval/seconds": generator.stats.seconds,
         }
-        samples = self.run_dir / "samples" / f"step_{step:06d}.jsonl"
-        samples.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(samples) as tmp, tmp.open("w", encoding="utf-8") as handle:
-            for trace, output, score in zip(held_out, outputs, scores):
-                handle.write(json.dumps({"id": trace.id, "question": trace.question, "reference": trace.reference,
-                                         "completion": output.text, "well_formed": score.well_formed,
-                                         "correct": score.correct}, ensure_ascii=False) + "\n")
+        if mesh_lib.is_primary():
+            self._write_samples(step, held_out, outputs, scores)
         self.append_metrics(result)
         if self.metrics_logger is not None:
             for key in ("eval/format_rate", "eval/accuracy"):
@@ -438,6 +457,15 @@ class SFTRun:
         print(f"step {step}: format rate {result['eval/format_rate']:.0%}, accuracy {result['eval/accuracy']:.0%} "
               f"on {len(scores)} held-out traces", file=sys.stderr)
         return result
+
+    def _write_samples(self, step: int, held_out, outputs, scores) -> None:
+        samples = self.run_dir / "samples" / f"step_{step:06d}.jsonl"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(samples) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            for trace, output, score in zip(held_out, outputs, scores):
+                handle.write(json.dumps({"id": trace.id, "question": trace.question, "reference": trace.reference,
+                                         "completion": output.text, "well_formed": score.well_formed,
+                                         "correct": score.correct}, ensure_ascii=False) + "\n")
 
     # -- the run
     def train(self) -> SFTResult:
@@ -453,8 +481,14 @@ class SFTRun:
         self.steps = total_steps(sft, len(examples))
         self.schedule = learning_rate_schedule(sft, self.steps)
 
-        base = self.loaded.model
-        model = apply_lora(base, sft.lora, sft.seed)
+        mesh = mesh_lib.make_mesh(self.config.mesh)
+        mesh_lib.check_batch(mesh, sft.micro_batch_size, "sft.micro_batch_size")
+        mesh_lib.check_heads(mesh, self.loaded.config.num_heads, self.loaded.name)
+        _, model = lora_on_mesh(self.loaded.model, sft.lora, sft.seed, mesh)
+        # Tunix's train step hands back new arrays for every weight, the frozen base
+        # included: holding on to the base model here would keep a second backbone
+        # alive from the first update on. The LoRA model is all the run needs.
+        self.loaded = dataclasses.replace(self.loaded, model=None)
         optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
         self.metrics_logger = tunix_metrics.MetricsLogger(
             tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10)
@@ -478,15 +512,16 @@ class SFTRun:
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         elif sft.eval_every_steps:
-            self.evaluate(0)
+            self.evaluate(0, model)
         print(f"sft: {len(examples)} traces ({too_long} longer than {self.config.data.max_tokens} tokens dropped), "
               f"{self.steps} updates of {sft.batch_size} ({sft.grad_accum} x {sft.micro_batch_size}), "
-              f"LoRA rank {sft.lora.rank} on {self.loaded.name}", file=sys.stderr)
+              f"LoRA rank {sft.lora.rank} on {self.loaded.name}, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
         with StopFlag() as stop:
             self.batches = Batches(examples, sft, pad_id, self.steps * sft.grad_accum, stop)
             try:
-                trainer.train(self.batches)
+                with mesh_lib.active(mesh):
+                    trainer.train(self.batches)
             except BaseException:
                 trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
                 self.metrics_logger.close()
@@ -499,7 +534,8 @@ class SFTRun:
         sft = self.config.sft
         evaluation = self.evaluate(trainer.train_steps, model) if sft.eval_examples else {}
         adapter_dir, merged_dir = export_run(model, self.loaded, sft.lora, self.run_dir, stage="sft", step=trainer.train_steps)
-        losses = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        losses = [json.loads(line) for line in lines if line.strip()]
         losses = [r["loss"] for r in losses if "loss" in r]
         real, padded = sum(self.batches.real_tokens), sum(self.batches.padded_tokens)
         result = SFTResult(
@@ -507,8 +543,9 @@ class SFTRun:
             evals=self.evals, merged_dir=merged_dir, adapter_dir=adapter_dir,
             seconds=time.perf_counter() - self.started, padding_share=1 - real / padded if padded else 0.0,
         )
-        write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
-                    "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
+        if mesh_lib.is_primary():
+            write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
+                        "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
         return result
 
 
