@@ -19,7 +19,7 @@ from rich.table import Table
 from tracetune import data as data_mod
 from tracetune import scoring
 from tracetune.files import atomic_path
-from tracetune.errors import Interrupted, TrainingError
+from tracetune.errors import Interrupted, TimeLimitReached, TrainingError
 from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
@@ -490,6 +490,7 @@ def run(
     judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for the LLM judge. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL; none: the judge stage is skipped.")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
     mesh: MeshOpt = None,
+    time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop cleanly after this many minutes: the running stage saves a checkpoint and the command exits with code 75; re-running continues. For sessions with a hard end (a Kaggle session is 9 h: use about 510).")] = None,
 ) -> None:
     """The main job: prepare data, evaluate zero-shot, SFT, evaluate, GRPO, evaluate,
     judge, report. Re-running continues where it stopped (finished stages are
@@ -500,14 +501,20 @@ def run(
     if reward_weights is not None:
         fields.update({f"rewards.{k}": v for k, v in RewardWeights.parse(reward_weights).as_dict().items()})
     cfg = _config(preset, overrides, mesh, **fields)
-    path = Pipeline(cfg, run_dir or Path("runs") / cfg.preset, err_console).run()
+    path = Pipeline(cfg, run_dir or Path("runs") / cfg.preset, err_console, time_limit_minutes=time_limit).run()
     console.print(f"report: {path}")
+
+
+EXIT_TIME_LIMIT = 75
 
 
 def main() -> None:
     """Entry point: user-fixable errors become one line on stderr and exit code 2."""
     try:
         app()
+    except TimeLimitReached as error:  # EX_TEMPFAIL: nothing is wrong, continue later
+        err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_TIME_LIMIT)
     except Interrupted as error:  # the conventional 128 + signal number
         err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
         sys.exit(128 + error.signum)

@@ -19,3 +19,13 @@ class Interrupted(RuntimeError):
             f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {run_dir}; "
             "re-run the same command to resume"
         )
+
+
+class TimeLimitReached(Interrupted):
+    """``tracetune run --time-limit`` came: the running stage was stopped with SIGTERM
+    and saved; re-running continues."""
+
+    def __init__(self, minutes: float, stage: str):
+        self.signum = signal.SIGTERM
+        RuntimeError.__init__(self, f"the time limit of {minutes:g} min came during stage {stage}, which saved what it "
+                                    "had; re-run `tracetune run` with the same options (e.g. in the next session) to continue")

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracetune.config import Config
-from tracetune.errors import Interrupted, TrainingError
+from tracetune.errors import Interrupted, TimeLimitReached, TrainingError
 from tracetune.files import atomic_path
 from tracetune.runs import claim_directory
 
@@ -67,13 +67,16 @@ class StageInterrupted(Interrupted):
 
 
 class Pipeline:
-    def __init__(self, config: Config, run_dir: Path, console: Console | None = None):
+    def __init__(self, config: Config, run_dir: Path, console: Console | None = None, *, time_limit_minutes: float | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.console = console or Console(stderr=True)
         self.state_path = self.run_dir / "pipeline.json"
         self.state: dict[str, dict] = {}
         self.started = time.perf_counter()
+        # Sessions with a hard end (Kaggle's 9 hours) stop themselves in time to save.
+        self.time_limit = time_limit_minutes
+        self.deadline = self.started + time_limit_minutes * 60 if time_limit_minutes else None
 
     # -- state
     def _load_state(self) -> None:
@@ -117,7 +120,12 @@ class Pipeline:
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            code = process.wait()
+            try:
+                code = process.wait(timeout=None if self.deadline is None else max(0.0, self.deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGTERM)  # the stage saves a checkpoint, then exits
+                code = process.wait()
+                raise TimeLimitReached(self.time_limit, args[0]) from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -187,6 +195,8 @@ class Pipeline:
         for index, stage in enumerate(STAGES, start=1):
             if self.state.get(stage.name, {}).get("status") in ("done", "skipped"):
                 continue
+            if self.deadline is not None and time.perf_counter() >= self.deadline:
+                raise TimeLimitReached(self.time_limit, stage.name)
             elapsed = (time.perf_counter() - self.started) / 60
             self.console.rule(f"[bold]stage {index}/{len(STAGES)}: {stage.title}[/bold]  (pipeline {elapsed:.1f} min)")
             start = time.perf_counter()
