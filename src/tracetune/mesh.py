@@ -201,3 +201,4 @@ def active(mesh: jax.sharding.Mesh) -> Iterator[None]:
         yield
     finally:
         mesh.__exit__(None, None, None)
+
