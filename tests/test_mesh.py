@@ -253,3 +253,26 @@ def test_two_processes_train_one_sft_run_like_one_process(tmp_path):
     for key in one:  # Adam's normalised steps carry the gradients' float32 summation-order noise
         np.testing.assert_allclose(two[key], one[key], rtol=1e-3, atol=1e-4)
     assert (tmp_path / "two" / "export" / "merged").is_dir()
+
+
+# ------------------------------------------------------------ rollout engine
+
+
+def test_vanilla_is_the_default_rollout_engine_and_vllm_needs_vllm():
+    import importlib.util
+
+    from tracetune.grpo import vllm_settings
+    from tracetune.models.registry import load_model
+
+    assert load_config("recipe-1b").grpo.rollout_engine == "vanilla"
+    assert load_config("cpu-demo").grpo.rollout_engine == "tracetune"  # measured faster on CPU
+    config = load_config("tiny", ["grpo.rollout_engine=vllm"]).grpo
+    mesh = SimpleNamespace(shape={"fsdp": 2, "tp": 4})
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"grpo.rollout_engine=vllm needs vLLM \(pip install vllm"):
+            vllm_settings(config, load_model("tiny"), mesh)
+    else:  # where vLLM is installed: the architecture id and the mesh's layout reach Tunix
+        settings = vllm_settings(load_config("tiny", ["grpo.rollout_engine=vllm", "grpo.vllm_model=google/gemma-3-1b-it"]).grpo,
+                                 load_model("tiny"), mesh)
+        assert settings["rollout_vllm_model_version"] == "google/gemma-3-1b-it"
+        assert (settings["data_parallel_size"], settings["tensor_parallel_size"]) == (2, 4)

@@ -27,6 +27,7 @@ from tracetune.sft import (
     StopFlag,
     Tokenized,
     apply_lora,
+    conclusion_start,
     completion_loss,
     epoch_order,
     merged_params,
@@ -76,6 +77,27 @@ def test_pad_batch_masks_prompt_and_padding():
     assert not batch["loss_mask"][2].any() and not batch["tokens"][2].any()
 
 
+def test_the_conclusion_line_gets_its_own_loss_weight(tiny):
+    """From "Therefore" to EOS the tokens weigh sft.conclusion_weight; the ids are
+    those of the whole completion, and the weight's start decodes to the conclusion."""
+    traces = curate(arithmetic_examples("test")[:5], val_fraction=0).train
+    kept, _ = tokenize_traces(traces, tiny.tokenizer, max_tokens=10_000)
+    for trace, row in zip(traces, kept):
+        whole = tiny.tokenizer.encode(trace.completion, add_bos=False) + [tiny.tokenizer.eos_id]
+        assert row.ids[row.n_prompt :].tolist() == whole
+        assert tiny.tokenizer.decode(row.ids[row.conclusion :]).startswith("Therefore")
+        assert "Therefore" not in tiny.tokenizer.decode(row.ids[row.n_prompt : row.conclusion])
+    batch = pad_batch(kept[:2], micro_batch=2, multiple=8, pad_id=0, conclusion_weight=4.0)
+    row = kept[0]
+    weights = batch["loss_mask"][0]
+    assert not weights[: row.n_prompt].any() and not weights[len(row.ids) :].any()
+    assert set(weights[row.n_prompt : row.conclusion]) == {1.0}
+    assert set(weights[row.conclusion : len(row.ids)]) == {4.0}
+    plain = pad_batch(kept[:2], micro_batch=2, multiple=8, pad_id=0)  # the default: every completion token 1
+    assert set(plain["loss_mask"][0][row.n_prompt : len(row.ids)]) == {1.0}
+    assert conclusion_start(tiny.tokenizer, "Step 1: 2 + 2 = 4", [1, 2]) is None  # no conclusion line
+
+
 def test_batches_stop_only_at_update_boundaries():
     config = SFTConfig(batch_size=4, micro_batch_size=2, pad_multiple=4)  # 2 micro-batches per update
     stop = StopFlag()
@@ -107,6 +129,19 @@ def test_tokenize_drops_traces_over_the_budget(tiny):
 
 
 # ---------------------------------------------------------------- loss and LoRA
+
+
+def test_completion_loss_weighs_tokens_by_the_mask(tiny):
+    batch = pad_batch(rows((9, 4)), micro_batch=1, multiple=4, pad_id=0)
+    weighted = batch["loss_mask"].copy()
+    weighted[0, 7:9] = 3.0
+    plain_inputs = model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]), pad_id=0)
+    logits, _ = tiny.model(plain_inputs["tokens"], plain_inputs["positions"], None, plain_inputs["attention_mask"])
+    nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))[0, :-1],
+                              batch["tokens"][0, 1:, None], axis=-1)[:, 0]
+    w = weighted[0, 1:]
+    loss, _ = completion_loss(tiny.model, **model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(weighted), pad_id=0))
+    np.testing.assert_allclose(float(loss), float((nll * w).sum() / w.sum()), rtol=1e-5)
 
 
 def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny):

@@ -117,6 +117,10 @@ class SFTConfig:
       examples of similar length, so padding stays small and few shapes compile.
     checkpoint_minutes / checkpoint_steps: save when either is due (0 = off); always
       at the end and on SIGTERM / Ctrl-C.
+    conclusion_weight: the loss weight of the conclusion line's tokens ("Therefore,
+      ..." through </answer> and EOS) relative to the steps' (1 = a plain mean). A
+      small model learns to write steps before it learns when to stop; a weight > 1
+      makes closing the trace count for more.
     eval_every_steps: every N updates, greedy generations on ``eval_examples``
       held-out traces give the format rate and accuracy (0 = only at the end).
     """
@@ -134,6 +138,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     train_examples: int = 0
     pad_multiple: int = 64
+    conclusion_weight: float = 1.0
     checkpoint_minutes: float = 30.0
     checkpoint_steps: int = 0
     keep_checkpoints: int = 3
@@ -153,6 +158,8 @@ class SFTConfig:
             raise ConfigError("sft.max_steps must be > 0, or sft.epochs > 0 when max_steps is 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"sft.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.conclusion_weight <= 0:
+            raise ConfigError(f"sft.conclusion_weight must be > 0, got {self.conclusion_weight}")
         if self.pad_multiple < 1:
             raise ConfigError(f"sft.pad_multiple must be >= 1, got {self.pad_multiple}")
 

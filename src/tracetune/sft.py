@@ -150,6 +150,23 @@ class Tokenized:
 
     ids: np.ndarray  # [L] int32
     n_prompt: int
+    conclusion: int | None = None  # index of the first token of "Therefore, ..." (None: no conclusion line)
+
+
+CONCLUSION = "\nTherefore"
+
+
+def conclusion_start(tokenizer: Tokenizer, completion: str, completion_ids: Sequence[int]) -> int | None:
+    """Index in ``completion_ids`` of the conclusion line's first token, or None.
+
+    The ids stay those of the whole completion; the prefix up to and including the
+    newline is encoded on its own only to count its tokens (they match the whole
+    encoding's first tokens, since the newline is a token of its own)."""
+    at = completion.rfind(CONCLUSION)
+    if at < 0:
+        return None
+    head = tokenizer.encode(completion[: at + 1], add_bos=False)
+    return len(head) if list(completion_ids[: len(head)]) == head else None
 
 
 def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: int) -> tuple[list[Tokenized], int]:
@@ -161,7 +178,9 @@ def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: i
         if len(prompt) + len(completion) > max_tokens:
             dropped += 1
             continue
-        out.append(Tokenized(np.asarray(prompt + completion, np.int32), len(prompt)))
+        start = conclusion_start(tokenizer, trace.completion, completion)
+        out.append(Tokenized(np.asarray(prompt + completion, np.int32), len(prompt),
+                             None if start is None else len(prompt) + start))
     return out, dropped
 
 
@@ -182,15 +201,20 @@ def epoch_order(lengths: Sequence[int], micro_batch: int, seed: int, epoch: int,
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded tokens [B, T] and the loss mask [B, T] (completion tokens only);
-    T is the longest row rounded up to ``multiple``; missing rows are all padding."""
+def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id: int,
+              conclusion_weight: float = 1.0) -> dict[str, np.ndarray]:
+    """Right-padded tokens [B, T] and the loss weights [B, T] ("loss_mask"): 0 on the
+    prompt and padding, 1 on completion tokens, ``conclusion_weight`` from the
+    conclusion line ("Therefore, ...") to EOS. T is the longest row rounded up to
+    ``multiple``; missing rows are all padding."""
     width = math.ceil(max(len(r.ids) for r in rows) / multiple) * multiple
     tokens = np.full((micro_batch, width), pad_id, np.int32)
-    loss_mask = np.zeros((micro_batch, width), bool)
+    loss_mask = np.zeros((micro_batch, width), np.float32)
     for i, row in enumerate(rows):
         tokens[i, : len(row.ids)] = row.ids
-        loss_mask[i, row.n_prompt : len(row.ids)] = True
+        loss_mask[i, row.n_prompt : len(row.ids)] = 1.0
+        if row.conclusion is not None:
+            loss_mask[i, row.conclusion : len(row.ids)] = conclusion_weight
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
@@ -220,7 +244,8 @@ class Batches:
                     return
                 if self.stop.signum is not None and produced % self.config.grad_accum == 0:
                     return
-                batch = pad_batch([self.examples[i] for i in indices], self.config.micro_batch_size, self.config.pad_multiple, self.pad_id)
+                batch = pad_batch([self.examples[i] for i in indices], self.config.micro_batch_size, self.config.pad_multiple,
+                                  self.pad_id, self.config.conclusion_weight)
                 self.real_tokens.append(int(sum(len(self.examples[i].ids) for i in indices)))
                 self.padded_tokens.append(int(batch["tokens"].size))
                 produced += 1
@@ -256,7 +281,8 @@ def model_inputs(tokens, loss_mask, *, pad_id: int):
 
 
 def completion_loss(model, tokens, loss_mask, positions, attention_mask):
-    """Mean negative log-likelihood of the completion tokens.
+    """Weighted mean negative log-likelihood of the completion tokens (``loss_mask``
+    holds each token's weight: 0 masks it).
 
     Returns (loss, loss) so the trainer hands the loss to ``_post_process_train_step``
     (its NaN check) as the auxiliary output.
