@@ -299,6 +299,8 @@ def check_shared_backbone(cluster: rl_cluster_lib.RLCluster) -> None:
     Tunix only logs a warning. Stop instead, before the first step."""
     models = cluster_models(cluster)
     for role in ("reference", "rollout"):
+        if not isinstance(models[role], nnx.Module):  # vLLM: its own copy, in its own memory pool
+            continue
         if not rl_utils.is_sharing_backbone(models[role], models["actor"]):
             raise TrainingError(f"the actor and the {role} hold separate copies of the base weights (memory doubled): "
                                 "build the actor with sft.lora_on_mesh on the reference, all on one mesh")
