@@ -71,7 +71,8 @@ def host_id(env: Mapping[str, str] = os.environ) -> int:
 def initialize(config: MeshConfig, env: Mapping[str, str] = os.environ) -> bool:
     """Join the multi-host run the environment describes (``mesh.distributed``:
     auto / on / off); True when this process is part of one. Must run before any
-    JAX computation, so every stage command calls it first."""
+    JAX computation, so ``tracetune sft`` and ``tracetune grpo`` call it first
+    (evaluation runs on host 0 alone and does not join)."""
     reason = cluster_requested(env)
     if config.distributed == "off" or (config.distributed == "auto" and reason is None):
         return False
