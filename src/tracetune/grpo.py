@@ -55,7 +55,7 @@ from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
-from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
+from tracetune.runs import checkpoint_options, claim_directory, is_primary, truncate_metrics
 from tracetune.sft import StopFlag, export_run, lora_on_mesh, merged_tree
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
@@ -403,7 +403,7 @@ class GRPORun:
         return self.run_dir / "metrics.jsonl"
 
     def _append(self, path: Path, record: dict) -> None:
-        if not mesh_lib.is_primary():
+        if not is_primary():
             return
         with path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -574,7 +574,7 @@ class GRPORun:
             "seconds": time.perf_counter() - self.started,
             "warnings": sorted(self.warned),
         }
-        if mesh_lib.is_primary():
+        if is_primary():
             with atomic_path(self.run_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return GRPOResult(self.run_dir, step, self.history, merged_dir, adapter_dir, summary["seconds"])

@@ -117,12 +117,6 @@ def host_share(rows: S, process_index: int | None = None, process_count: int | N
     return rows[index * share : (index + 1) * share]
 
 
-def is_primary() -> bool:
-    """Whether this process writes the run directory's own files (config, metrics,
-    samples, export). Orbax writes checkpoints from every host itself."""
-    return jax.process_index() == 0
-
-
 def host_array(x: jax.Array) -> np.ndarray:
     """The whole array on this host, gathered from every host when it is sharded
     across them (a collective: every process must call it)."""

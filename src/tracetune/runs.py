@@ -24,6 +24,13 @@ def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:
             yield f"{prefix}{key}"
 
 
+def is_primary() -> bool:
+    """Whether this process writes the run directory's own files (config, metrics,
+    samples, summary, export): on a multi-host run only the first host does. Orbax
+    writes checkpoints from every host itself."""
+    return jax.process_index() == 0
+
+
 def claim_directory(run_dir: Path, config: Config, sections: Sequence[str]) -> None:
     """Save the resolved config in ``run_dir``, or check that a resumed run has the
     same one. Only ``sections`` (what shapes this stage) are compared: a later
@@ -31,7 +38,7 @@ def claim_directory(run_dir: Path, config: Config, sections: Sequence[str]) -> N
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if not path.exists():
-        if jax.process_index() != 0:  # on a multi-host run the first host writes it
+        if not is_primary():
             return
         with atomic_path(path) as tmp:
             save_config(config, tmp)
@@ -50,7 +57,7 @@ def truncate_metrics(path: Path, step: int) -> list[dict]:
         return []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [r for r in records if r.get("step", 0) <= step]
-    if jax.process_index() != 0:  # read-only on the other hosts of a multi-host run
+    if not is_primary():  # read-only on the other hosts
         return kept
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")

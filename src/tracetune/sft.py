@@ -50,7 +50,7 @@ from tracetune.models.hf import save_checkpoint
 from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.runs import checkpoint_options, claim_directory, truncate_metrics
+from tracetune.runs import checkpoint_options, claim_directory, is_primary, truncate_metrics
 
 
 # ------------------------------------------------------------------------- LoRA
@@ -124,7 +124,7 @@ def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir
     Every host gathers the weights; only the first writes them."""
     adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
     adapter, merged = lora_params(model), merged_params(model, lora)
-    if not mesh_lib.is_primary():
+    if not is_primary():
         return adapter_dir, merged_dir
     adapter_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(adapter, adapter_dir / "adapter.safetensors")
@@ -436,7 +436,7 @@ class SFTRun:
         return self.run_dir / "metrics.jsonl"
 
     def append_metrics(self, record: dict) -> None:
-        if not mesh_lib.is_primary():
+        if not is_primary():
             return
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -473,8 +473,7 @@ class SFTRun:
             "eval/examples": len(scores),
             "eval/seconds": generator.stats.seconds,
         }
-        if mesh_lib.is_primary():
-            self._write_samples(step, held_out, outputs, scores)
+        self._write_samples(step, held_out, outputs, scores)
         self.append_metrics(result)
         if self.metrics_logger is not None:
             for key in ("eval/format_rate", "eval/accuracy"):
@@ -485,6 +484,8 @@ class SFTRun:
         return result
 
     def _write_samples(self, step: int, held_out, outputs, scores) -> None:
+        if not is_primary():
+            return
         samples = self.run_dir / "samples" / f"step_{step:06d}.jsonl"
         samples.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(samples) as tmp, tmp.open("w", encoding="utf-8") as handle:
@@ -569,7 +570,7 @@ class SFTRun:
             evals=self.evals, merged_dir=merged_dir, adapter_dir=adapter_dir,
             seconds=time.perf_counter() - self.started, padding_share=1 - real / padded if padded else 0.0,
         )
-        if mesh_lib.is_primary():
+        if is_primary():
             write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
                         "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
         return result
