@@ -28,6 +28,8 @@ def test_overrides_are_typed_and_checked():
         ("data.seed=seven", "expected int"),
         ("rewards.trace=-1", ">= 0"),
         ("data.val_fraction=1.5", "val_fraction"),
+        ("sft.loop_share=1.5", r"sft.loop_share must be in \[0, 1\]"),
+        ("sft.conclusion_weight=0", "sft.conclusion_weight must be > 0"),
         ("seed", "section.field=value"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -12,8 +12,9 @@ from tracetune.data import (
     percentiles,
     shipped_path,
     split_examples,
+    with_loop,
 )
-from tracetune.format import is_well_formed
+from tracetune.format import format_completion, is_well_formed
 from tracetune.rewards import correctness, trace_structure
 
 from conftest import SHARED_GSM8K
@@ -67,6 +68,34 @@ def test_curated_targets_are_well_formed_and_correct_on_a_real_slice():
         assert is_well_formed(trace.completion), trace.id
         assert correctness(trace.completion, trace.reference) == 1.0, trace.id
     assert sum(trace_structure(t.completion) for t in result.train) / 200 >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("after", "block", "times", "looped"),
+    [
+        (1, 1, 1, ["a", "a", "b", "c"]),
+        (2, 1, 2, ["a", "b", "b", "b", "c"]),
+        (2, 2, 1, ["a", "b", "a", "b", "c"]),  # a two-step cycle
+        (3, 1, 1, ["a", "b", "c", "c"]),  # after the last step: the conclusion follows
+    ],
+)
+def test_with_loop_repeats_steps_renumbers_and_splits_at_the_loop(after, block, times, looped):
+    completion = format_completion(["a", "b", "c"], "Therefore, the answer is 3.", "3")
+    head, loop, tail = with_loop(completion, 3, after, block, times)
+    assert head + loop + tail == format_completion(looped, "Therefore, the answer is 3.", "3")
+    assert head.endswith(f"Step {after}: {looped[after - 1]}\n")
+    assert loop == "".join(f"Step {i}: {looped[i - 1]}\n" for i in range(after + 1, after + block * times + 1))
+    assert is_well_formed(head + loop + tail)
+
+
+def test_with_loop_keeps_real_steps_intact():
+    """Numbers and colons inside a step survive; only the "Step N: " label changes."""
+    trace = curate(load_examples("gsm8k", "train", limit=1).examples, val_fraction=0).train[0]
+    head, loop, tail = with_loop(trace.completion, trace.n_steps, 1, 1, 1)
+    assert loop == "Step 2: Natalia sold 48/2 = 24 clips in May.\n"
+    assert tail.startswith("Step 3: Natalia sold 48+24 = 72 clips altogether in April and May.\nTherefore")
+    with pytest.raises(ValueError, match="no loop of 2 step"):
+        with_loop(trace.completion, trace.n_steps, 1, 2, 1)
 
 
 def test_split_is_deterministic_and_disjoint():

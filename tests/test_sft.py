@@ -16,7 +16,7 @@ from flax import nnx
 
 from conftest import adapter_weights, finish, start_tracetune, wait_for
 from tracetune.config import ConfigError, LoraConfig, SFTConfig, load_config
-from tracetune.data import arithmetic_examples, curate
+from tracetune.data import arithmetic_examples, curate, load_examples
 from tracetune.errors import TrainingError
 from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.params import build_model
@@ -96,6 +96,41 @@ def test_the_conclusion_line_gets_its_own_loss_weight(tiny):
     plain = pad_batch(kept[:2], micro_batch=2, multiple=8, pad_id=0)  # the default: every completion token 1
     assert set(plain["loss_mask"][0][row.n_prompt : len(row.ids)]) == {1.0}
     assert conclusion_start(tiny.tokenizer, "Step 1: 2 + 2 = 4", [1, 2]) is None  # no conclusion line
+
+
+def test_loop_share_writes_loops_the_loss_skips(tiny):
+    """sft.loop_share: that share of traces gets a repeated step whose tokens weigh 0;
+    what follows it is trained. The choice is fixed by the seed; the ids are the
+    looped completion's own encoding; a loop that would not fit leaves the trace plain."""
+    traces = curate(load_examples("gsm8k", "train", limit=200).examples, val_fraction=0).train
+
+    def tokenize(budget=10_000, share=0.5, seed=42):
+        return tokenize_traces(traces, tiny.tokenizer, max_tokens=budget, loop_share=share, seed=seed)[0]
+
+    plain, looped = tokenize(share=0.0), tokenize()
+    with_loops = [i for i, row in enumerate(looped) if row.loop is not None]
+    assert 70 <= len(with_loops) <= 130  # about half of 200
+    assert [row.loop for row in tokenize()] == [row.loop for row in looped]  # a resumed run sees the same data
+    assert [row.loop for row in tokenize(seed=7)] != [row.loop for row in looped]
+    assert all(plain[i].loop is None and np.array_equal(plain[i].ids, looped[i].ids)
+               for i in range(len(traces)) if i not in with_loops)
+    for i in with_loops[:20]:
+        row, trace = looped[i], traces[i]
+        text = tiny.tokenizer.decode(row.ids[row.n_prompt :].tolist())
+        assert row.ids[row.n_prompt :].tolist() == tiny.tokenizer.encode(text, add_bos=False) + [tiny.tokenizer.eos_id]
+        loop = tiny.tokenizer.decode(row.ids[row.loop[0] : row.loop[1]].tolist())
+        assert loop.startswith("Step ") and loop.endswith("\n")
+        assert loop.split("\n")[0].split(": ", 1)[1] in trace.completion  # a real step, written again
+        assert text.count("Step ") > trace.n_steps
+        assert row.n_prompt < row.loop[0] < row.loop[1] <= row.conclusion
+        weights = pad_batch([row], micro_batch=1, multiple=8, pad_id=0)["loss_mask"][0]
+        assert not weights[row.loop[0] : row.loop[1]].any()
+        assert weights[row.n_prompt : row.loop[0]].all() and weights[row.loop[1] : len(row.ids)].all()
+    budget = max(len(row.ids) for row in plain)  # every plain trace fits; some looped ones do not
+    tight = tokenize(budget, share=1.0)
+    assert len(tight) == len(traces)
+    assert 0 < sum(row.loop is None for row in tight) < len(traces)
+    assert all(len(row.ids) <= budget for row in tight)
 
 
 def test_batches_stop_only_at_update_boundaries():

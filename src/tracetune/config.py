@@ -121,6 +121,10 @@ class SFTConfig:
       ..." through </answer> and EOS) relative to the steps' (1 = a plain mean). A
       small model learns to write steps before it learns when to stop; a weight > 1
       makes closing the trace count for more.
+    loop_share: the share of training traces (0-1) given a repetition loop that the
+      loss skips: 1-2 steps written again 1-2 times, then the true next step, which
+      is trained. It teaches leaving a loop instead of continuing it, the greedy
+      failure of small models (``data.with_loop``). The choice is fixed by the seed.
     eval_every_steps: every N updates, greedy generations on ``eval_examples``
       held-out traces give the format rate and accuracy (0 = only at the end).
     """
@@ -139,6 +143,7 @@ class SFTConfig:
     train_examples: int = 0
     pad_multiple: int = 64
     conclusion_weight: float = 1.0
+    loop_share: float = 0.0
     checkpoint_minutes: float = 30.0
     checkpoint_steps: int = 0
     keep_checkpoints: int = 3
@@ -160,6 +165,8 @@ class SFTConfig:
             raise ConfigError(f"sft.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.conclusion_weight <= 0:
             raise ConfigError(f"sft.conclusion_weight must be > 0, got {self.conclusion_weight}")
+        if not 0 <= self.loop_share <= 1:
+            raise ConfigError(f"sft.loop_share must be in [0, 1], got {self.loop_share}")
         if self.pad_multiple < 1:
             raise ConfigError(f"sft.pad_multiple must be >= 1, got {self.pad_multiple}")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.files import atomic_path
-from tracetune.format import TAGS, build_prompt, format_completion, parse_number
+from tracetune.format import REASONING_OPEN, TAGS, build_prompt, format_completion, parse_number
 
 SHIPPED = {"gsm8k": ("train", "test")}
 SYNTHETIC = {  # name -> split -> (seed, count)
@@ -272,6 +272,32 @@ def target_completion(steps: Sequence[str], reference: str) -> str:
 def curate_solution(solution: str, reference: str) -> str:
     """A GSM8K solution -> the target completion in the trace format."""
     return target_completion(solution_steps(solution), reference)
+
+
+def with_loop(completion: str, n_steps: int, after: int, block: int, times: int) -> tuple[str, str, str]:
+    """``completion`` with a repetition loop written into it, as (head, loop, tail).
+
+    After step ``after``, its last ``block`` steps are written again ``times`` times,
+    numbered on; the true steps follow, renumbered, then the conclusion. SFT skips
+    the loop in the loss and trains the tail, so the model learns that what follows
+    a repeated step is the next real step: how to leave the greedy loop a small
+    model falls into ("Step 9: ... Step 10: <Step 9 again> ...").
+
+    >>> head, loop, tail = with_loop(format_completion(["a = 1", "b = 2"], "Therefore, 2.", "2"), 2, 1, 1, 1)
+    >>> loop, tail[:len("Step 3: b = 2")]
+    ('Step 2: a = 1\\n', 'Step 3: b = 2')
+    """
+    if not 1 <= block <= after <= n_steps or times < 1:
+        raise ValueError(f"no loop of {block} step(s) after step {after} of {n_steps}")
+    lines = completion.removeprefix(REASONING_OPEN).split("\n")
+    steps = [re.sub(r"^Step \d+: ", "", line, count=1) for line in lines[:n_steps]]
+    looped = steps[:after] + steps[after - block : after] * times + steps[after:]
+    numbered = [f"Step {i}: {step}" for i, step in enumerate(looped, start=1)]
+    end = after + block * times
+    head = REASONING_OPEN + "\n".join(numbered[:after]) + "\n"
+    loop = "\n".join(numbered[after:end]) + "\n"
+    tail = "\n".join(numbered[end:] + lines[n_steps:])
+    return head, loop, tail
 
 
 def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

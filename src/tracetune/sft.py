@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import signal
 import sys
 import time
@@ -41,7 +42,7 @@ from tunix.sft import utils as tunix_utils
 
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
-from tracetune.data import Example, Trace, curate, load_examples
+from tracetune.data import Example, Trace, curate, load_examples, with_loop
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
@@ -151,37 +152,76 @@ class Tokenized:
     ids: np.ndarray  # [L] int32
     n_prompt: int
     conclusion: int | None = None  # index of the first token of "Therefore, ..." (None: no conclusion line)
+    loop: tuple[int, int] | None = None  # [start, end) of a written-in repetition the loss skips
 
 
 CONCLUSION = "\nTherefore"
+
+
+def prefix_length(tokenizer: Tokenizer, prefix: str, ids: Sequence[int]) -> int | None:
+    """How many of ``ids`` (the encoding of a text that starts with ``prefix``)
+    encode ``prefix``, or None when the prefix's own encoding is not a prefix of
+    ``ids``. True at a newline, which is a token of its own."""
+    head = tokenizer.encode(prefix, add_bos=False)
+    return len(head) if list(ids[: len(head)]) == head else None
 
 
 def conclusion_start(tokenizer: Tokenizer, completion: str, completion_ids: Sequence[int]) -> int | None:
     """Index in ``completion_ids`` of the conclusion line's first token, or None.
 
     The ids stay those of the whole completion; the prefix up to and including the
-    newline is encoded on its own only to count its tokens (they match the whole
-    encoding's first tokens, since the newline is a token of its own)."""
+    newline is encoded on its own only to count its tokens."""
     at = completion.rfind(CONCLUSION)
-    if at < 0:
+    return None if at < 0 else prefix_length(tokenizer, completion[: at + 1], completion_ids)
+
+
+def loop_choice(trace: Trace, seed: int, share: float) -> tuple[int, int, int] | None:
+    """(after, block, times) of the loop ``with_loop`` writes into ``trace``, or None;
+    fixed by (seed, trace id), so a resumed run tokenizes the same data."""
+    rng = random.Random(f"{seed}:{trace.id}")
+    if trace.n_steps < 1 or rng.random() >= share:
         return None
-    head = tokenizer.encode(completion[: at + 1], add_bos=False)
-    return len(head) if list(completion_ids[: len(head)]) == head else None
+    after = rng.randint(1, trace.n_steps)
+    return after, rng.randint(1, min(2, after)), rng.randint(1, 2)
 
 
-def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: int) -> tuple[list[Tokenized], int]:
-    """Tokenize; traces longer than ``max_tokens`` are dropped (their count is returned)."""
+def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: int, *,
+                    loop_share: float = 0.0, seed: int = 42) -> tuple[list[Tokenized], int]:
+    """Tokenize; traces longer than ``max_tokens`` are dropped (their count is returned).
+
+    A ``loop_share`` of the traces get a repetition loop (see ``loop_choice``) whose
+    tokens the loss skips; a looped trace that would be too long stays plain."""
     out, dropped = [], 0
     for trace in traces:
         prompt = tokenizer.encode(trace.prompt)
-        completion = tokenizer.encode(trace.completion, add_bos=False) + [tokenizer.eos_id]
-        if len(prompt) + len(completion) > max_tokens:
+        row = None
+        choice = loop_choice(trace, seed, loop_share) if loop_share else None
+        if choice is not None:
+            head, loop, tail = with_loop(trace.completion, trace.n_steps, *choice)
+            row = _tokenize(tokenizer, prompt, head + loop + tail, max_tokens, loop=(head, head + loop))
+        if row is None:
+            row = _tokenize(tokenizer, prompt, trace.completion, max_tokens)
+        if row is None:
             dropped += 1
             continue
-        start = conclusion_start(tokenizer, trace.completion, completion)
-        out.append(Tokenized(np.asarray(prompt + completion, np.int32), len(prompt),
-                             None if start is None else len(prompt) + start))
+        out.append(row)
     return out, dropped
+
+
+def _tokenize(tokenizer: Tokenizer, prompt: list[int], completion: str, max_tokens: int,
+              loop: tuple[str, str] | None = None) -> Tokenized | None:
+    """One row, or None when too long (or when the loop's bounds do not fall on tokens)."""
+    ids = tokenizer.encode(completion, add_bos=False) + [tokenizer.eos_id]
+    if len(prompt) + len(ids) > max_tokens:
+        return None
+    span = None
+    if loop is not None:
+        bounds = [prefix_length(tokenizer, text, ids) for text in loop]
+        if None in bounds:
+            return None
+        span = (len(prompt) + bounds[0], len(prompt) + bounds[1])
+    start = conclusion_start(tokenizer, completion, ids)
+    return Tokenized(np.asarray(prompt + ids, np.int32), len(prompt), None if start is None else len(prompt) + start, span)
 
 
 def epoch_order(lengths: Sequence[int], micro_batch: int, seed: int, epoch: int, window: int = 32) -> list[list[int]]:
@@ -206,7 +246,7 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     """Right-padded tokens [B, T] and the loss weights [B, T] ("loss_mask"): 0 on the
     prompt and padding, 1 on completion tokens, ``conclusion_weight`` from the
     conclusion line ("Therefore, ...") to EOS. T is the longest row rounded up to
-    ``multiple``; missing rows are all padding."""
+    ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0."""
     width = math.ceil(max(len(r.ids) for r in rows) / multiple) * multiple
     tokens = np.full((micro_batch, width), pad_id, np.int32)
     loss_mask = np.zeros((micro_batch, width), np.float32)
@@ -215,6 +255,8 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
         loss_mask[i, row.n_prompt : len(row.ids)] = 1.0
         if row.conclusion is not None:
             loss_mask[i, row.conclusion : len(row.ids)] = conclusion_weight
+        if row.loop is not None:
+            loss_mask[i, row.loop[0] : row.loop[1]] = 0.0
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
@@ -502,7 +544,8 @@ class SFTRun:
             self.loaded = load_model(sft.model, dtype=sft.dtype, weights=sft.weights or None, seed=sft.seed)
         tokenizer = self.loaded.tokenizer
         train_traces, self.validation = self._traces()
-        examples, too_long = tokenize_traces(train_traces, tokenizer, self.config.data.max_tokens)
+        examples, too_long = tokenize_traces(train_traces, tokenizer, self.config.data.max_tokens,
+                                             loop_share=sft.loop_share, seed=sft.seed)
         if not examples:
             raise TrainingError(f"every training trace is longer than data.max_tokens={self.config.data.max_tokens}")
         self.steps = total_steps(sft, len(examples))
@@ -540,7 +583,8 @@ class SFTRun:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         elif sft.eval_every_steps:
             self.evaluate(0, model)
-        print(f"sft: {len(examples)} traces ({too_long} longer than {self.config.data.max_tokens} tokens dropped), "
+        looped = f", {sum(e.loop is not None for e in examples)} with a written-in loop" if sft.loop_share else ""
+        print(f"sft: {len(examples)} traces ({too_long} longer than {self.config.data.max_tokens} tokens dropped{looped}), "
               f"{self.steps} updates of {sft.batch_size} ({sft.grad_accum} x {sft.micro_batch_size}), "
               f"LoRA rank {sft.lora.rank} on {self.loaded.name}, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
