@@ -33,7 +33,6 @@ from tracetune.sft import (
     merged_params,
     model_inputs,
     pad_batch,
-    repetition_unlikelihood,
     tokenize_traces,
     total_steps,
     train_sft,
@@ -194,42 +193,6 @@ def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny):
     assert len(expected) == (9 - 4) + (6 - 3)  # prompt and padding positions excluded
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
     assert float(aux) == float(loss)
-
-
-def test_repetition_unlikelihood_matches_its_definition():
-    """At each trained position: -log(1 - p(c)) over the distinct tokens c written
-    since the completion began, the target excepted; the weighted mean."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, 5, size=(2, 10)).astype(np.int32)  # a small vocabulary: many repeats
-    mask = np.zeros((2, 10), np.float32)
-    mask[0, 3:9] = 1.0
-    mask[1, 2:] = 1.0
-    mask[1, 5] = 0.0  # a skipped token (a loop) is still written
-    mask[1, 7] = 2.0
-    logits = rng.normal(size=(2, 9, 7)).astype(np.float32)
-    logp = np.asarray(jax.nn.log_softmax(logits))
-    total = weight = 0.0
-    for b in range(2):
-        start = int(np.argmax(mask[b] > 0))
-        for t in range(9):
-            if mask[b, t + 1]:
-                written = set(tokens[b, start : t + 1].tolist()) - {int(tokens[b, t + 1])}
-                total += mask[b, t + 1] * sum(-np.log1p(-np.exp(logp[b, t, c])) for c in written)
-                weight += mask[b, t + 1]
-    got = repetition_unlikelihood(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
-    np.testing.assert_allclose(float(got), total / weight, rtol=1e-5)
-    assert total > 0
-
-
-def test_completion_loss_adds_the_weighted_unlikelihood(tiny):
-    batch = pad_batch(rows((9, 4), (6, 3)), micro_batch=2, multiple=4, pad_id=0)
-    inputs = model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]), pad_id=0)
-    plain, _ = completion_loss(tiny.model, **inputs)
-    logits, _ = tiny.model(inputs["tokens"], inputs["positions"], None, inputs["attention_mask"])
-    penalty = repetition_unlikelihood(logits[:, :-1].astype(jnp.float32), inputs["tokens"], inputs["loss_mask"])
-    both, aux = completion_loss(tiny.model, **inputs, unlikelihood=0.5)
-    np.testing.assert_allclose(float(both), float(plain) + 0.5 * float(penalty), rtol=1e-5)
-    assert float(penalty) > 0 and float(aux) == float(both)
 
 
 def test_merged_weights_compute_what_the_lora_model_computes(tiny):

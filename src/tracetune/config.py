@@ -125,9 +125,6 @@ class SFTConfig:
       loss skips: 1-2 steps written again 1-2 times, then the true next step, which
       is trained. It teaches leaving a loop instead of continuing it, the greedy
       failure of small models (``data.with_loop``). The choice is fixed by the seed.
-    unlikelihood: the weight of token-level unlikelihood (Welleck et al. 2019) beside
-      the likelihood: it penalises probability on tokens the completion has already
-      written, other than the target (0 = off; the paper uses 1).
     eval_every_steps: every N updates, greedy generations on ``eval_examples``
       held-out traces give the format rate and accuracy (0 = only at the end).
     """
@@ -147,7 +144,6 @@ class SFTConfig:
     pad_multiple: int = 64
     conclusion_weight: float = 1.0
     loop_share: float = 0.0
-    unlikelihood: float = 0.0
     checkpoint_minutes: float = 30.0
     checkpoint_steps: int = 0
     keep_checkpoints: int = 3
@@ -171,8 +167,6 @@ class SFTConfig:
             raise ConfigError(f"sft.conclusion_weight must be > 0, got {self.conclusion_weight}")
         if not 0 <= self.loop_share <= 1:
             raise ConfigError(f"sft.loop_share must be in [0, 1], got {self.loop_share}")
-        if self.unlikelihood < 0:
-            raise ConfigError(f"sft.unlikelihood must be >= 0, got {self.unlikelihood}")
         if self.pad_multiple < 1:
             raise ConfigError(f"sft.pad_multiple must be >= 1, got {self.pad_multiple}")
 

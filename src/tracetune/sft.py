@@ -324,10 +324,9 @@ def model_inputs(tokens, loss_mask, *, pad_id: int):
     }
 
 
-def completion_loss(model, tokens, loss_mask, positions, attention_mask, *, unlikelihood: float = 0.0):
+def completion_loss(model, tokens, loss_mask, positions, attention_mask):
     """Weighted mean negative log-likelihood of the completion tokens (``loss_mask``
-    holds each token's weight: 0 masks it), plus ``unlikelihood`` times
-    ``repetition_unlikelihood`` when that is > 0.
+    holds each token's weight: 0 masks it).
 
     Returns (loss, loss) so the trainer hands the loss to ``_post_process_train_step``
     (its NaN check) as the auxiliary output.
@@ -339,41 +338,7 @@ def completion_loss(model, tokens, loss_mask, positions, attention_mask, *, unli
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T-1]
     mask = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
     loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    if unlikelihood:
-        loss = loss + unlikelihood * repetition_unlikelihood(logits, tokens, loss_mask)
     return loss, loss
-
-
-def repetition_unlikelihood(logits, tokens, loss_mask):
-    """Token-level unlikelihood (Welleck et al. 2019, "Neural Text Generation with
-    Unlikelihood Training"): at every trained position, -log(1 - p(c)) summed over
-    the distinct tokens c the completion has already written, the target excepted;
-    the weighted mean over positions. It pushes down copying what was just said,
-    the start of a greedy loop, and leaves alone what the data says next.
-
-    logits [B, S, V] (float32, position t predicts tokens[:, t + 1]); tokens and
-    loss_mask [B, S + 1].
-    """
-    batch, n = tokens.shape[0], tokens.shape[1] - 1
-    context, targets = tokens[:, :-1], tokens[:, 1:]  # [B, S]
-    at = jnp.arange(n)
-    # A context token is "written" from the completion's first token on.
-    written = jnp.cumsum(loss_mask[:, :-1] > 0, axis=1) > 0  # [B, S]
-    # Each token counts once: at position t only its latest occurrence s <= t does.
-    same = context[:, :, None] == context[:, None, :]  # [B, S, S]
-    next_same = jnp.min(jnp.where(same & (at[None, :] > at[:, None]), at, n), axis=-1)  # [B, S]
-    candidate = (
-        (at[None, None, :] <= at[None, :, None])  # s <= t          [1, S(t), S(s)]
-        & (at[None, :, None] < next_same[:, None, :])  # latest     [B, S, S]
-        & written[:, None, :]
-        & (context[:, None, :] != targets[:, :, None])  # not the target
-    )  # [B, S(t), S(s)]
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, S]
-    chosen = jnp.take_along_axis(logits, jnp.broadcast_to(context[:, None, :], (batch, n, n)), axis=-1)  # [B, S, S]
-    p = jnp.exp(chosen - lse[:, :, None])
-    penalty = jnp.sum(jnp.where(candidate, -jnp.log(jnp.clip(1.0 - p, 1e-5)), 0.0), axis=-1)  # [B, S]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(penalty * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def learning_rate_schedule(config: SFTConfig, steps: int) -> optax.Schedule:
@@ -611,10 +576,7 @@ class SFTRun:
         trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
         trainer.update_done = {}
         pad_id = tokenizer.pad_id
-        def loss_fn(model, tokens, loss_mask, positions, attention_mask):  # nnx resolves arguments by name: no partial
-            return completion_loss(model, tokens, loss_mask, positions, attention_mask, unlikelihood=sft.unlikelihood)
-
-        trainer.with_loss_fn(loss_fn, has_aux=True)
+        trainer.with_loss_fn(completion_loss, has_aux=True)
         trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch["tokens"], batch["loss_mask"], pad_id=pad_id))
         trainer.with_training_hooks(RunHooks(self))
         resumed = trainer.train_steps
