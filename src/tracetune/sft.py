@@ -5,9 +5,9 @@ checkpoints that restore LoRA weights and optimizer state); qwix puts the LoRA
 adapters on Gemma 3's attention and MLP projections. tracetune adds what a run
 needs around it:
 
-* the loss on completion tokens only (prompt and padding masked), in float32, with
-  optional remedies for the greedy repetition loops of small models: written-in
-  loops the loss skips (``sft.loop_share``) and token-level unlikelihood;
+* the loss on completion tokens only (prompt and padding masked), in float32;
+* optional written-in repetition loops the loss skips (``sft.loop_share``), so a
+  small model learns to leave the greedy loops it falls into;
 * batches of similar-length traces padded to a multiple of ``pad_multiple``, in an
   order fixed by the seed, so a resumed run sees exactly the batches it would have;
 * a run directory: config.yaml, checkpoints/, metrics.jsonl, tensorboard/,
