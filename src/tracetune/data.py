@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.files import atomic_path
-from tracetune.format import REASONING_OPEN, TAGS, build_prompt, format_completion, parse_number
+from tracetune.format import REASONING_OPEN, TAGS, build_prompt, format_completion, numbered_steps, parse_number, step_text
 
 SHIPPED = {"gsm8k": ("train", "test")}
 SYNTHETIC = {  # name -> split -> (seed, count)
@@ -290,9 +290,8 @@ def with_loop(completion: str, n_steps: int, after: int, block: int, times: int)
     if not 1 <= block <= after <= n_steps or times < 1:
         raise ValueError(f"no loop of {block} step(s) after step {after} of {n_steps}")
     lines = completion.removeprefix(REASONING_OPEN).split("\n")
-    steps = [re.sub(r"^Step \d+: ", "", line, count=1) for line in lines[:n_steps]]
-    looped = steps[:after] + steps[after - block : after] * times + steps[after:]
-    numbered = [f"Step {i}: {step}" for i, step in enumerate(looped, start=1)]
+    steps = [step_text(line) for line in lines[:n_steps]]
+    numbered = numbered_steps(steps[:after] + steps[after - block : after] * times + steps[after:])
     end = after + block * times
     head = REASONING_OPEN + "\n".join(numbered[:after]) + "\n"
     loop = "\n".join(numbered[after:end]) + "\n"

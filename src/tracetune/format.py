@@ -73,13 +73,30 @@ def build_prompt(question: str, style: str = "plain") -> str:
     raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
 
 
+_STEP_LABEL = re.compile(r"^Step [0-9]+: ")
+
+
+def numbered_steps(steps: list[str]) -> list[str]:
+    """The reasoning's step lines, ``Step N: ...`` from 1 (``step_text`` undoes it).
+
+    >>> numbered_steps(["2 + 2 = 4", "4 * 2 = 8"])
+    ['Step 1: 2 + 2 = 4', 'Step 2: 4 * 2 = 8']
+    """
+    return [f"Step {i}: {step}" for i, step in enumerate(steps, start=1)]
+
+
+def step_text(line: str) -> str:
+    """A step line without its ``Step N: `` label."""
+    return _STEP_LABEL.sub("", line, count=1)
+
+
 def format_completion(steps: list[str], conclusion: str, answer: str) -> str:
     """Write a completion in the trace format (the shape SFT targets take).
 
     >>> format_completion(["2 + 2 = 4"], "Therefore, the answer is 4.", "4")
     '<reasoning>Step 1: 2 + 2 = 4\\nTherefore, the answer is 4.</reasoning>\\n<answer>4</answer>'
     """
-    lines = [f"Step {i}: {step}" for i, step in enumerate(steps, start=1)] + [conclusion]
+    lines = numbered_steps(steps) + [conclusion]
     return f"{REASONING_OPEN}{chr(10).join(lines)}{REASONING_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 

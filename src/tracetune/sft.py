@@ -197,7 +197,7 @@ def tokenize_traces(traces: Sequence[Trace], tokenizer: Tokenizer, max_tokens: i
     for trace in traces:
         prompt = tokenizer.encode(trace.prompt)
         row = None
-        choice = loop_choice(trace, seed, loop_share) if loop_share else None
+        choice = loop_choice(trace, seed, loop_share)
         if choice is not None:
             head, loop, tail = with_loop(trace.completion, trace.n_steps, *choice)
             row = _tokenize(tokenizer, prompt, head + loop + tail, max_tokens, loop=(head, head + loop))
