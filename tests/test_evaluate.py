@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tracetune.errors import DamagedFile
 from tracetune.config import load_config
 from tracetune.data import Example
 from tracetune.evaluate import EvalError, evaluate, problems, read_records, sample_record, score_generation, summarize
@@ -88,7 +89,7 @@ def test_an_evaluation_directory_refuses_other_settings(tmp_path, tiny):
 
 def test_a_corrupt_line_inside_samples_names_the_line(tmp_path):
     (tmp_path / "samples.jsonl").write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(EvalError, match=r"samples.jsonl:2"):
+    with pytest.raises(DamagedFile, match=r"samples.jsonl:2"):
         read_records(tmp_path / "samples.jsonl")
 
 

@@ -7,6 +7,7 @@ nothing here holds training or scoring logic.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,9 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tracetune import data as data_mod
-from tracetune import scoring
+from tracetune import files, scoring
 from tracetune.files import atomic_path
-from tracetune.errors import Interrupted, TimeLimitReached, TrainingError
+from tracetune.errors import DamagedFile, DiskFull, Interrupted, TimeLimitReached, TrainingError
 from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
 
@@ -449,7 +450,7 @@ def grpo(
 def serve(
     model: Annotated[str, typer.Option(help="Model to serve: a name (gemma3-270m, tiny, ...), a checkpoint path, or a finished run directory.")] = "gemma3-270m",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).", min=1, max=65535)] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name reported by the API. Default: --model.")] = None,
     max_batch: Annotated[int, typer.Option(help="Greedy requests with the same settings are decoded together, up to this many.")] = 8,
     max_tokens: Annotated[int, typer.Option(help="Default completion budget when a request gives none.")] = 256,
@@ -506,22 +507,40 @@ def run(
 
 
 EXIT_TIME_LIMIT = 75
+EXIT_DISK_FULL = 74  # EX_IOERR: nothing is broken, free space and re-run
+
+
+def _disk_full(error: DiskFull) -> None:
+    """One line, then leave at once: writer threads that died on the full disk may
+    hold locks that interpreter shutdown (atexit flushes) would wait on for ever.
+    Everything the run wrote before is whole (atomic files, whole JSONL lines, orbax
+    commits), so nothing is lost by not flushing the rest."""
+    if not error.reported:
+        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_DISK_FULL)
 
 
 def main() -> None:
-    """Entry point: user-fixable errors become one line on stderr and exit code 2."""
+    """Entry point: user-fixable errors become one line on stderr and exit code 2; a
+    full disk exits 74, a time limit 75, a signal 128 + its number, a crash 1."""
     try:
         app()
+    except DiskFull as error:
+        _disk_full(error)
     except TimeLimitReached as error:  # EX_TEMPFAIL: nothing is wrong, continue later
         err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_TIME_LIMIT)
     except Interrupted as error:  # the conventional 128 + signal number
         err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
         sys.exit(128 + error.signum)
-    except (data_mod.DataError, ConfigError, ModelError, TrainingError) as error:
+    except (data_mod.DataError, ConfigError, ModelError, TrainingError, DamagedFile) as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except OSError as error:  # a full disk, a path that is a file: say which file
+    except OSError as error:  # a path that is a file, a missing directory: say which file
+        if files.is_disk_full(error):
+            _disk_full(DiskFull(error.filename or Path.cwd()))
         where = f" {error.filename}" if error.filename else ""
         err_console.print(f"[red]error:[/red] cannot write or read{where}: {error.strerror or error}", highlight=False, soft_wrap=True)
         sys.exit(2)

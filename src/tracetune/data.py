@@ -97,24 +97,56 @@ def example_from_row(row: Any, source: str, line: int, question_field: str = "qu
     )
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook: a key given twice is an error, not last-wins."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or DataError) for each non-blank line.
 
-    A malformed line is yielded as its error, so a caller that skips bad rows can
-    go on reading; ``read_jsonl`` raises instead.
+    A malformed line (bad JSON, bytes that are not UTF-8, a key given twice) is
+    yielded as its error, so a caller that skips bad rows can go on reading;
+    ``read_jsonl`` raises instead. A UTF-8 byte-order mark at the start is accepted.
+    A file with no rows at all is an error.
     """
     try:
-        handle = path.open(encoding="utf-8")
+        handle = Path(path).open("rb")
     except OSError as error:
         raise DataError(str(path), None, None, f"cannot open: {error.strerror}") from None
+    rows = 0
     with handle:
-        for number, text in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                rows += 1
+                yield number, DataError(str(path), number, None, f"not UTF-8 text (byte {error.object[error.start]:#04x} at column {error.start + 1})")
+                continue
             if not text.strip():
                 continue
+            rows += 1
             try:
-                yield number, json.loads(text)
+                yield number, json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as error:
                 yield number, DataError(str(path), number, None, f"malformed JSON: {error.msg} (column {error.colno})")
+            except _DuplicateKey as error:
+                yield number, DataError(str(path), number, str(error), "given twice in one row")
+            except RecursionError:
+                yield number, DataError(str(path), number, None, "malformed JSON: nested too deeply")
+    if not rows:
+        raise DataError(str(path), None, None, "the file holds no rows (it is empty)")
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -189,6 +221,13 @@ def arithmetic_examples(split: str = "train", task: str = "arithmetic") -> list[
         out.append(Example(id=f"{task}-{split}-{index}", question=question, reference=str(reference), solution=solution))
     return out
 
+def looks_local(source: str) -> bool:
+    """Whether a source names a file rather than a Hugging Face dataset id
+    ("owner/name"): a file suffix, an absolute or ./ path, or more than one slash."""
+    return (source.endswith((".jsonl", ".json", ".txt", ".csv")) or source.startswith(("/", "./", "../", "~"))
+            or source.count("/") > 1 or Path(source).parent.is_dir() and Path(source).parent != Path("."))
+
+
 def load_examples(
     source: str = "gsm8k",
     split: str = "train",
@@ -207,6 +246,8 @@ def load_examples(
         name, rows = f"{source}/{split}.jsonl", iter_jsonl(shipped_path(source, split))
     elif Path(source).is_file():
         name, rows = source, iter_jsonl(Path(source))
+    elif looks_local(source):
+        raise DataError(source, None, None, "no such file (a local path: it is not looked up on the Hugging Face Hub)")
     else:
         name, rows = source, _hf_rows(source, split)
 

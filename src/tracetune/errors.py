@@ -29,3 +29,40 @@ class TimeLimitReached(Interrupted):
         self.signum = signal.SIGTERM
         RuntimeError.__init__(self, f"the time limit of {minutes:g} min came during stage {stage}, which saved what it "
                                     "had; re-run `tracetune run` with the same options (e.g. in the next session) to continue")
+
+
+class DamagedFile(ValueError):
+    """A run's own file (metrics, samples, a cache) that is damaged before its last line."""
+
+
+class DiskFull(OSError):
+    """No space left where a run writes: the run stops, what it wrote before stays valid,
+    and re-running the same command after freeing space resumes."""
+
+    def __init__(self, path: Path | str, needed_bytes: int | None = None, *, reported: bool = False):
+        import errno
+        import shutil
+
+        self.path, self.needed_bytes, self.reported = Path(path), needed_bytes, reported  # reported: by a stage's process
+        probe = self.path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            free = None
+        need = f"free at least {_size(needed_bytes)}" if needed_bytes else "free some space"
+        have = f" ({_size(free)} free there)" if free is not None else ""
+        super().__init__(errno.ENOSPC, f"disk full writing {self.path}{have}: {need}, then re-run the same command to resume")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

@@ -29,7 +29,7 @@ from tracetune import failures
 from tracetune.config import Config, RewardWeights
 from tracetune.data import Example
 from tracetune.errors import TrainingError
-from tracetune.files import atomic_path
+from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended
 from tracetune.format import build_prompt
 from tracetune.generate import Generation, Generator, SamplingConfig
 from tracetune.rewards import answer_token_logprobs
@@ -88,20 +88,9 @@ def record_score(record: dict[str, Any]) -> SampleScore:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a samples.jsonl; a last line cut short by a kill is dropped
-    (it will be redone), any other bad line is an error naming the line."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise EvalError(f"{path}:{number}: not a JSON record ({error.msg}); remove the line or the directory") from None
-    return records
+    """Records of a samples.jsonl; a torn last line (a kill, a full disk) is cut
+    with a note (it will be redone), any other bad line is an error naming the line."""
+    return read_appended(path)
 
 
 @dataclass
@@ -123,7 +112,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Estimate], l
 def write_summary(out_dir: Path, records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> tuple[dict[str, Estimate], list[failures.FailureRow]]:
     metrics, rows = summarize(records)
     with atomic_path(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"settings": settings, "metrics": metrics_json(metrics)}, indent=2, allow_nan=True) + "\n")
+        tmp.write_text(json.dumps(json_safe({"settings": settings, "metrics": metrics_json(metrics)}), indent=2, allow_nan=False) + "\n")
     table = markdown_table(metrics) + "\n" + failures.failure_markdown(rows, len(records))
     with atomic_path(out_dir / "metrics.md") as tmp:
         tmp.write_text(table, encoding="utf-8")
@@ -178,18 +167,15 @@ def evaluate(
     start = time.perf_counter()
     if todo:
         generator = Generator(loaded.model, loaded.tokenizer, max_batch=min(harness.batch_size, len(todo)))
-        with samples_path.open("a", encoding="utf-8") as handle:
-            for first in range(0, len(todo), harness.batch_size):
-                batch = todo[first : first + harness.batch_size]
-                scored = generate_and_score(generator, batch, max_new_tokens=harness.max_new_tokens,
-                                            prompt_style=config.data.prompt_style, weights=config.rewards)
-                for example, (score, generation) in zip(batch, scored):
-                    record = sample_record(score, generation, example)
-                    records.append(record)
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
-                if progress:
-                    progress(len(batch))
+        for first in range(0, len(todo), harness.batch_size):
+            batch = todo[first : first + harness.batch_size]
+            scored = generate_and_score(generator, batch, max_new_tokens=harness.max_new_tokens,
+                                        prompt_style=config.data.prompt_style, weights=config.rewards)
+            batch_records = [sample_record(score, generation, example) for example, (score, generation) in zip(batch, scored)]
+            records += batch_records
+            append_jsonl(samples_path, *batch_records)
+            if progress:
+                progress(len(batch))
     order = {e.id: i for i, e in enumerate(examples)}
     records.sort(key=lambda r: order[r["id"]])
     metrics, rows = write_summary(out_dir, records, settings)

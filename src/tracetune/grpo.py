@@ -48,14 +48,16 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, LoraConfig, RewardWeights
 from tracetune.data import Example, load_examples
-from tracetune.errors import Interrupted, TrainingError
+from tracetune.errors import DiskFull, Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
-from tracetune.runs import checkpoint_options, claim_directory, is_primary, truncate_metrics
+from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_failure, checkpoint_options, claim_directory,
+                            is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
+from tracetune.files import is_disk_full
 from tracetune.sft import StopFlag, export_run, lora_on_mesh, merged_tree
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
@@ -403,16 +405,15 @@ class GRPORun:
         return self.run_dir / "metrics.jsonl"
 
     def _append(self, path: Path, record: dict) -> None:
-        if not is_primary():
-            return
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        append_record(path, record)
 
     def _on_metrics(self, buffer) -> None:
         """Called by RLCluster once per finished step with the step's buffered metrics."""
         if buffer.mode != "train" or not self.learner.step_records:
             return
         records, self.learner.step_records = self.learner.step_records, []
+        self.watch.check()  # a writer thread that died (full disk) stops the run here
+        check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints")
         step = int(self.cluster.actor_trainer.train_steps)
         logger = self.cluster.actor_trainer.metrics_logger
 
@@ -491,6 +492,9 @@ class GRPORun:
         reference, actor = lora_on_mesh(loaded.model, grpo.lora, grpo.seed, mesh)
         loaded = dataclasses.replace(loaded, model=reference)  # no unsharded copy left behind
 
+        self.watch = FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir)
+        # A damaged newest checkpoint is moved aside before the trainer restores.
+        set_aside_damaged_checkpoints(self.run_dir / "checkpoints")
         warmup = int(grpo.warmup_fraction * grpo.max_steps)
         schedule = optax.join_schedules([optax.linear_schedule(0.0, grpo.learning_rate, max(warmup, 1)),
                                          optax.constant_schedule(grpo.learning_rate)], [warmup]) if warmup else grpo.learning_rate
@@ -510,7 +514,7 @@ class GRPORun:
             compute_logps_micro_batch_size=micro,
             checkpoint_root_directory=str((self.run_dir / "checkpoints").resolve()),
             checkpointing_options=checkpoint_options(grpo.checkpoint_minutes, grpo.checkpoint_steps, grpo.keep_checkpoints),
-            metrics_logging_options=tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10),
+            metrics_logging_options=metrics_options(self.run_dir / "tensorboard", self.watch),
             pbar_description="grpo",
         )
         rollout = base_rollout.RolloutConfig(
@@ -544,6 +548,7 @@ class GRPORun:
         # The forced final save carries no step metadata: count steps from the trainer.
         self.cluster.global_steps = resumed
         self.history = truncate_metrics(self.metrics_path, resumed)
+        truncate_metrics(self.run_dir / "samples.jsonl", resumed)  # redone steps write their samples again
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         self.cluster.with_external_metrics_logger(self._on_metrics)
@@ -552,14 +557,22 @@ class GRPORun:
               f"R = {w.correctness} correctness + {w.trace} trace + {w.confidence} confidence, "
               f"from {loaded.source}, {grpo.rollout_engine} rollouts, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
-        with StopFlag() as stop:
+        with StopFlag() as stop, self.watch:
             data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, stop)
             try:
                 if resumed < self.steps:
                     with mesh_lib.active(mesh):
                         self.learner.train(data)
-            except BaseException:
-                self.cluster.actor_trainer.checkpoint_manager.close()
+                check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints")
+            except BaseException as error:
+                failure = (checkpoint_failure(error, self.run_dir / "checkpoints")
+                           if is_disk_full(error) and not isinstance(error, DiskFull) else error)
+                try:
+                    self.cluster.actor_trainer.checkpoint_manager.close()
+                except Exception:  # noqa: BLE001 - already stopping for `error`; a full disk fails this too
+                    pass
+                if failure is not error:
+                    raise failure from None
                 raise
         step = self.cluster.actor_trainer.train_steps
         if stop.signum is not None:

@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import httpx
 
+from tracetune.errors import DamagedFile
+from tracetune.files import append_jsonl, read_appended, writing
 from tracetune.models.errors import ModelError
 from tracetune.scoring import mean_ci
 
@@ -237,32 +239,25 @@ def read_cache(path: Path) -> dict[tuple[str, str, str], Judgement]:
     The file is written a line at a time; a last line without its newline was
     cut by a kill, and is dropped from the file so that appends stay whole lines.
     """
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with path.open("r+b") as handle:
-            handle.truncate(len(raw))
     cache: dict[tuple[str, str, str], Judgement] = {}
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    try:
+        records = read_appended(path)
+    except DamagedFile as error:
+        raise JudgeError(f"{error}; delete the judge cache to start over") from None
+    for number, record in enumerate(records, start=1):
         try:
-            record = json.loads(line)
             key = (record["id"], record["completion_sha256"], record["judge_model"])
             judgement = Judgement(record["id"], record["score"], record["rationale"], record["attempts"], None, record["judge_model"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise JudgeError(f"{path}:{number}: not a judge cache record ({error}); delete the file to start over") from None
+        except (KeyError, TypeError) as error:
+            raise JudgeError(f"{path}: record {number}: not a judge cache record ({error}); delete the file to start over") from None
         cache[key] = judgement
     return cache
 
 
-def _append(handle: TextIO, judgement: Judgement, completion: str) -> None:
+def _append(path: Path, judgement: Judgement, completion: str) -> None:
     record = {k: v for k, v in asdict(judgement).items() if k != "error"}
     record["completion_sha256"] = completion_sha256(completion)
-    handle.write(json.dumps(record) + "\n")  # one write per line: a kill leaves whole lines and at most one cut
-    handle.flush()
+    append_jsonl(path, record)  # one write per line: a kill leaves whole lines and at most one cut
 
 
 # ------------------------------------------------------------------- judging
@@ -384,11 +379,11 @@ def judge_samples(
 
     endpoint = _Endpoint(config)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="judge")
-    handle = None
     try:
         if cache_path is not None and todo:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = cache_path.open("a", encoding="utf-8")
+            with writing(cache_path):
+                cache_path.touch()
         futures = {pool.submit(endpoint.judge, chosen[i]): i for i in todo}
         for future in concurrent.futures.as_completed(futures):
             index = futures[future]
@@ -396,16 +391,14 @@ def judge_samples(
             if outcome.unanswered and not endpoint.answered.is_set():
                 raise JudgeError(f"judge endpoint unreachable (no request has been answered): {outcome.judgement.error}")
             results[index] = outcome.judgement
-            if handle is not None and outcome.judgement.score is not None:
-                _append(handle, outcome.judgement, chosen[index]["completion"])
+            if cache_path is not None and outcome.judgement.score is not None:
+                _append(cache_path, outcome.judgement, chosen[index]["completion"])
             if progress:
                 progress(1)
     finally:
         endpoint.stopped.set()  # after an error or Ctrl-C, requests in flight are the last
         pool.shutdown(wait=True, cancel_futures=True)
         endpoint.close()
-        if handle is not None:
-            handle.close()
     return [results[i] for i in range(len(chosen))]
 
 

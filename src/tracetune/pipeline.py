@@ -66,6 +66,21 @@ class StageInterrupted(Interrupted):
                                     "re-run `tracetune run` with the same options to continue")
 
 
+EXIT_DISK_FULL = 74  # cli.EXIT_DISK_FULL (the CLI imports this module lazily)
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before exec: SIGTERM when `tracetune run` dies, even by
+    SIGKILL, so that no orphaned stage goes on writing into the run directory while a
+    re-run starts another (the stage saves a checkpoint on SIGTERM). Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Pipeline:
     def __init__(self, config: Config, run_dir: Path, console: Console | None = None, *, time_limit_minutes: float | None = None):
         self.config = config
@@ -110,7 +125,7 @@ class Pipeline:
         """One stage as ``python -m tracetune.cli ARGS``; its output streams through.
         SIGTERM / SIGINT are forwarded so the stage can save before stopping."""
         command = [sys.executable, "-m", "tracetune.cli", *args]
-        process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
         received: list[int] = []
 
         def forward(signum, _frame):
@@ -131,6 +146,8 @@ class Pipeline:
                 signal.signal(s, handler)
         if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT) or received:
             raise StageInterrupted(received[0] if received else (abs(code) % 128 or signal.SIGTERM), args[0])
+        if code == EXIT_DISK_FULL:  # the stage said which file, in its one line
+            raise DiskFull(self.run_dir, reported=True)
         if code != 0:
             raise TrainingError(f"stage `tracetune {' '.join(args)}` failed with exit code {code} (its error is above); "
                                 "fix it and re-run `tracetune run` to continue from this stage")

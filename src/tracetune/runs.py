@@ -1,18 +1,30 @@
 """What every training stage's run directory shares: the saved config that a
-resumed run must match, metrics that a resume truncates, and the checkpoint policy."""
+resumed run must match, metrics that a resume truncates, the checkpoint policy,
+damaged checkpoints set aside on resume, and the watch that turns a writer thread's
+death (a full disk under TensorBoard, a failed async checkpoint save) into an error
+of the main loop instead of a silent hang."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 import jax
 import orbax.checkpoint as ocp
 
 from tracetune.config import Config, load_config, save_config
-from tracetune.errors import TrainingError
-from tracetune.files import atomic_path
+from tracetune.errors import DiskFull, TrainingError
+from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:
@@ -37,6 +49,8 @@ def claim_directory(run_dir: Path, config: Config, sections: Sequence[str]) -> N
     stage's settings may change freely."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
+    if path.exists() and not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise TrainingError(f"{path} is empty (a damaged or emptied file): restore it, or move the run directory away to start over")
     if not path.exists():
         if not is_primary():
             return
@@ -51,17 +65,22 @@ def claim_directory(run_dir: Path, config: Config, sections: Sequence[str]) -> N
 
 
 def truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be
-    redone); return the records kept."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Drop records logged after the checkpoint a run resumes from (they will be
+    redone), and a torn last line (a kill or a full disk mid-append); return the
+    records kept. Used for metrics.jsonl and GRPO's samples.jsonl alike."""
+    records = read_appended(path, repair=is_primary())
     kept = [r for r in records if r.get("step", 0) <= step]
-    if not is_primary():  # read-only on the other hosts
+    if not is_primary() or not path.exists() or len(kept) == len(records):  # read-only on the other hosts
         return kept
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
     return kept
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One metrics or samples record, from the primary host only."""
+    if is_primary():
+        append_jsonl(path, record)
 
 
 def checkpoint_options(minutes: float, steps: int, keep: int) -> ocp.CheckpointManagerOptions:
@@ -74,3 +93,222 @@ def checkpoint_options(minutes: float, steps: int, keep: int) -> ocp.CheckpointM
         policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(steps))
     policy = ocp.checkpoint_managers.AnySavePolicy(policies) if policies else ocp.checkpoint_managers.SpecificStepsPolicy(steps=[])
     return ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=keep)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _restore_args(tree):
+    """RestoreArgs as numpy arrays for every leaf of an orbax metadata tree."""
+    if isinstance(tree, dict):
+        return {k: _restore_args(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_restore_args(v) for v in tree)
+    return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Orbax and asyncio log a page per damaged file; the caller reports one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    hook = threading.excepthook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def checkpoint_problem(step_dir: Path) -> str | None:
+    """Why a saved step cannot be restored (None: it can). Orbax's own reader reads
+    every array of every item back (as numpy: no device memory, any mesh), so a
+    truncated or missing file is found here, not in the trainer's restore."""
+    if not (step_dir / "_CHECKPOINT_METADATA").exists():
+        return "_CHECKPOINT_METADATA is missing"
+    items = [d for d in ("model_params", "optimizer_state") if (step_dir / d).is_dir()]
+    if "model_params" not in items:
+        return "model_params/ is missing"
+    with _quiet():
+        for item in items:
+            try:
+                with ocp.PyTreeCheckpointer() as reader:
+                    metadata = reader.metadata(step_dir / item)
+                    tree = metadata.item_metadata.tree if metadata is not None and metadata.item_metadata is not None else None
+                    if tree is None:
+                        return f"{item}/_METADATA is missing or unreadable"
+                    reader.restore(step_dir / item, restore_args=_restore_args(tree))
+            except Exception as error:  # any failure of orbax's reader means: not restorable
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                return f"{item} does not read back ({first[:160]})"
+    return None
+
+
+def set_aside_damaged_checkpoints(root: Path) -> list[int]:
+    """Check the newest saved steps under ``root`` and move each damaged one (a kill
+    during a save, a bad disk) to ``<root>.damaged/<step>``, never deleting it, until
+    an intact step is found; the trainer then resumes from that one. Returns the steps
+    set aside, each reported in one line."""
+    root = Path(root)
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True) if root.is_dir() else []
+    moved = []
+    for step in steps:
+        problem = checkpoint_problem(root / str(step))
+        if problem is None:
+            break
+        moved.append(step)
+        if not is_primary():
+            continue
+        target = root.with_name(root.name + ".damaged") / str(step)
+        if target.exists():
+            target = target.with_name(f"{step}-{int(time.time())}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (root / str(step)).rename(target)
+        intact = [s for s in steps if s < step]
+        print(f"warning: checkpoint {step} is damaged ({problem}); moved it to {target} and resuming from "
+              f"{'step ' + str(intact[0]) if intact else 'the start'}", file=sys.stderr)
+    return moved
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+
+
+def checkpoint_failure(error: BaseException, root: Path) -> BaseException:
+    """The error to stop with when a checkpoint save failed: ``DiskFull`` naming the
+    checkpoint directory and the size of one step, or a one-line TrainingError."""
+    root = Path(root)
+    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
+    if is_disk_full(error):
+        return DiskFull(root, 2 * directory_bytes(steps[-1]) if steps else None)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(f"saving a checkpoint in {root} failed: {first[:300]}")
+
+
+def check_saves(tunix_manager, root: Path) -> None:
+    """Raise now if an asynchronous checkpoint save has failed (orbax only logs it and
+    training would carry on without checkpoints). ``tunix_manager`` is Tunix's
+    CheckpointManager; its orbax manager is the private ``_checkpoint_manager``."""
+    manager = getattr(tunix_manager, "_checkpoint_manager", None)
+    if manager is None:
+        return
+    try:
+        manager.check_for_errors()
+    except Exception as error:  # orbax re-raises whatever its save thread hit
+        raise checkpoint_failure(error, root) from None
+
+
+# --------------------------------------------------------- threads that die
+
+
+def _teardown_noise(text: str) -> bool:
+    """What orbax's save threads print after a failed save, once its event loop closed."""
+    return "Event loop is closed" in text
+
+
+def _quiet_disk_full(record: logging.LogRecord) -> bool:
+    """A logging filter: orbax and asyncio log a page per array a full disk refused;
+    tracetune reports the full disk itself, in one line."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += " " + str(record.exc_info[1])
+    return not ("No space left on device" in text or "RESOURCE_EXHAUSTED" in text or _teardown_noise(text)
+                or "Save Finalize thread" in text or "Handler Commit operations" in text)
+
+
+class FaultWatch:
+    """Every thread's uncaught exception, reported to the main loop.
+
+    A writer thread that dies (TensorBoard's event writer on a full disk) would
+    otherwise leave the main thread blocked on its full queue for ever. The watch
+    records the error, and wakes the main thread with SIGUSR1 so that even a blocked
+    put raises it; ``check`` raises it at the loop's own checkpoints.
+    """
+
+    def __init__(self, paths: dict[str, Path], default: Path):
+        self.paths, self.default = paths, Path(default)  # frames whose file names contain a key -> that path
+        self.error: BaseException | None = None
+        self.active = False
+        self._previous = None
+
+    def _where(self, tb) -> Path:
+        files = " ".join(frame.filename for frame in traceback.extract_tb(tb))
+        return next((path for key, path in self.paths.items() if key in files), self.default)
+
+    def _excepthook(self, args) -> None:
+        if args.exc_type is SystemExit or _teardown_noise(str(args.exc_value)):
+            return
+        error = args.exc_value
+        where = self._where(args.exc_traceback)
+        if is_disk_full(error):
+            error = DiskFull(where)
+        else:
+            error = TrainingError(f"a writer thread ({args.thread.name if args.thread else '?'}) failed writing {where}: "
+                                  f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        if self.error is None or (isinstance(error, DiskFull) and not isinstance(self.error, DiskFull)):
+            first = self.error is None
+            self.error = error  # a full disk is the cause whatever else failed beside it
+            if first and threading.current_thread() is not threading.main_thread():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _wake(self, signum, frame) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> FaultWatch:
+        self._previous = threading.excepthook
+        threading.excepthook = self._excepthook
+        self.active = True
+        self._previous_signal = signal.signal(signal.SIGUSR1, self._wake)
+        # tensorstore's threads report through sys.excepthook (PyErr_Print), not threading's.
+        self._previous_sys = sys.excepthook
+        sys.excepthook = lambda kind, value, tb: None if _teardown_noise(str(value)) else self._previous_sys(kind, value, tb)
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_quiet_disk_full)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+        threading.excepthook = self._previous
+        sys.excepthook = self._previous_sys
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).removeFilter(_quiet_disk_full)
+        signal.signal(signal.SIGUSR1, self._previous_signal)
+
+
+class WatchedTensorboard:
+    """metrax's TensorBoard backend that stops writing once the watch has an error
+    (its writer thread is dead, so its queue would block the next write for ever)."""
+
+    def __init__(self, log_dir: str, flush_every_n_steps: int, watch: FaultWatch):
+        from metrax import logging as metrax_logging
+
+        self._backend = metrax_logging.TensorboardBackend(log_dir=log_dir, flush_every_n_steps=flush_every_n_steps)
+        self._watch = watch
+
+    def log_scalar(self, event: str, value, **kwargs) -> None:
+        if self._watch.error is not None:
+            if self._watch.active:
+                self._watch.check()
+            return  # a finished run's listener that was never cleared
+        self._backend.log_scalar(event, value, **kwargs)
+
+    def close(self) -> None:
+        if self._watch.error is None:
+            self._backend.close()
+
+
+def metrics_options(log_dir: Path, watch: FaultWatch, flush_every_n_steps: int = 10):
+    """Tunix MetricsLoggerOptions whose only backend is the watched TensorBoard writer."""
+    from tunix.sft import metrics_logger as tunix_metrics
+
+    factory = lambda: WatchedTensorboard(str(log_dir), flush_every_n_steps, watch)  # noqa: E731
+    return tunix_metrics.MetricsLoggerOptions(log_dir=str(log_dir), flush_every_n_steps=flush_every_n_steps,
+                                              backend_kwargs={"custom_backend": [factory]})

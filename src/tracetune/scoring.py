@@ -25,7 +25,7 @@ from typing import Any
 
 from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
-from tracetune.files import atomic_path
+from tracetune.files import atomic_path, json_safe
 from tracetune.format import lenient_number, numbers_match, parse_completion, parse_number
 from tracetune.rewards import answer_token_logprobs, combine, confidence_score, correctness, parse_reference, trace_structure
 
@@ -180,7 +180,7 @@ def write_scores(scores: Iterable[SampleScore], metrics: dict[str, Estimate], ou
     paths = {"samples": out_dir / "samples.jsonl", "metrics": out_dir / "metrics.json", "table": out_dir / "metrics.md"}
     contents = {
         "samples": "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in scores),
-        "metrics": json.dumps(metrics_json(metrics), indent=2, allow_nan=True) + "\n",
+        "metrics": json.dumps(json_safe(metrics_json(metrics)), indent=2, allow_nan=False) + "\n",
         "table": markdown_table(metrics),
     }
     for key, path in paths.items():
@@ -254,6 +254,8 @@ def read_completions(path: Path, skip_invalid: bool = False) -> tuple[list[Compl
             if not skip_invalid:
                 raise
             skipped.append(error)
+    if not rows:
+        raise DataError(str(path), None, None, f"no valid rows to score ({len(skipped)} skipped)")
     return rows, skipped
 
 

@@ -336,7 +336,20 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
 
+    @app.middleware("http")
+    async def json_only(request: Request, call_next):
+        # FastAPI would read a form or a bare body as a missing field; name the real cause.
+        kind = request.headers.get("content-type")
+        if request.method == "POST" and (kind is None or kind.split(";")[0].strip().lower() != "application/json"):
+            got = "missing" if kind is None else f"{kind!r}"
+            return error_response(415, f"Content-Type is {got}; send the body as JSON with Content-Type: application/json",
+                                  param="Content-Type", code="unsupported_media_type")
+        return await call_next(request)
+
     async def generate(prompts: list[str], body: SamplingRequest) -> list[Generation] | JSONResponse:
+        if body.model is not None and body.model != model_name:
+            return error_response(404, f"The model {body.model!r} does not exist; this server serves {model_name!r}",
+                                  param="model", code="model_not_found")
         sampling = body.sampling(default_max_tokens)
         longest = max(len(loaded.tokenizer.encode(p)) for p in prompts)
         if longest + sampling.max_new_tokens > max_context:

@@ -45,7 +45,7 @@ from tunix.sft import utils as tunix_utils
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
 from tracetune.data import Example, Trace, curate, load_examples, with_loop
-from tracetune.errors import Interrupted, TrainingError
+from tracetune.errors import DiskFull, Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
@@ -53,7 +53,9 @@ from tracetune.models.hf import save_checkpoint
 from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.runs import checkpoint_options, claim_directory, is_primary, truncate_metrics
+from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_failure, checkpoint_options, claim_directory,
+                            is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
+from tracetune.files import is_disk_full
 
 
 # ------------------------------------------------------------------------- LoRA
@@ -410,6 +412,8 @@ class RunHooks(tunix_hooks.TrainingHooks):
         # Tunix calls this one update late (metrics are written while the next step
         # runs), so the step's duration comes from the trainer's own timestamps.
         run = self.run
+        run.watch.check()  # a writer thread that died (full disk) stops the run here
+        check_saves(trainer.checkpoint_manager, run.run_dir / "checkpoints")
         step = int(train_step)
         accum = run.config.sft.grad_accum
         # real_tokens has every micro-batch read, including those a resumed run skips.
@@ -480,10 +484,7 @@ class SFTRun:
         return self.run_dir / "metrics.jsonl"
 
     def append_metrics(self, record: dict) -> None:
-        if not is_primary():
-            return
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_record(self.metrics_path, record)
 
     # -- data
     def _traces(self) -> tuple[list[Trace], list[Trace]]:
@@ -562,9 +563,11 @@ class SFTRun:
         # alive from the first update on. The LoRA model is all the run needs.
         self.loaded = dataclasses.replace(self.loaded, model=None)
         optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
-        self.metrics_logger = tunix_metrics.MetricsLogger(
-            tunix_metrics.MetricsLoggerOptions(log_dir=str(self.run_dir / "tensorboard"), flush_every_n_steps=10)
-        )
+        self.watch = FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir)
+        self.metrics_logger = tunix_metrics.MetricsLogger(metrics_options(self.run_dir / "tensorboard", self.watch))
+        # A damaged newest checkpoint (a kill during a save, a bad disk) is moved
+        # aside before the trainer restores: it resumes from the newest intact one.
+        set_aside_damaged_checkpoints(self.run_dir / "checkpoints")
         training = peft_trainer.TrainingConfig(
             eval_every_n_steps=1 << 30,  # held-out generation replaces Tunix's eval loss
             max_steps=self.steps,
@@ -590,14 +593,22 @@ class SFTRun:
               f"{self.steps} updates of {sft.batch_size} ({sft.grad_accum} x {sft.micro_batch_size}), "
               f"LoRA rank {sft.lora.rank} on {self.loaded.name}, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
-        with StopFlag() as stop:
+        with StopFlag() as stop, self.watch:
             self.batches = Batches(examples, sft, pad_id, self.steps * sft.grad_accum, stop)
             try:
                 with mesh_lib.active(mesh):
-                    trainer.train(self.batches)
-            except BaseException:
-                trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
-                self.metrics_logger.close()
+                    trainer.train(self.batches)  # its last save waits for the in-flight ones
+                check_saves(trainer.checkpoint_manager, self.run_dir / "checkpoints")
+            except BaseException as error:
+                failure = (checkpoint_failure(error, self.run_dir / "checkpoints")
+                           if is_disk_full(error) and not isinstance(error, DiskFull) else error)
+                try:
+                    trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
+                    self.metrics_logger.close()
+                except Exception:  # noqa: BLE001 - already stopping for `error`; a full disk fails these too
+                    pass
+                if failure is not error:
+                    raise failure from None
                 raise
         if stop.signum is not None:
             raise Interrupted(stop.signum, trainer.train_steps, self.run_dir)
