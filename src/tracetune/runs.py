@@ -220,6 +220,26 @@ def _quiet_disk_full(record: logging.LogRecord) -> bool:
                 or "Save Finalize thread" in text or "Handler Commit operations" in text)
 
 
+_QUIETED = False
+
+
+def _quiet_orbax_noise() -> None:
+    """Once per process, for good: orbax's save threads keep printing after the run
+    has stopped (while the process exits), so the filters cannot end with the watch."""
+    global _QUIETED
+    if _QUIETED:
+        return
+    _QUIETED = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_quiet_disk_full)
+    # tensorstore's callbacks report as "unraisable" (pybind11) or through
+    # sys.excepthook (PyErr_Print), not through threading's hook.
+    previous = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: None if _teardown_noise(str(value)) else previous(kind, value, tb)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = lambda args: None if _teardown_noise(str(args.exc_value)) else unraisable(args)
+
+
 class FaultWatch:
     """Every thread's uncaught exception, reported to the main loop.
 
@@ -267,19 +287,12 @@ class FaultWatch:
         threading.excepthook = self._excepthook
         self.active = True
         self._previous_signal = signal.signal(signal.SIGUSR1, self._wake)
-        # tensorstore's threads report through sys.excepthook (PyErr_Print), not threading's.
-        self._previous_sys = sys.excepthook
-        sys.excepthook = lambda kind, value, tb: None if _teardown_noise(str(value)) else self._previous_sys(kind, value, tb)
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).addFilter(_quiet_disk_full)
+        _quiet_orbax_noise()
         return self
 
     def __exit__(self, *exc) -> None:
         self.active = False
         threading.excepthook = self._previous
-        sys.excepthook = self._previous_sys
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).removeFilter(_quiet_disk_full)
         signal.signal(signal.SIGUSR1, self._previous_signal)
 
 
