@@ -58,6 +58,15 @@ def wait_for(marker: Path, process: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def wait_for_save_in_flight(root: Path, step: int, process: subprocess.Popen) -> None:
+    """Until orbax is writing ``step`` (its temporary directory exists, not yet
+    committed; or, if the save was too quick to see, just committed)."""
+    deadline = time.time() + 300
+    while not (root.is_dir() and any(p.name.startswith(f"{step}.orbax-checkpoint-tmp") or p.name == str(step) for p in root.iterdir())):
+        assert process.poll() is None and time.time() < deadline, finish(process, 60).stderr
+        time.sleep(0.002)
+
+
 def adapter_weights(run_dir: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import adapter_weights, finish, start_tracetune, wait_for
-from tracetune.data import DataError, iter_jsonl, load_examples
+from tracetune.data import DataError, load_examples
 from tracetune.errors import DamagedFile, DiskFull, TrainingError
 from tracetune.files import append_jsonl, atomic_path, read_appended
 from tracetune.judge import JudgeError, read_cache
@@ -375,3 +375,63 @@ def test_an_evaluation_killed_at_seeded_points_resumes_to_the_same_results(tmp_p
     assert sorted(records(out)) == sorted(records(tmp_path / "whole"))  # every problem once, the same completions
     assert (json.loads((out / "metrics.json").read_text())["metrics"]
             == json.loads((tmp_path / "whole" / "metrics.json").read_text())["metrics"])
+
+
+# ------------------------------------- a full disk at each writer of a run (slow)
+
+
+def failing_open(name_part: str):
+    real = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if name_part in str(self) and any(m in mode for m in "wa"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, mode, *args, **kwargs)
+
+    return open_
+
+
+def _patch_tensorboard(monkeypatch):
+    """The file's first event is written in the main thread; the later ones fail in
+    TensorBoard's writer thread, which dies (the hang of issue 17 without the watch)."""
+    from tensorboardX import event_file_writer
+
+    real, calls = event_file_writer.EventsWriter._write_serialized_event, []
+
+    def write(self, event):
+        calls.append(threading.current_thread().name)
+        if len(calls) > 1:
+            assert threading.current_thread() is not threading.main_thread()
+            enospc()
+        return real(self, event)
+
+    monkeypatch.setattr(event_file_writer.EventsWriter, "_write_serialized_event", write)
+
+
+WRITERS = {
+    "metrics": (lambda mp: mp.setattr(Path, "open", failing_open("metrics.jsonl")), "metrics.jsonl"),
+    "samples": (lambda mp: mp.setattr(Path, "open", failing_open("step_000002")), "samples/step_000002.jsonl"),
+    "tensorboard": (_patch_tensorboard, "tensorboard"),
+    "export": (lambda mp: mp.setattr("safetensors.numpy.save_file", enospc), "adapter.safetensors"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_full_disk_at_each_writer_stops_the_run_naming_it(tmp_path, monkeypatch, writer):
+    from tracetune.config import load_config
+    from tracetune.models.registry import load_model
+    from tracetune.sft import train_sft
+
+    patch, named = WRITERS[writer]
+    config = load_config("tiny", ["sft.max_steps=6", "sft.checkpoint_steps=2", "sft.eval_every_steps=2", "sft.eval_examples=4"])
+    loaded = load_model("tiny")
+    patch(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(DiskFull) as caught:
+        train_sft(config, tmp_path / "run", loaded=loaded)
+        time.sleep(5)  # a thread's failure may arrive just after the last step
+    assert named in str(caught.value.path / "") or named in str(caught.value), str(caught.value)
+    assert time.perf_counter() - start < 120
+    monkeypatch.undo()
+    read_appended(tmp_path / "run" / "metrics.jsonl", repair=False)  # what was written is valid

@@ -4,14 +4,16 @@ on the tiny model (slow: resume equality; CI runs them)."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import adapter_weights, finish, start_tracetune, wait_for, wrap
+from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight, wrap
 from tracetune.config import ConfigError, RewardWeights, load_config
 from tracetune.data import Example
 from tracetune.grpo import CompositeReward, PromptBatches, failure_warnings
@@ -162,7 +164,12 @@ def test_a_killed_or_stopped_grpo_run_resumes_to_the_same_weights(tmp_path, sft_
     reference = finish_grpo(grpo_process(tmp_path / "straight", sft_run))
     assert reference.returncode == 0, reference.stderr
     killed = grpo_process(tmp_path / "killed", sft_run)
+    wait_for_save_in_flight(tmp_path / "killed" / "checkpoints" / "actor", 4, killed)
+    killed.send_signal(signal.SIGKILL)  # mid-save of checkpoint 4
+    killed.wait()
+    killed = grpo_process(tmp_path / "killed", sft_run)
     wait_for(tmp_path / "killed" / "checkpoints" / "actor" / "4" / "commit_success.txt", killed, timeout=600)
+    time.sleep(random.Random(11).uniform(0.0, 5.0))  # then at a seeded point of steps 5-8
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     resumed = finish_grpo(grpo_process(tmp_path / "killed", sft_run))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import finish, start_tracetune, wait_for
@@ -47,6 +49,19 @@ def test_the_pipeline_runs_every_stage_and_continues_after_a_stop(tmp_path, judg
     assert "re-run `tracetune run`" in stopped.stderr and "Traceback" not in stopped.stderr
     state = json.loads((run / "pipeline.json").read_text())
     assert state["data"]["status"] == state["eval-zero-shot"]["status"] == "done" and "sft" not in state
+
+    # SIGKILL the pipeline itself at a seeded point of the SFT stage: its stage process
+    # must not live on as an orphan writing into the run directory (it gets SIGTERM
+    # and saves), and the next run continues.
+    second = start_tracetune("run", run, *args, settings=SETTINGS)
+    wait_for(run / "sft" / "checkpoints" / "100" / "commit_success.txt", second, timeout=600)
+    time.sleep(random.Random(5).uniform(0.0, 2.0))
+    stage = [p for p in psutil.Process(second.pid).children() if "sft" in p.cmdline()]
+    assert stage, "the SFT stage runs as a child process"
+    second.send_signal(signal.SIGKILL)
+    stage[0].wait(timeout=120)  # it got SIGTERM when its parent died: it saves and leaves
+    killed = finish(second, timeout=60)  # the stage's output came through the same pipe
+    assert "checkpoint saved" in killed.stderr, killed.stderr
 
     resumed = finish(start_tracetune("run", run, *args, settings=SETTINGS), timeout=1500)
     assert resumed.returncode == 0, resumed.stderr

@@ -4,8 +4,11 @@ and resumes exactly. Slow tests train the tiny model (CI runs them)."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import adapter_weights, finish, start_tracetune, wait_for
+from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight
 from tracetune.config import ConfigError, LoraConfig, SFTConfig, load_config
 from tracetune.data import arithmetic_examples, curate, load_examples
 from tracetune.errors import TrainingError
@@ -270,17 +273,31 @@ def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> 
 
 @pytest.mark.slow
 def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
+    """SIGKILL during a checkpoint save, at a seeded random moment, and after the newest
+    checkpoint was damaged; SIGTERM at a checkpoint: every re-run reaches the
+    uninterrupted run's weights and losses."""
     reference = finish_sft(sft_process(tmp_path / "straight"))
     assert reference.returncode == 0, reference.stderr
     expected = adapter_weights(tmp_path / "straight")
 
-    killed = sft_process(tmp_path / "killed")
-    wait_for_checkpoint(tmp_path / "killed", 10, killed)
-    killed.send_signal(signal.SIGKILL)  # loses at most the steps since checkpoint 10
-    killed.wait()
-    resumed = finish_sft(sft_process(tmp_path / "killed"))
+    killed, root = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    process = sft_process(killed)
+    wait_for_save_in_flight(root, 10, process)
+    process.send_signal(signal.SIGKILL)  # mid-save: orbax's temporary directory is left behind
+    process.wait()
+    process = sft_process(killed)
+    wait_for_checkpoint(killed, 20, process)
+    time.sleep(random.Random(7).uniform(0.0, 2.0))  # a seeded point somewhere after checkpoint 20
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    newest = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    data = max((f for f in (root / str(newest) / "model_params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)  # and a bad disk damaged the newest checkpoint
+    resumed = finish_sft(sft_process(killed))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
+    assert f"checkpoint {newest} is damaged" in resumed.stderr and "resuming" in resumed.stderr, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert (tmp_path / "killed" / "checkpoints.damaged" / str(newest)).is_dir()
 
     stopped = sft_process(tmp_path / "stopped")
     wait_for_checkpoint(tmp_path / "stopped", 10, stopped)
@@ -292,11 +309,13 @@ def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
     assert 10 <= saved < 30
     assert finish_sft(sft_process(tmp_path / "stopped")).returncode == 0
 
+    losses = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     for run in ("killed", "stopped"):
         weights = adapter_weights(tmp_path / run)
         assert weights.keys() == expected.keys()
         for name in expected:
             np.testing.assert_array_equal(weights[name], expected[name], err_msg=f"{run}: {name}")
+        assert losses(run) == losses("straight"), run
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, LoraConfig, RewardWeights
 from tracetune.data import Example, load_examples
-from tracetune.errors import DiskFull, Interrupted, TrainingError
+from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.generate import Generator, SamplingConfig
@@ -413,7 +413,7 @@ class GRPORun:
             return
         records, self.learner.step_records = self.learner.step_records, []
         self.watch.check()  # a writer thread that died (full disk) stops the run here
-        check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints")
+        check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
         step = int(self.cluster.actor_trainer.train_steps)
         logger = self.cluster.actor_trainer.metrics_logger
 
@@ -473,6 +473,12 @@ class GRPORun:
         return load_model(source, dtype=grpo.dtype)
 
     def train(self) -> GRPOResult:
+        # From the first metrics logger on (JAX reports compile times to TensorBoard
+        # from the trainer's construction), a writer thread that dies stops the run.
+        with FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir) as self.watch:
+            return self._train()
+
+    def _train(self) -> GRPOResult:
         grpo = self.config.grpo
         claim_directory(self.run_dir, self.config, ("data", "rewards", "grpo"))
         loaded = self._init_model()
@@ -492,9 +498,8 @@ class GRPORun:
         reference, actor = lora_on_mesh(loaded.model, grpo.lora, grpo.seed, mesh)
         loaded = dataclasses.replace(loaded, model=reference)  # no unsharded copy left behind
 
-        self.watch = FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir)
         # A damaged newest checkpoint is moved aside before the trainer restores.
-        set_aside_damaged_checkpoints(self.run_dir / "checkpoints")
+        set_aside_damaged_checkpoints(self.run_dir / "checkpoints" / "actor")  # RLCluster saves the actor there
         warmup = int(grpo.warmup_fraction * grpo.max_steps)
         schedule = optax.join_schedules([optax.linear_schedule(0.0, grpo.learning_rate, max(warmup, 1)),
                                          optax.constant_schedule(grpo.learning_rate)], [warmup]) if warmup else grpo.learning_rate
@@ -557,16 +562,16 @@ class GRPORun:
               f"R = {w.correctness} correctness + {w.trace} trace + {w.confidence} confidence, "
               f"from {loaded.source}, {grpo.rollout_engine} rollouts, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
-        with StopFlag() as stop, self.watch:
+        with StopFlag() as stop:
             data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, stop)
             try:
                 if resumed < self.steps:
                     with mesh_lib.active(mesh):
                         self.learner.train(data)
-                check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints")
+                check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
             except BaseException as error:
-                failure = (checkpoint_failure(error, self.run_dir / "checkpoints")
-                           if is_disk_full(error) and not isinstance(error, DiskFull) else error)
+                failure = (checkpoint_failure(error, self.run_dir / "checkpoints" / "actor")
+                           if is_disk_full(error) else error)
                 try:
                     self.cluster.actor_trainer.checkpoint_manager.close()
                 except Exception:  # noqa: BLE001 - already stopping for `error`; a full disk fails this too

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracetune.config import Config
-from tracetune.errors import Interrupted, TimeLimitReached, TrainingError
+from tracetune.errors import DiskFull, Interrupted, TimeLimitReached, TrainingError
 from tracetune.files import atomic_path
 from tracetune.runs import claim_directory
 

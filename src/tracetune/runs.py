@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from tracetune.config import Config, load_config, save_config
 from tracetune.errors import DiskFull, TrainingError
-from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended
+from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended, writing
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:
@@ -179,12 +179,17 @@ def directory_bytes(path: Path) -> int:
 
 
 def checkpoint_failure(error: BaseException, root: Path) -> BaseException:
-    """The error to stop with when a checkpoint save failed: ``DiskFull`` naming the
-    checkpoint directory and the size of one step, or a one-line TrainingError."""
+    """The error to stop with when a run failed on its disk: ``DiskFull`` naming the
+    file (or the checkpoint directory) and the room a resumed run needs (two
+    checkpoints: orbax writes the next before it deletes the oldest), or for a failed
+    save, a one-line TrainingError."""
     root = Path(root)
     steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
+    need = 2 * directory_bytes(steps[-1]) if steps else None
+    if isinstance(error, DiskFull):
+        return error if error.needed_bytes or error.reported else DiskFull(error.path, need)
     if is_disk_full(error):
-        return DiskFull(root, 2 * directory_bytes(steps[-1]) if steps else None)
+        return DiskFull(root, need)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return TrainingError(f"saving a checkpoint in {root} failed: {first[:300]}")
 
@@ -292,6 +297,7 @@ class FaultWatch:
 
     def __exit__(self, *exc) -> None:
         self.active = False
+        release_listeners()
         threading.excepthook = self._previous
         signal.signal(signal.SIGUSR1, self._previous_signal)
 
@@ -300,28 +306,53 @@ class WatchedTensorboard:
     """metrax's TensorBoard backend that stops writing once the watch has an error
     (its writer thread is dead, so its queue would block the next write for ever)."""
 
+    live: list[WatchedTensorboard] = []  # those Tunix may have registered with jax.monitoring
+
     def __init__(self, log_dir: str, flush_every_n_steps: int, watch: FaultWatch):
         from metrax import logging as metrax_logging
 
-        self._backend = metrax_logging.TensorboardBackend(log_dir=log_dir, flush_every_n_steps=flush_every_n_steps)
+        with writing(log_dir):  # the first event is written here, in this thread
+            self._backend = metrax_logging.TensorboardBackend(log_dir=log_dir, flush_every_n_steps=flush_every_n_steps)
+        self._log_dir = log_dir
         self._watch = watch
+        WatchedTensorboard.live.append(self)
 
     def log_scalar(self, event: str, value, **kwargs) -> None:
         if self._watch.error is not None:
             if self._watch.active:
                 self._watch.check()
             return  # a finished run's listener that was never cleared
-        self._backend.log_scalar(event, value, **kwargs)
+        with writing(self._log_dir):  # a flush writes in this thread
+            self._backend.log_scalar(event, value, **kwargs)
 
     def close(self) -> None:
         if self._watch.error is None:
             self._backend.close()
 
 
+def release_listeners() -> None:
+    """Unregister every TensorBoard writer of ours from ``jax.monitoring``."""
+    while WatchedTensorboard.live:
+        writer = WatchedTensorboard.live.pop()
+        try:
+            jax.monitoring.unregister_scalar_listener(writer.log_scalar)
+        except (AssertionError, ValueError):  # never registered (not the primary host) or already gone
+            pass
+
+
 def metrics_options(log_dir: Path, watch: FaultWatch, flush_every_n_steps: int = 10):
-    """Tunix MetricsLoggerOptions whose only backend is the watched TensorBoard writer."""
+    """Tunix MetricsLoggerOptions whose only backend is the watched TensorBoard writer.
+
+    Tunix registers every backend as a process-wide ``jax.monitoring`` scalar
+    listener, and nothing removes it: its close calls ``clear_event_listeners``, which
+    in JAX 0.10.2 leaves the scalar listeners in place (it assigns a local). An
+    earlier run in this process (a test, a notebook) would leave its writer listening,
+    and once that writer's thread is gone the next event blocks on its queue. So a run
+    starts, and ends (``FaultWatch``), with none of ours.
+    """
     from tunix.sft import metrics_logger as tunix_metrics
 
+    release_listeners()
     factory = lambda: WatchedTensorboard(str(log_dir), flush_every_n_steps, watch)  # noqa: E731
     return tunix_metrics.MetricsLoggerOptions(log_dir=str(log_dir), flush_every_n_steps=flush_every_n_steps,
                                               backend_kwargs={"custom_backend": [factory]})

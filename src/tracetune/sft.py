@@ -45,7 +45,7 @@ from tunix.sft import utils as tunix_utils
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
 from tracetune.data import Example, Trace, curate, load_examples, with_loop
-from tracetune.errors import DiskFull, Interrupted, TrainingError
+from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
@@ -541,6 +541,12 @@ class SFTRun:
 
     # -- the run
     def train(self) -> SFTResult:
+        # From the first metrics logger on (JAX reports compile times to TensorBoard
+        # from the trainer's construction), a writer thread that dies stops the run.
+        with FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir) as self.watch:
+            return self._train()
+
+    def _train(self) -> SFTResult:
         sft = self.config.sft
         claim_directory(self.run_dir, self.config, ("data", "sft"))
         if self.loaded is None:
@@ -563,7 +569,6 @@ class SFTRun:
         # alive from the first update on. The LoRA model is all the run needs.
         self.loaded = dataclasses.replace(self.loaded, model=None)
         optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
-        self.watch = FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir)
         self.metrics_logger = tunix_metrics.MetricsLogger(metrics_options(self.run_dir / "tensorboard", self.watch))
         # A damaged newest checkpoint (a kill during a save, a bad disk) is moved
         # aside before the trainer restores: it resumes from the newest intact one.
@@ -593,7 +598,7 @@ class SFTRun:
               f"{self.steps} updates of {sft.batch_size} ({sft.grad_accum} x {sft.micro_batch_size}), "
               f"LoRA rank {sft.lora.rank} on {self.loaded.name}, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
-        with StopFlag() as stop, self.watch:
+        with StopFlag() as stop:
             self.batches = Batches(examples, sft, pad_id, self.steps * sft.grad_accum, stop)
             try:
                 with mesh_lib.active(mesh):
@@ -601,7 +606,7 @@ class SFTRun:
                 check_saves(trainer.checkpoint_manager, self.run_dir / "checkpoints")
             except BaseException as error:
                 failure = (checkpoint_failure(error, self.run_dir / "checkpoints")
-                           if is_disk_full(error) and not isinstance(error, DiskFull) else error)
+                           if is_disk_full(error) else error)
                 try:
                     trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
                     self.metrics_logger.close()
