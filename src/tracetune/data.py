@@ -246,7 +246,7 @@ def load_examples(
         name, rows = f"{source}/{split}.jsonl", iter_jsonl(shipped_path(source, split))
     elif Path(source).is_file():
         name, rows = source, iter_jsonl(Path(source))
-    elif looks_local(source):
+    elif looks_local(source) and not Path(source).exists():  # a folder goes to datasets.load_dataset
         raise DataError(source, None, None, "no such file (a local path: it is not looked up on the Hugging Face Hub)")
     else:
         name, rows = source, _hf_rows(source, split)
