@@ -507,9 +507,6 @@ def run(
 
 
 EXIT_TIME_LIMIT = 75
-EXIT_DISK_FULL = 74  # EX_IOERR: nothing is broken, free space and re-run
-
-
 def _disk_full(error: DiskFull) -> None:
     """One line, then leave at once: writer threads that died on the full disk may
     hold locks that interpreter shutdown (atexit flushes) would wait on for ever.
@@ -519,7 +516,7 @@ def _disk_full(error: DiskFull) -> None:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_DISK_FULL)
+    os._exit(DiskFull.exit_code)
 
 
 def main() -> None:

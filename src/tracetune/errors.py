@@ -39,6 +39,8 @@ class DiskFull(OSError):
     """No space left where a run writes: the run stops, what it wrote before stays valid,
     and re-running the same command after freeing space resumes."""
 
+    exit_code = 74  # EX_IOERR: nothing is broken, free space and re-run
+
     def __init__(self, path: Path | str, needed_bytes: int | None = None, *, reported: bool = False):
         import errno
         import shutil
@@ -60,9 +62,10 @@ class DiskFull(OSError):
 
 
 def _size(n: int | None) -> str:
+    """``_size(3 * 2**20)`` -> ``'3.0 MB'``."""
     value = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GB"

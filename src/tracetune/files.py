@@ -34,7 +34,7 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing(path: Path | str, needed_bytes: int | None = None) -> Iterator[None]:
+def writing(path: Path | str) -> Iterator[None]:
     """Turn a full disk inside the block into ``DiskFull(path)``."""
     try:
         yield
@@ -42,7 +42,7 @@ def writing(path: Path | str, needed_bytes: int | None = None) -> Iterator[None]
         raise
     except (OSError, ValueError) as error:
         if is_disk_full(error):
-            raise DiskFull(path, needed_bytes) from None
+            raise DiskFull(path) from None
         raise
 
 

@@ -55,9 +55,8 @@ from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
-from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_failure, checkpoint_options, claim_directory,
+from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
-from tracetune.files import is_disk_full
 from tracetune.sft import StopFlag, export_run, lora_on_mesh, merged_tree
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
@@ -475,7 +474,7 @@ class GRPORun:
     def train(self) -> GRPOResult:
         # From the first metrics logger on (JAX reports compile times to TensorBoard
         # from the trainer's construction), a writer thread that dies stops the run.
-        with FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir) as self.watch:
+        with FaultWatch.for_run(self.run_dir) as self.watch:
             return self._train()
 
     def _train(self) -> GRPOResult:
@@ -570,15 +569,10 @@ class GRPORun:
                         self.learner.train(data)
                 check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
             except BaseException as error:
-                failure = (checkpoint_failure(error, self.run_dir / "checkpoints" / "actor")
-                           if is_disk_full(error) else error)
-                try:
-                    self.cluster.actor_trainer.checkpoint_manager.close()
-                except Exception:  # noqa: BLE001 - already stopping for `error`; a full disk fails this too
-                    pass
-                if failure is not error:
-                    raise failure from None
-                raise
+                failure = failed_run(error, self.run_dir / "checkpoints" / "actor", self.cluster.actor_trainer.checkpoint_manager.close)
+                if failure is error:
+                    raise
+                raise failure from None
         step = self.cluster.actor_trainer.train_steps
         if stop.signum is not None:
             raise Interrupted(stop.signum, step, self.run_dir)

@@ -66,9 +66,6 @@ class StageInterrupted(Interrupted):
                                     "re-run `tracetune run` with the same options to continue")
 
 
-EXIT_DISK_FULL = 74  # cli.EXIT_DISK_FULL (the CLI imports this module lazily)
-
-
 def _die_with_parent() -> None:
     """In the stage's process, before exec: SIGTERM when `tracetune run` dies, even by
     SIGKILL, so that no orphaned stage goes on writing into the run directory while a
@@ -146,7 +143,7 @@ class Pipeline:
                 signal.signal(s, handler)
         if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT) or received:
             raise StageInterrupted(received[0] if received else (abs(code) % 128 or signal.SIGTERM), args[0])
-        if code == EXIT_DISK_FULL:  # the stage said which file, in its one line
+        if code == DiskFull.exit_code:  # the stage said which file, in its one line
             raise DiskFull(self.run_dir, reported=True)
         if code != 0:
             raise TrainingError(f"stage `tracetune {' '.join(args)}` failed with exit code {code} (its error is above); "

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +194,19 @@ def checkpoint_failure(error: BaseException, root: Path) -> BaseException:
     return TrainingError(f"saving a checkpoint in {root} failed: {first[:300]}")
 
 
+def failed_run(error: BaseException, root: Path, *close: Callable[[], None]) -> BaseException:
+    """What a stage stopping on ``error`` raises, after closing its writers (in-flight
+    checkpoint saves finish; the failed step is not saved): a full disk as DiskFull
+    with the room a resumed run needs, anything else unchanged. On a full disk the
+    closing fails too; that is the same fault, not a second one."""
+    for fn in close:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - already stopping for `error`
+            pass
+    return checkpoint_failure(error, root) if is_disk_full(error) else error
+
+
 def check_saves(tunix_manager, root: Path) -> None:
     """Raise now if an asynchronous checkpoint save has failed (orbax only logs it and
     training would carry on without checkpoints). ``tunix_manager`` is Tunix's
@@ -253,6 +266,11 @@ class FaultWatch:
     records the error, and wakes the main thread with SIGUSR1 so that even a blocked
     put raises it; ``check`` raises it at the loop's own checkpoints.
     """
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> FaultWatch:
+        """A training run's watch: errors in TensorBoard's or orbax's threads name those directories."""
+        return cls({"tensorboard": run_dir / "tensorboard", "orbax": run_dir / "checkpoints"}, run_dir)
 
     def __init__(self, paths: dict[str, Path], default: Path):
         self.paths, self.default = paths, Path(default)  # frames whose file names contain a key -> that path

@@ -53,9 +53,8 @@ from tracetune.models.hf import save_checkpoint
 from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_failure, checkpoint_options, claim_directory,
+from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
-from tracetune.files import is_disk_full
 
 
 # ------------------------------------------------------------------------- LoRA
@@ -543,7 +542,7 @@ class SFTRun:
     def train(self) -> SFTResult:
         # From the first metrics logger on (JAX reports compile times to TensorBoard
         # from the trainer's construction), a writer thread that dies stops the run.
-        with FaultWatch({"tensorboard": self.run_dir / "tensorboard", "orbax": self.run_dir / "checkpoints"}, self.run_dir) as self.watch:
+        with FaultWatch.for_run(self.run_dir) as self.watch:
             return self._train()
 
     def _train(self) -> SFTResult:
@@ -605,16 +604,10 @@ class SFTRun:
                     trainer.train(self.batches)  # its last save waits for the in-flight ones
                 check_saves(trainer.checkpoint_manager, self.run_dir / "checkpoints")
             except BaseException as error:
-                failure = (checkpoint_failure(error, self.run_dir / "checkpoints")
-                           if is_disk_full(error) else error)
-                try:
-                    trainer.checkpoint_manager.close()  # finish in-flight saves; the failed step is not saved
-                    self.metrics_logger.close()
-                except Exception:  # noqa: BLE001 - already stopping for `error`; a full disk fails these too
-                    pass
-                if failure is not error:
-                    raise failure from None
-                raise
+                failure = failed_run(error, self.run_dir / "checkpoints", trainer.checkpoint_manager.close, self.metrics_logger.close)
+                if failure is error:
+                    raise
+                raise failure from None
         if stop.signum is not None:
             raise Interrupted(stop.signum, trainer.train_steps, self.run_dir)
         return self._finish(model, trainer)
