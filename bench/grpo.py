@@ -1,12 +1,17 @@
 """Seconds per GRPO step for the embedded Gemma 3 270M at the `cpu-demo` settings,
-split into rollout, reward, reference log-probabilities and update, with peak RSS.
+split into rollout, reward, reference log-probabilities and update, with peak RSS
+and the number of XLA compiles.
 
-Ours: the `tracetune` rollout engine (tracetune's sampler). Peer, in the same run:
-Tunix's vanilla sampler (`grpo.rollout_engine=vanilla`), the same steps otherwise.
-Each side runs in its own process on a fresh run directory; the first step
-(compilation) is reported apart from the mean of the others.
+Sides, each in its own process on a fresh run directory, one after the other:
+  chunked   cpu-demo as shipped: tracetune's sampler, log-probs with the tied head
+            only at completion positions and the step's padding trimmed
+            (`grpo.logprobs=chunked`, logprobs.py)
+  full      the path before it: Tunix's own `compute_per_token_logps` and GRPO
+            loss over the whole padded budget (`grpo.logprobs=full`)
+  vanilla   (with --vanilla) Tunix's sampler instead of tracetune's, chunked
+The first step (compilation) is reported apart from the mean of the others.
 
-    python bench/grpo.py [--steps 4] [--init gemma3-270m] [--set grpo.prompts_per_step=2]
+    python bench/grpo.py [--steps 4] [--init gemma3-270m] [--set grpo.prompts_per_step=2] [--vanilla]
 """
 
 from __future__ import annotations
@@ -20,11 +25,23 @@ from pathlib import Path
 import sides
 
 
-def run_side(engine: str, steps: int, init: str, overrides: list[str]) -> dict:
+SIDES = {
+    "chunked": ["grpo.rollout_engine=tracetune", "grpo.logprobs=chunked"],
+    "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full"],
+    "vanilla": ["grpo.rollout_engine=vanilla", "grpo.logprobs=chunked"],
+}
+
+
+def run_side(side: str, steps: int, init: str, overrides: list[str]) -> dict:
+    import jax
+
     from tracetune.config import load_config
     from tracetune.grpo import train_grpo
 
-    config = load_config("cpu-demo", [*overrides, f"grpo.rollout_engine={engine}", f"grpo.max_steps={steps}",
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(seconds) if event == "/jax/core/compile/backend_compile_duration" else None)
+    config = load_config("cpu-demo", [*overrides, *SIDES[side], f"grpo.max_steps={steps}",
                                       f"grpo.init={init}", "grpo.checkpoint_minutes=0"])
     with tempfile.TemporaryDirectory() as directory:
         result = train_grpo(config, Path(directory))
@@ -32,7 +49,10 @@ def run_side(engine: str, steps: int, init: str, overrides: list[str]) -> dict:
     later = phases[1:] or phases
     mean = {k: sum(p.get(k, 0.0) for p in later) / len(later) for k in ("rollout", "reward", "reference", "update")}
     return {
-        "engine": engine,
+        "side": side,
+        "compiles": len(compiles),
+        "compile_seconds": sum(compiles),
+        "padded_widths": sorted({tuple(w) for r in result.history for w in r.get("padded_widths", [])}),
         "steps": result.steps,
         "first_step_seconds": sum(phases[0].values()),
         "seconds_per_step": sum(mean.values()),
@@ -48,29 +68,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--init", default="gemma3-270m", help="model or SFT run to start from")
     parser.add_argument("--set", action="append", default=[], help="config override on top of cpu-demo")
-    parser.add_argument("--engine", choices=("tracetune", "vanilla"), help=argparse.SUPPRESS)
+    parser.add_argument("--vanilla", action="store_true", help="also run Tunix's sampler (chunked log-probs)")
+    parser.add_argument("--side", choices=tuple(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.engine:
-        sides.report(run_side(args.engine, args.steps, args.init, args.set))
+    if args.side:
+        sides.report(run_side(args.side, args.steps, args.init, args.set))
         return
     results = {}
-    for engine in ("tracetune", "vanilla"):
+    names = ["chunked", "full"] + (["vanilla"] if args.vanilla else [])
+    for side in names:
         overrides = [arg for item in args.set for arg in ("--set", item)]
-        results[engine] = sides.run(__file__, "--engine", engine, "--steps", str(args.steps), "--init", args.init, *overrides)
-    ours, peer = results["tracetune"], results["vanilla"]
-    print(f"{'seconds per step':22}{'tracetune':>12}{'Tunix vanilla':>15}")
-    for phase in ("rollout", "reward", "reference", "update"):
-        print(f"  {phase:20}{ours['phases'][phase]:>12.2f}{peer['phases'][phase]:>15.2f}")
-    print(f"  {'total':20}{ours['seconds_per_step']:>12.2f}{peer['seconds_per_step']:>15.2f}")
-    print(f"{'first step (compile)':22}{ours['first_step_seconds']:>12.1f}{peer['first_step_seconds']:>15.1f}")
-    print(f"{'peak RSS MB':22}{ours['peak_rss_mb']:>12.0f}{peer['peak_rss_mb']:>15.0f}")
+        results[side] = sides.run(__file__, "--side", side, "--steps", str(args.steps), "--init", args.init, *overrides)
+
+    def row(label: str, fmt: str, value) -> None:
+        print(f"{label:24}" + "".join(f"{fmt.format(value(results[side])):>12}" for side in names))
+
     def rollout_rate(side: dict) -> float:  # generated tokens per second of rollout
         return side["completion_length"] * side["completions_per_step"] / side["phases"]["rollout"]
 
-    print(f"{'rollout tokens/s':22}{rollout_rate(ours):>12.1f}{rollout_rate(peer):>15.1f}")
-    print(f"{'steps/s':22}{1 / ours['seconds_per_step']:>12.4f}{1 / peer['seconds_per_step']:>15.4f}")
-    print(f"ratio (steps/s): {peer['seconds_per_step'] / ours['seconds_per_step']:.2f}x, "
-          f"rollout tokens/s: {rollout_rate(ours) / rollout_rate(peer):.2f}x")
+    print(f"{'seconds per step':24}" + "".join(f"{side:>12}" for side in names))
+    for phase in ("rollout", "reward", "reference", "update"):
+        row(f"  {phase}", "{:.2f}", lambda r, phase=phase: r["phases"][phase])
+    row("  total", "{:.2f}", lambda r: r["seconds_per_step"])
+    row("first step (compile)", "{:.1f}", lambda r: r["first_step_seconds"])
+    row("XLA compiles", "{}", lambda r: r["compiles"])
+    row("peak RSS MB", "{:.0f}", lambda r: r["peak_rss_mb"])
+    row("completion length", "{:.1f}", lambda r: r["completion_length"])
+    row("rollout tokens/s", "{:.1f}", rollout_rate)
+    chunked, full = results["chunked"], results["full"]
+    print(f"ratio (seconds per step, full / chunked): {full['seconds_per_step'] / chunked['seconds_per_step']:.2f}x; "
+          f"update {full['phases']['update'] / chunked['phases']['update']:.2f}x, "
+          f"reference {full['phases']['reference'] / chunked['phases']['reference']:.2f}x")
     print(json.dumps(results))
 
 

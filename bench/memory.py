@@ -68,8 +68,8 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def step(adapters, base, opt_state, tokens, loss_mask):
-        inputs = model_inputs(tokens, loss_mask, pad_id=0)
+    def step(adapters, base, opt_state, tokens, loss_mask, scored, scored_weight):
+        inputs = model_inputs({"tokens": tokens, "loss_mask": loss_mask, "scored": scored, "scored_weight": scored_weight}, pad_id=0)
 
         def loss_of(adapters):
             return completion_loss(nnx.merge(graphdef, adapters, base), **inputs)[0]
@@ -79,12 +79,14 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
         return optax.apply_updates(adapters, updates), opt_state, loss
 
     opt_sharding = jax.tree.map(lambda _: replicated, opt_state)  # adapters are small: replicated
-    jitted = jax.jit(step, in_shardings=(sharding(adapters), sharding(base), opt_sharding, data, data),
+    jitted = jax.jit(step, in_shardings=(sharding(adapters), sharding(base), opt_sharding, data, data, data, data),
                      donate_argnums=(0, 2))
     tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
-    mask = jax.ShapeDtypeStruct((rows, seq), jnp.bool_)
+    mask = jax.ShapeDtypeStruct((rows, seq), jnp.float32)
+    scored = jax.ShapeDtypeStruct((rows, seq - 1), jnp.int32)  # at most every position is scored
+    weight = jax.ShapeDtypeStruct((rows, seq - 1), jnp.float32)
     with active(mesh):  # as in training: the trainer runs under the mesh
-        compiled = jitted.lower(adapters, base, opt_state, tokens, mask).compile()
+        compiled = jitted.lower(adapters, base, opt_state, tokens, mask, scored, weight).compile()
     stats = compiled.memory_analysis()
     n = fsdp * tp
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731

@@ -1,15 +1,19 @@
 """SFT training throughput of the embedded Gemma 3 270M at the `cpu-demo` settings.
 
-Ours: tracetune's micro-batches (similar lengths grouped, padded to a multiple of
-`sft.pad_multiple`) through the jitted PeftTrainer step with the completion-only
-float32 loss. Peer, in the same run: the vanilla Tunix recipe from its examples:
+Ours ("chunked"): tracetune's micro-batches (similar lengths grouped, padded to a
+multiple of `sft.pad_multiple`) through the jitted PeftTrainer step with the
+completion-only float32 loss, the tied head applied only at completion positions
+(`sft.logprobs=chunked`, logprobs.py). "full": the same batches and loss with
+logits at every position (`sft.logprobs=full`, the path before it). Peer, in the
+same run: the vanilla Tunix recipe from its examples:
 the same examples in plain shuffled order, padded to the sequence budget, and
 PeftTrainer's default loss (one-hot targets over the vocabulary). Both train the
 same LoRA (rank, targets, optimizer) on the same examples.
 
 Each side runs in its own process (its peak RSS is its own) and runs the same
 micro-batches twice: the first pass compiles every shape, the second is timed.
-Tokens/s counts real (non-padding) tokens; padding share = padding / all tokens.
+Tokens/s counts real (non-padding) tokens; padding share = padding / all tokens;
+an update is 8 traces (cpu-demo: 2 micro-batches of 4).
 
     python bench/sft.py [--micro-batches 8] [--set sft.micro_batch_size=4]
 """
@@ -33,7 +37,7 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     from tracetune.config import load_config
     from tracetune.data import curate, load_examples
     from tracetune.models.registry import load_model
-    from tracetune.sft import Batches, StopFlag, apply_lora, completion_loss, model_inputs, pad_batch, tokenize_traces
+    from tracetune.sft import LOSSES, Batches, StopFlag, apply_lora, model_inputs, pad_batch, tokenize_traces
     from tunix.sft import utils as tunix_utils
 
     config = load_config("cpu-demo", overrides)
@@ -46,10 +50,10 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate))
     trainer = peft_trainer.PeftTrainer(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
 
-    if side == "ours":
+    if side in LOSSES:
         batches = list(Batches(examples, sft, pad, micro_batches, StopFlag()))
-        trainer.with_loss_fn(completion_loss, has_aux=True)
-        trainer.with_gen_model_input_fn(lambda b: model_inputs(b["tokens"], b["loss_mask"], pad_id=pad))
+        trainer.with_loss_fn(LOSSES[side], has_aux=True)
+        trainer.with_gen_model_input_fn(lambda b: model_inputs(b, pad_id=pad))
     else:
         order = np.random.default_rng(sft.seed).permutation(len(examples))
         batches = []
@@ -87,6 +91,7 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
         "side": side, "micro_batches": micro_batches, "micro_batch_size": sft.micro_batch_size,
         "real_tokens": real, "padded_tokens": total, "padding_share": 1 - real / total,
         "seconds": seconds, "tokens_per_second": real / seconds, "steps_per_second": micro_batches / seconds,
+        "seconds_per_update_of_8": seconds / (micro_batches * sft.micro_batch_size / 8),
         "compile_and_first_pass_seconds": warm, "last_loss": losses[-1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -96,21 +101,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], help="config override on top of cpu-demo")
-    parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("chunked", "full", "peer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         sides.report(run_side(args.side, args.micro_batches, args.set))
         return
     results = {}
-    for side in ("ours", "peer"):
+    names = {"chunked": "chunked", "full": "full logits", "peer": "vanilla Tunix"}
+    for side in names:
         overrides = [arg for item in args.set for arg in ("--set", item)]
         results[side] = sides.run(__file__, "--side", side, "--micro-batches", str(args.micro_batches), *overrides)
-    ours, peer = results["ours"], results["peer"]
-    print(f"{'':22}{'tracetune':>12}{'vanilla Tunix':>15}")
-    for key, fmt in (("tokens_per_second", "{:.1f}"), ("steps_per_second", "{:.3f}"), ("padding_share", "{:.1%}"),
-                     ("peak_rss_mb", "{:.0f}"), ("compile_and_first_pass_seconds", "{:.0f}")):
-        print(f"{key:22}{fmt.format(ours[key]):>12}{fmt.format(peer[key]):>15}")
-    print(f"ratio (real tokens/s): {ours['tokens_per_second'] / peer['tokens_per_second']:.2f}x")
+    print(f"{'':32}" + "".join(f"{name:>15}" for name in names.values()))
+    for key, fmt in (("tokens_per_second", "{:.1f}"), ("seconds_per_update_of_8", "{:.2f}"), ("padding_share", "{:.1%}"),
+                     ("peak_rss_mb", "{:.0f}"), ("compile_and_first_pass_seconds", "{:.0f}"), ("last_loss", "{:.4f}")):
+        print(f"{key:32}" + "".join(f"{fmt.format(results[side][key]):>15}" for side in names))
+    chunked = results["chunked"]["tokens_per_second"]
+    print(f"ratio (real tokens/s): chunked / full {chunked / results['full']['tokens_per_second']:.2f}x, "
+          f"chunked / vanilla Tunix {chunked / results['peer']['tokens_per_second']:.2f}x")
     print(json.dumps(results))
 
 

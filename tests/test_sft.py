@@ -24,18 +24,20 @@ from tracetune.errors import TrainingError
 from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.params import build_model
 from tracetune.models.registry import load_model
+from tracetune.models.tiny import tiny_config, tiny_params
 from tracetune.scoring import aggregate, score_sample
 from tracetune.sft import (
     Batches,
     StopFlag,
+    LOSSES,
     Tokenized,
     apply_lora,
     conclusion_start,
-    completion_loss,
     epoch_order,
     merged_params,
     model_inputs,
     pad_batch,
+    scored_positions,
     tokenize_traces,
     total_steps,
     train_sft,
@@ -169,23 +171,26 @@ def test_tokenize_drops_traces_over_the_budget(tiny):
 # ---------------------------------------------------------------- loss and LoRA
 
 
-def test_completion_loss_weighs_tokens_by_the_mask(tiny):
+@pytest.mark.parametrize("path", sorted(LOSSES))
+def test_completion_loss_weighs_tokens_by_the_mask(tiny, path):
     batch = pad_batch(rows((9, 4)), micro_batch=1, multiple=4, pad_id=0)
     weighted = batch["loss_mask"].copy()
     weighted[0, 7:9] = 3.0
-    plain_inputs = model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]), pad_id=0)
-    logits, _ = tiny.model(plain_inputs["tokens"], plain_inputs["positions"], None, plain_inputs["attention_mask"])
+    inputs = model_inputs(batch, pad_id=0)
+    logits, _ = tiny.model(inputs["tokens"], inputs["positions"], None, inputs["attention_mask"])
     nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))[0, :-1],
                               batch["tokens"][0, 1:, None], axis=-1)[:, 0]
     w = weighted[0, 1:]
-    loss, _ = completion_loss(tiny.model, **model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(weighted), pad_id=0))
+    reweighted = {**batch, "loss_mask": weighted, **scored_positions(weighted, 4)}
+    loss, _ = LOSSES[path](tiny.model, **model_inputs(reweighted, pad_id=0))
     np.testing.assert_allclose(float(loss), float((nll * w).sum() / w.sum()), rtol=1e-5)
 
 
-def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny):
+@pytest.mark.parametrize("path", sorted(LOSSES))
+def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny, path):
     batch = pad_batch(rows((9, 4), (6, 3)), micro_batch=2, multiple=4, pad_id=0)
-    inputs = model_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]), pad_id=0)
-    loss, aux = completion_loss(tiny.model, **inputs)
+    inputs = model_inputs(batch, pad_id=0)
+    loss, aux = LOSSES[path](tiny.model, **inputs)
     logits, _ = tiny.model(inputs["tokens"], inputs["positions"], None, inputs["attention_mask"])
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
     expected = []
@@ -196,6 +201,32 @@ def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny):
     assert len(expected) == (9 - 4) + (6 - 3)  # prompt and padding positions excluded
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
     assert float(aux) == float(loss)
+
+
+def test_pad_batch_lists_the_scored_positions():
+    batch = pad_batch(rows((9, 4), (6, 3)), micro_batch=3, multiple=4, pad_id=0)
+    # row 0: tokens 4..8 are scored, predicted from positions 3..7; row 1: 3..5 from 2..4
+    np.testing.assert_array_equal(batch["scored"][:2], [[3, 4, 5, 6, 7, 0, 0, 0], [2, 3, 4, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["scored_weight"][:2].sum(1), [5, 3])
+    assert batch["scored"].shape == (3, 8) and not batch["scored_weight"][2].any()  # 5 -> 8; the padding row scores nothing
+
+
+def test_chunked_sft_loss_has_the_full_losss_gradient():
+    """Values and LoRA gradients of both SFT losses agree on a LoRA model (B != 0),
+    with a conclusion weight, padding rows and a chunk smaller than the batch."""
+    config = tiny_config()
+    model = apply_lora(build_model(config, tiny_params(config), "t"), LoraConfig(rank=4, alpha=8.0), 0)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), state))
+    batch = pad_batch(rows((9, 4), (6, 3), (12, 2)), micro_batch=4, multiple=4, pad_id=0)
+    batch["loss_mask"][0, 6:9] = 2.0
+    batch.update(scored_positions(batch["loss_mask"], 4))
+    inputs = {k: jnp.asarray(v) for k, v in model_inputs(batch, pad_id=0).items()}
+    results = [nnx.value_and_grad(lambda m, fn=fn: fn(m, **inputs)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+               for fn in (LOSSES["chunked"], LOSSES["full"])]
+    np.testing.assert_allclose(float(results[0][0]), float(results[1][0]), rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_weights_compute_what_the_lora_model_computes(tiny):

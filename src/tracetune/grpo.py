@@ -38,13 +38,13 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from tunix.rl import common as rl_common
 from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger as tunix_metrics
 
+from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, LoraConfig, RewardWeights
 from tracetune.data import Example, load_examples
@@ -124,11 +124,9 @@ class TracetuneRollout(base_rollout.BaseRollout):
         )
 
     def get_per_token_logps(self, prompt_tokens, completion_tokens):
-        graphdef, state = nnx.split(self._model)
-        return rl_common.compute_per_token_logps(
-            graphdef, state, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            pad_id=self.pad_id(), eos_id=self.eos_id(), stop_gradient=True, return_logits=False,
-        )
+        # Only Cluster.get_old_per_token_logps calls this, and it is overridden below
+        # with the rollout temperature, as the loss uses; kept for the engine's interface.
+        return logprobs.frozen_completion_logprobs(self._model, prompt_tokens, completion_tokens, self.pad_id())
 
     def update_params(self, params, filter_types=None):
         nnx.update(self._model, params)
@@ -145,12 +143,20 @@ class TracetuneRollout(base_rollout.BaseRollout):
 
 class Cluster(rl_cluster_lib.RLCluster):
     """RLCluster that keeps the last rollout (its tokens and log-probs feed the
-    rewards) and the wall time of each phase (for logs and bench/grpo.py)."""
+    rewards) and the wall time of each phase (for logs and bench/grpo.py).
 
-    def __init__(self, *args, **kwargs):
+    With ``logprobs="chunked"`` the reference's and the old policy's log-probs come
+    from ``logprobs.frozen_completion_logprobs`` (no [B, L, V] logits; the batch's
+    all-padding columns cut to a multiple of ``pad_multiple``), at the rollout
+    temperature as Tunix's loss uses it; "full" keeps Tunix's own path.
+    """
+
+    def __init__(self, *args, logprobs: str = "full", pad_multiple: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_rollout = None
         self.phase_seconds: dict[str, float] = {}
+        self.logprob_path = logprobs
+        self.pad_multiple = pad_multiple
 
     def _timed(self, phase: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -162,8 +168,23 @@ class Cluster(rl_cluster_lib.RLCluster):
         self.last_rollout = self._timed("rollout", super().generate, *args, **kwargs)
         return self.last_rollout
 
-    def get_ref_per_token_logps(self, *args, **kwargs):
-        return self._timed("reference", super().get_ref_per_token_logps, *args, **kwargs)
+    def get_ref_per_token_logps(self, prompt_tokens, completion_tokens, pad_id, eos_id, micro_batch_size=None):
+        if self.logprob_path == "full":
+            return self._timed("reference", super().get_ref_per_token_logps, prompt_tokens, completion_tokens, pad_id, eos_id,
+                               micro_batch_size)
+        return self._timed("reference", self._frozen_logprobs, Role.REFERENCE, self.inference_worker.get_model("reference"),
+                           prompt_tokens, completion_tokens)
+
+    def get_old_per_token_logps(self, prompt_tokens, completion_tokens, micro_batch_size=None):
+        if self.logprob_path == "full":
+            return super().get_old_per_token_logps(prompt_tokens, completion_tokens, micro_batch_size)
+        return self._timed("old_policy", self._frozen_logprobs, Role.ROLLOUT, self.rollout.model(), prompt_tokens, completion_tokens)
+
+    def _frozen_logprobs(self, role, model, prompt_tokens, completion_tokens):
+        with self._get_mesh_and_logical_axis_rules_cm(role):
+            return logprobs.frozen_completion_logprobs(
+                model, prompt_tokens, completion_tokens, self.rollout.pad_id(),
+                temperature=self.get_rollout_config(Mode.TRAIN).temperature, multiple=self.pad_multiple)
 
     def update_actor(self, *args, **kwargs):
         out = self._timed("update", super().update_actor, *args, **kwargs)
@@ -202,7 +223,15 @@ class Learner(grpo_learner.GRPOLearner):
         per_step = config.mini_batch_size // (config.train_micro_batch_size or config.mini_batch_size)
         counter = self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
         self.rl_cluster.get_rollout_config(mode).seed = (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
-        return super()._generate_and_compute_advantage(training_input, mode)
+        example = super()._generate_and_compute_advantage(training_input, mode)
+        if self.rl_cluster.logprob_path == "full":
+            return example
+        # Tunix pads prompts to max_prompt_tokens and completions to max_new_tokens;
+        # the update trains on the step's own longest, rounded up to a bucket.
+        example = trim_example(example, self.rl_cluster.rollout.pad_id(), self.rl_cluster.pad_multiple)
+        if mode == Mode.TRAIN and self.step_records:
+            self.step_records[-1]["widths"] = [int(example.prompt_ids.shape[1]), int(example.completion_ids.shape[1])]
+        return example
 
     def _check_finite(self, rollout, engine) -> None:
         """Stop before the step is trained or saved if the rollout's log-probs are not
@@ -230,19 +259,38 @@ class Learner(grpo_learner.GRPOLearner):
             + ". Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
         )
 
+    def _temperature_one_logprobs(self, rollout, temperature: float) -> list[np.ndarray]:
+        """The completion tokens' log-probs at temperature 1, as evaluation scores the
+        confidence term. Tunix's samplers report log-probs of logits / temperature;
+        at any other temperature they are recomputed with the actor, whose weights
+        sampled this rollout."""
+        if temperature in (0.0, 1.0):
+            return [np.asarray(lp, np.float32) for lp in rollout.logprobs]
+        pad = self._tokenizer.pad_id
+        width = max(1, max(len(t) for t in rollout.tokens))
+        completions = np.full((len(rollout.tokens), width), pad, np.int32)  # [B, C] right-padded
+        for row, tokens in enumerate(rollout.tokens):
+            completions[row, : len(tokens)] = tokens
+        values = np.asarray(logprobs.frozen_completion_logprobs(
+            self.rl_cluster.actor_trainer.model, np.asarray(rollout.left_padded_prompt_tokens), completions, pad,
+            multiple=self.rl_cluster.pad_multiple))
+        return [values[row, : len(tokens)] for row, tokens in enumerate(rollout.tokens)]
+
     def _compute_rewards(self, prompts, completions, mode, step=None, **kwargs):
         rollout = self.rl_cluster.last_rollout
         engine = self.rl_cluster.rollout
         self._check_finite(rollout, engine)
-        budget = self.rl_cluster.get_rollout_config(mode).max_tokens_to_generate
-        if isinstance(engine, TracetuneRollout):
+        config = self.rl_cluster.get_rollout_config(mode)
+        if isinstance(engine, TracetuneRollout):  # its log-probs are already at temperature 1
             texts = [g.token_texts for g in engine.last_generations]
             truncated = [g.finish_reason == "length" for g in engine.last_generations]
-        else:  # Tunix's sampler: its log-probs are of logits / temperature
+            token_logprobs = [np.asarray(lp, np.float32) for lp in rollout.logprobs]
+        else:
             texts = [self._tokenizer.token_texts(t) for t in rollout.tokens]
-            truncated = [len(t) >= budget for t in rollout.tokens]
+            truncated = [len(t) >= config.max_tokens_to_generate for t in rollout.tokens]
+            token_logprobs = self._temperature_one_logprobs(rollout, config.temperature)
         kwargs["token_texts"] = texts
-        kwargs["token_logprobs"] = [[float(x) for x in lp] for lp in rollout.logprobs]
+        kwargs["token_logprobs"] = [[float(x) for x in lp] for lp in token_logprobs]
         start = time.perf_counter()
         rewards = super()._compute_rewards(prompts, completions, mode, step, **kwargs)
         phases = self.rl_cluster.phase_seconds
@@ -262,6 +310,18 @@ class Learner(grpo_learner.GRPOLearner):
             ],
         })
         return rewards
+
+
+def trim_example(example, pad_id: int, multiple: int):
+    """A GRPO TrainExample with its all-padding columns cut: prompt columns from the
+    left (prompts are left-padded), completion columns from the right, down to
+    ``logprobs.trimmed_widths``. Every micro-batch of a step shares the shape."""
+    P, C = logprobs.trimmed_widths(np.asarray(example.prompt_ids), np.asarray(example.completion_ids), pad_id, multiple)
+    per_token = {name: getattr(example, name)[:, :C] for name in ("ref_per_token_logps", "old_per_token_logps")
+                 if getattr(example, name) is not None}
+    return example.replace(prompt_ids=example.prompt_ids[:, -P:], prompt_mask=example.prompt_mask[:, -P:],
+                           completion_ids=example.completion_ids[:, :C], completion_mask=example.completion_mask[:, :C],
+                           **per_token)
 
 
 def vllm_settings(grpo: GRPOConfig, loaded: LoadedModel, mesh: jax.sharding.Mesh) -> dict:
@@ -437,6 +497,7 @@ class GRPORun:
             "zero_spread": float(np.mean([r["zero_spread"] for r in records])),
             "truncated": float(np.mean([r["truncated"] for r in records])),
             "completion_length": float(np.mean([r["length"] for r in records])),
+            "padded_widths": [r["widths"] for r in records if "widths" in r],  # [prompt, completion] the update trained on
             "rollout_seeds": [r["seed"] for r in records],
             "loss": loss,
             "kl": actor_metric("kl"),
@@ -542,10 +603,13 @@ class GRPORun:
             training_config=training,
             rollout_config=rollout,
         )
-        self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config)
+        self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
+                               logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple)
         check_shared_backbone(self.cluster)
         composite = CompositeReward(self.config.rewards)
-        algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon)
+        algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon,
+                                            # logprobs.py registers "tracetune": Tunix's GRPO loss on the chunked path
+                                            policy_loss_fn="tracetune" if grpo.logprobs == "chunked" else "grpo")
         self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm, reward_fns=[composite],
                                seed=grpo.seed, composite=composite, tokenizer=tokenizer)
         resumed = self.cluster.actor_trainer.train_steps

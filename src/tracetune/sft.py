@@ -42,6 +42,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
 from tunix.sft import utils as tunix_utils
 
+from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
 from tracetune.data import Example, Trace, curate, load_examples, with_loop
@@ -249,7 +250,9 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     """Right-padded tokens [B, T] and the loss weights [B, T] ("loss_mask"): 0 on the
     prompt and padding, 1 on completion tokens, ``conclusion_weight`` from the
     conclusion line ("Therefore, ...") to EOS. T is the longest row rounded up to
-    ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0."""
+    ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0. With
+    them, for the chunked loss, ``scored_positions``.
+    """
     width = math.ceil(max(len(r.ids) for r in rows) / multiple) * multiple
     tokens = np.full((micro_batch, width), pad_id, np.int32)
     loss_mask = np.zeros((micro_batch, width), np.float32)
@@ -260,7 +263,21 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
             loss_mask[i, row.conclusion : len(row.ids)] = conclusion_weight
         if row.loop is not None:
             loss_mask[i, row.loop[0] : row.loop[1]] = 0.0
-    return {"tokens": tokens, "loss_mask": loss_mask}
+    return {"tokens": tokens, "loss_mask": loss_mask, **scored_positions(loss_mask, multiple)}
+
+
+def scored_positions(loss_mask: np.ndarray, multiple: int) -> dict[str, np.ndarray]:
+    """"scored" [B, K]: the positions t whose next token t + 1 has a loss weight
+    (hidden state t predicts it), and "scored_weight" [B, K]: that weight. K is the
+    most in a row, rounded up to ``multiple``; unused slots weigh 0."""
+    following = loss_mask[:, 1:]  # [B, T-1]
+    at = [np.flatnonzero(w > 0) for w in following]
+    K = min(following.shape[1], logprobs.bucket(max(len(a) for a in at), multiple))
+    scored = np.zeros((len(at), K), np.int32)
+    scored_weight = np.zeros((len(at), K), np.float32)
+    for i, a in enumerate(at):
+        scored[i, : len(a)], scored_weight[i, : len(a)] = a, following[i, a]
+    return {"scored": scored, "scored_weight": scored_weight}
 
 
 @dataclass
@@ -314,24 +331,40 @@ def total_steps(config: SFTConfig, n_examples: int) -> int:
 # ------------------------------------------------------------------------- loss
 
 
-def model_inputs(tokens, loss_mask, *, pad_id: int):
-    """Positions and the causal mask from the padding: tokens, loss_mask [B, T]."""
-    valid = tokens != pad_id  # [B, T]
+def model_inputs(batch: dict, *, pad_id: int) -> dict:
+    """The loss's inputs: the batch (``pad_batch``'s arrays) with positions and the
+    causal mask from the padding."""
+    valid = batch["tokens"] != pad_id  # [B, T]
     return {
-        "tokens": tokens,
-        "loss_mask": loss_mask,
+        **batch,
         "positions": tunix_utils.build_positions_from_mask(valid),  # [B, T]
         "attention_mask": tunix_utils.make_causal_attn_mask(valid),  # [B, T, T]
     }
 
 
-def completion_loss(model, tokens, loss_mask, positions, attention_mask):
-    """Weighted mean negative log-likelihood of the completion tokens (``loss_mask``
-    holds each token's weight: 0 masks it).
+def completion_loss(model, tokens, loss_mask, positions, attention_mask, scored, scored_weight):
+    """Weighted mean negative log-likelihood of the completion tokens, the head
+    applied only at the ``scored`` positions (``logprobs.head_logprobs``: no
+    [B, T, V] logits, forward or backward). ``loss_mask`` is not read: its weights
+    are in ``scored_weight``. (Tunix binds the arguments by position: no ``**``.)
 
-    Returns (loss, loss) so the trainer hands the loss to ``_post_process_train_step``
-    (its NaN check) as the auxiliary output.
+    tokens [B, T]; scored, scored_weight [B, K] (``pad_batch``). Returns (loss,
+    loss) so the trainer hands the loss to ``_post_process_train_step`` (its NaN
+    check) as the auxiliary output.
     """
+    hidden = logprobs.hidden_states(model, tokens, positions, attention_mask)  # [B, T, D]
+    picked = jnp.take_along_axis(hidden, scored[..., None], axis=1)  # [B, K, D]
+    targets = jnp.take_along_axis(tokens, scored + 1, axis=1)  # [B, K]
+    logp = logprobs.head_logprobs(picked, logprobs.embedding(model), targets)  # [B, K] float32
+    weight = scored_weight.astype(jnp.float32)
+    loss = -jnp.sum(logp * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return loss, loss
+
+
+def full_logits_loss(model, tokens, loss_mask, positions, attention_mask, scored, scored_weight):
+    """``completion_loss`` the way it was computed before ``logprobs.py``: logits at
+    every position, then cross-entropy (``sft.logprobs=full``, for comparison);
+    ``scored`` and ``scored_weight`` are not read."""
     logits, _ = model(tokens, positions, None, attention_mask)  # [B, T, V]
     # Float32 log-softmax: in bfloat16 the log-probabilities of likely tokens lose
     # most of their digits over a 262k vocabulary.
@@ -340,6 +373,9 @@ def completion_loss(model, tokens, loss_mask, positions, attention_mask):
     mask = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
     loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss, loss
+
+
+LOSSES = {"chunked": completion_loss, "full": full_logits_loss}
 
 
 def learning_rate_schedule(config: SFTConfig, steps: int) -> optax.Schedule:
@@ -583,8 +619,8 @@ class SFTRun:
         trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
         trainer.update_done = {}
         pad_id = tokenizer.pad_id
-        trainer.with_loss_fn(completion_loss, has_aux=True)
-        trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch["tokens"], batch["loss_mask"], pad_id=pad_id))
+        trainer.with_loss_fn(LOSSES[sft.logprobs], has_aux=True)
+        trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch, pad_id=pad_id))
         trainer.with_training_hooks(RunHooks(self))
         resumed = trainer.train_steps
         truncate_metrics(self.metrics_path, resumed)

@@ -1,0 +1,220 @@
+"""Per-token log-probabilities without the ``[B, L, V]`` logits.
+
+Every training pass needs ``log p(token | prefix)`` only where a token is scored:
+the completion, never the prompt or the padding. Tunix 0.1.7's
+``rl.common.compute_per_token_logps`` (and a plain cross-entropy loss) runs the
+tied head over every position of the padded sequence and keeps the float32
+logits: ``[B, L, 262144]``, 1.6 GB for 4 sequences of 392 tokens, and as much
+again for its gradient. On Gemma 3 270M the head is 62% of a token's forward
+multiply-adds (168M of 268M).
+
+Here the model's trunk runs once (``hidden_states``: the model's own
+``__call__``, so qwix's LoRA interception applies, with the logits left unused
+so that XLA drops the head), and the head and log-softmax run only at the scored
+positions, ``CHUNK`` positions at a time (``head_logprobs``). Each chunk is
+rematerialised in the backward pass (``jax.checkpoint``), so no more than
+``[CHUNK, V]`` logits exist at once, forward or backward. Accumulation is in
+float32 whatever the weights' dtype: in bfloat16 the log-probability of a likely
+token loses most of its digits over a 262k vocabulary.
+
+The three callers:
+
+* ``completion_logprobs``: a GRPO batch (left-padded prompts, right-padded
+  completions): the policy's, the old policy's and the reference's log-probs;
+* ``tracetune_grpo_loss``: Tunix's GRPO loss on them, registered with Tunix's
+  loss registry as ``"tracetune"`` (``grpo.logprobs=chunked`` selects it);
+* ``sft.completion_loss``: the SFT loss at the positions ``sft.pad_batch`` lists.
+
+Tested equal to Tunix's own path (values and gradients) in tests/test_logprobs.py.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tunix.rl import algo_core, common, function_registry
+
+CHUNK = 128  # scored positions per head call: [128, 262144] float32 is 134 MB
+
+
+def bucket(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (at least one multiple):
+    padded shapes come from a few buckets, so compiles stay bounded."""
+    return max(1, math.ceil(length / multiple)) * multiple
+
+
+# ----------------------------------------------------------------- the trunk
+
+
+def hidden_states(model: nnx.Module, tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The final-norm hidden states ``[B, T, D]`` (what the tied head multiplies).
+
+    tokens, positions [B, T]; attention_mask [B, T, T]. The model's ``__call__``
+    runs (LoRA is applied by intercepting it); its logits are not used, so under
+    ``jit`` XLA removes the head's matmul. The sown intermediate is popped again:
+    the module leaves the call as it came.
+    """
+    model(tokens, positions, None, attention_mask, output_hidden_states=True)
+    (hidden,) = nnx.pop(model, nnx.Intermediate)["all_hidden_states"].get_value()
+    return hidden
+
+
+def embedding(model: nnx.Module) -> jax.Array:
+    """The tied input embedding / output head ``[V, D]``."""
+    return model.embedder.input_embedding[...]
+
+
+# ------------------------------------------------------------------ the head
+
+
+def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+                  entropy: bool = False, chunk: int = CHUNK) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log softmax(hidden @ head.T / temperature)[targets]`` ``[B, K]`` in float32,
+    and with ``entropy`` the distribution's entropy ``[B, K]`` too.
+
+    hidden [B, K, D]; head [V, D]; targets [B, K] int. The B*K positions go
+    through the head ``chunk`` at a time; each chunk's logits [chunk, V] are
+    recomputed in the backward pass instead of kept.
+    """
+    B, K, D = hidden.shape
+    n = B * K
+    chunks = max(1, math.ceil(n / chunk))
+    rows = jnp.pad(hidden.reshape(n, D), ((0, chunks * chunk - n), (0, 0))).reshape(chunks, chunk, D)
+    ids = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, chunks * chunk - n)).reshape(chunks, chunk)
+
+    @jax.checkpoint
+    def one(args):
+        h, t = args  # [chunk, D], [chunk]
+        logits = jnp.dot(h, head.T, preferred_element_type=jnp.float32)  # [chunk, V]
+        if temperature not in (0.0, 1.0):  # Tunix's convention: 0 means greedy, scored at 1
+            logits = logits / temperature
+        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser  # [chunk]
+        if not entropy:
+            return picked, jnp.zeros_like(picked)
+        probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
+        return picked, normaliser - jnp.sum(probs * logits, axis=-1)
+
+    picked, spread = jax.lax.map(one, (rows, ids))  # [chunks, chunk] each
+    picked = picked.reshape(-1)[:n].reshape(B, K)
+    if not entropy:
+        return picked
+    return picked, spread.reshape(-1)[:n].reshape(B, K)
+
+
+# ------------------------------------------------------------ GRPO batches
+
+
+def completion_logprobs(model: nnx.Module, prompt_tokens: jax.Array, completion_tokens: jax.Array, pad_id: int, *,
+                        temperature: float = 1.0, entropy: bool = False):
+    """Log-probs ``[B, C]`` of each completion token (and entropies with ``entropy``),
+    the same values as Tunix's ``compute_per_token_logps`` on the same inputs.
+
+    prompt_tokens [B, P] left-padded; completion_tokens [B, C] right-padded with
+    ``pad_id``. Positions and the causal mask come from the padding, as Tunix
+    builds them; hidden state t predicts token t + 1, so the completion is
+    scored from positions P - 1 .. P + C - 2.
+    """
+    P, C = prompt_tokens.shape[1], completion_tokens.shape[1]
+    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)  # [B, P + C]
+    valid = tokens != pad_id
+    hidden = hidden_states(model, tokens, common.build_positions_from_mask(valid), common.make_causal_attn_mask(valid))
+    return head_logprobs(hidden[:, P - 1 : P + C - 1], embedding(model), completion_tokens,
+                         temperature=temperature, entropy=entropy)
+
+
+@partial(jax.jit, static_argnames=("pad_id", "temperature"))
+def _frozen_completion_logprobs(graphdef, state, prompt_tokens, completion_tokens, pad_id: int, temperature: float):
+    model = nnx.merge(graphdef, state)
+    return jax.lax.stop_gradient(completion_logprobs(model, prompt_tokens, completion_tokens, pad_id, temperature=temperature))
+
+
+def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_tokens, pad_id: int, *,
+                               temperature: float = 1.0, multiple: int = 32) -> jax.Array:
+    """``completion_logprobs`` of a model not being trained (reference, old policy),
+    on the batch with its all-padding columns cut: prompt columns from the left,
+    completion columns from the right, down to ``bucket(longest, multiple)``. The
+    result has the full ``[B, C]`` shape again, 0 in the cut columns (padding)."""
+    prompt_tokens, completion_tokens = np.asarray(prompt_tokens), np.asarray(completion_tokens)
+    P, C = trimmed_widths(prompt_tokens, completion_tokens, pad_id, multiple)
+    graphdef, state = nnx.split(model)
+    out = _frozen_completion_logprobs(graphdef, state, jnp.asarray(prompt_tokens[:, -P:]), jnp.asarray(completion_tokens[:, :C]),
+                                      pad_id, float(temperature))
+    return jnp.pad(out, ((0, 0), (0, completion_tokens.shape[1] - C)))
+
+
+def trimmed_widths(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, pad_id: int, multiple: int) -> tuple[int, int]:
+    """(P, C): the longest prompt and the longest completion of the batch, each rounded
+    up to ``multiple`` (never past the arrays' own widths).
+
+    prompt_tokens [B, P0] left-padded; completion_tokens [B, C0] right-padded.
+    """
+    prompt_len = int((prompt_tokens != pad_id).sum(axis=1).max(initial=1))
+    used = np.flatnonzero((completion_tokens != pad_id).any(axis=0))
+    completion_len = int(used[-1]) + 1 if used.size else 1
+    return (min(prompt_tokens.shape[1], bucket(prompt_len, multiple)),
+            min(completion_tokens.shape[1], bucket(completion_len, multiple)))
+
+
+# ------------------------------------------------------------ the GRPO loss
+
+
+@function_registry.register_policy_loss_fn("tracetune")
+def tracetune_grpo_loss(model, train_example, algo_config, pad_id, eos_id, **kwargs):
+    """Tunix 0.1.7's GRPO policy loss (``algo_core.grpo_loss_fn``: clipped ratio,
+    optional dual clip and GSPO-token, KL to the reference, the configured loss
+    aggregation), on log-probs and entropies from ``completion_logprobs``.
+
+    Returns (loss, aux) with the aux keys Tunix logs. Tested equal to Tunix's in
+    value and gradient.
+    """
+    mask = train_example.completion_mask  # [B, C]
+    mode = algo_config.loss_agg_mode
+    epsilon = algo_config.epsilon
+    epsilon_high = getattr(algo_config, "epsilon_high", epsilon)
+    epsilon_c = getattr(algo_config, "epsilon_c", None)
+    logps, entropy = completion_logprobs(model, train_example.prompt_ids, train_example.completion_ids, pad_id,
+                                         temperature=algo_config.temperature, entropy=True)  # [B, C] each
+    advantages = train_example.advantages.astype(jnp.float32)
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, 1] or [B, C]
+    old = (jax.lax.stop_gradient(logps) if train_example.old_per_token_logps is None
+           else train_example.old_per_token_logps.astype(jnp.float32))
+    log_ratio = logps - old  # [B, C]
+    ppo_kl = algo_core.masked_mean(-log_ratio, mask)
+    log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
+    if algo_config.loss_algo == "gspo-token":  # one sequence-level ratio, token-level gradients
+        sequence = (log_ratio * mask).sum(axis=-1) / jnp.clip(mask.sum(-1), min=1)  # [B]
+        log_ratio = jnp.clip(logps - jax.lax.stop_gradient(logps) + jax.lax.stop_gradient(sequence)[:, None], max=10.0)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token = jnp.maximum(unclipped, clipped).astype(jnp.float32)  # [B, C]
+    floor = -epsilon_c * adv if epsilon_c is not None else per_token  # dual clip (negative advantages)
+    lower = ((per_token > floor) & (adv < 0.0)).astype(jnp.float32)
+    per_token = jnp.where(adv < 0.0, jnp.minimum(floor, per_token), per_token)
+    weights = getattr(train_example, "sampler_is_weights", None)
+    if weights is not None:
+        per_token = per_token * weights.astype(jnp.float32)
+    loss = common.aggregate_loss(per_token, mask, mode)
+    aux = {
+        "kl": 0.0,
+        "kl_loss": 0.0,
+        "pg_loss": loss,
+        "pg_clipfrac": algo_core.masked_mean(jnp.greater(clipped, unclipped), mask),
+        "pg_clipfrac_lower": common.aggregate_loss(lower, mask, mode),
+        "ppo_kl": ppo_kl,
+        "entropy": common.aggregate_loss(entropy, mask, mode),
+    }
+    if train_example.ref_per_token_logps is not None:
+        kl = common.compute_kl_divergence(logps, train_example.ref_per_token_logps, algo_config.kl_loss_mode,
+                                          clamp_value=getattr(algo_config, "kl_clamp_value", None))  # [B, C]
+        aux["kl"] = ((kl * mask).sum() / jnp.clip(mask.sum(), min=1)).astype(jnp.float32)
+        aux["kl_loss"] = common.aggregate_loss(kl, mask, mode)
+        if algo_config.beta:
+            loss = loss + algo_config.beta * aux["kl_loss"]
+    return loss, aux

@@ -1,0 +1,184 @@
+"""The chunked log-prob path equals Tunix's own computation, in values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tunix.rl import algo_core
+from tunix.rl import common as rl_common
+from tunix.rl.grpo import grpo_learner
+
+from tracetune import logprobs
+from tracetune.config import LoraConfig
+from tracetune.models.params import build_model
+from tracetune.models.tiny import tiny_config, tiny_params
+from tracetune.sft import apply_lora
+
+PAD, EOS = 0, 1
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def lora_model(config, params, seed=0):
+    """A LoRA model whose adapters are not zero (B = 0 would hide errors in the LoRA path)."""
+    model = apply_lora(build_model(config, params, "test"), LoraConfig(rank=4, alpha=8.0), seed)
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config()
+    return lora_model(config, tiny_params(config))
+
+
+def batch(rng, B=4, P=6, C=9, vocab=1024):
+    """Left-padded prompts and right-padded completions: row 0 has prompt padding,
+    row 1 ends at EOS early, row 2 is cut by the budget (no EOS), row 3 is one token."""
+    prompt = rng.integers(4, vocab, (B, P)).astype(np.int32)
+    prompt[0, :3] = PAD
+    completion = rng.integers(4, vocab, (B, C)).astype(np.int32)
+    completion[1, 4], completion[1, 5:] = EOS, PAD
+    completion[3, 0], completion[3, 1:] = EOS, PAD
+    return prompt, completion
+
+
+def tunix_logps(model, prompt, completion, temperature=1.0, stop_gradient=True):
+    graphdef, state = nnx.split(model)
+    return rl_common.compute_per_token_logps(graphdef, state, prompt_tokens=jnp.asarray(prompt), completion_tokens=jnp.asarray(completion),
+                                             pad_id=PAD, eos_id=EOS, stop_gradient=stop_gradient, temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [5, 128])  # chunks that do not divide B*C, and one chunk for all
+def test_completion_logprobs_equal_tunix(model, temperature, chunk, monkeypatch):
+    monkeypatch.setattr(logprobs, "CHUNK", chunk)
+    prompt, completion = batch(np.random.default_rng(0))
+    ours = nnx.jit(lambda m, p, c: logprobs.completion_logprobs(m, p, c, PAD, temperature=temperature))(model, prompt, completion)
+    np.testing.assert_allclose(ours, tunix_logps(model, prompt, completion, temperature), **TOL)
+
+
+def test_head_logprobs_chunk_gives_the_same_values():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 7)))
+    full = jax.nn.log_softmax(hidden @ head.T, axis=-1)
+    expected = np.take_along_axis(np.asarray(full), np.asarray(targets)[..., None], -1)[..., 0]
+    probs = np.exp(np.asarray(full))
+    for chunk in (1, 4, 21, 64):
+        got, entropy = logprobs.head_logprobs(hidden, head, targets, entropy=True, chunk=chunk)
+        np.testing.assert_allclose(got, expected, **TOL)
+        np.testing.assert_allclose(entropy, -(probs * np.asarray(full)).sum(-1), **TOL)
+
+
+def lora_grads(model, fn):
+    """d fn(model) / d LoRA params, as a flat list."""
+    grads = nnx.grad(fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    return jax.tree.leaves(grads)
+
+
+def test_completion_logprobs_gradients_equal_tunix(model):
+    prompt, completion = batch(np.random.default_rng(2))
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=completion.shape), jnp.float32) * (completion != PAD)
+
+    def ours(m):
+        return jnp.sum(logprobs.completion_logprobs(m, jnp.asarray(prompt), jnp.asarray(completion), PAD, temperature=0.9) * weights)
+
+    def theirs(m):
+        graphdef, state = nnx.split(m)
+        lp = rl_common.compute_per_token_logps(graphdef, state, prompt_tokens=jnp.asarray(prompt), completion_tokens=jnp.asarray(completion),
+                                               pad_id=PAD, eos_id=EOS, stop_gradient=False, temperature=0.9)
+        return jnp.sum(lp * weights)
+
+    a, b = lora_grads(model, ours), lora_grads(model, theirs)
+    assert len(a) == len(b) == 2 * 6 * 2  # A and B on 6 projections in each of 2 layers
+    assert all(float(jnp.abs(x).max()) > 0 for x in a)  # every adapter gets a gradient
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, **TOL)
+
+
+def test_frozen_logprobs_on_trimmed_batch_equal_tunix_on_the_full_one(model):
+    rng = np.random.default_rng(4)
+    prompt, completion = batch(rng, P=6, C=9)
+    # the rollout's budget: prompts padded to 40 on the left, completions to 50 on the right
+    wide_prompt = np.concatenate([np.full((4, 34), PAD, np.int32), prompt], axis=1)
+    wide_completion = np.concatenate([completion, np.full((4, 41), PAD, np.int32)], axis=1)
+    assert logprobs.trimmed_widths(wide_prompt, wide_completion, PAD, 8) == (8, 16)
+    ours = logprobs.frozen_completion_logprobs(model, wide_prompt, wide_completion, PAD, temperature=0.9, multiple=8)
+    theirs = tunix_logps(model, wide_prompt, wide_completion, 0.9)
+    assert ours.shape == (4, 50)
+    valid = wide_completion != PAD
+    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(theirs)[valid], **TOL)
+    assert not np.asarray(ours)[:, 16:].any()
+
+
+def test_trimmed_widths_never_exceed_the_arrays():
+    prompt = np.ones((2, 5), np.int32)
+    completion = np.ones((2, 3), np.int32)
+    assert logprobs.trimmed_widths(prompt, completion, PAD, 32) == (5, 3)
+    assert logprobs.trimmed_widths(prompt, np.zeros((2, 3), np.int32), PAD, 2) == (5, 2)  # an all-padding batch keeps one column
+
+
+def train_example(model, rng, *, old=False, ref=True):
+    prompt, completion = batch(rng)
+    mask = completion != PAD
+    shift = jnp.asarray(rng.normal(scale=0.05, size=completion.shape), jnp.float32)
+    current = tunix_logps(model, prompt, completion, 0.9)
+    return grpo_learner.TrainExample(
+        prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.asarray(prompt != PAD),
+        completion_ids=jnp.asarray(completion), completion_mask=jnp.asarray(mask),
+        advantages=jnp.asarray([1.0, -0.5, 0.25, -1.5], jnp.float32),
+        ref_per_token_logps=current + shift if ref else None,
+        old_per_token_logps=current - 2 * shift if old else None,
+    )
+
+
+GRPO_CASES = {
+    "recipe": {},
+    "token-mean": {"loss_agg_mode": "token-mean"},
+    "no reference": {"beta": 0.0},
+    "low-var kl": {"kl_loss_mode": "low_var_kl"},
+    "gspo-token": {"loss_algo": "gspo-token"},
+    "dual clip": {"epsilon_c": 3.0},
+    "asymmetric clip": {"epsilon_high": 0.28},
+    "tight clip": {"epsilon": 0.01},
+}
+
+
+@pytest.mark.parametrize("case", GRPO_CASES)
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "old-policy"])
+def test_grpo_loss_equals_tunix(model, case, old):
+    config = grpo_learner.GRPOConfig(num_generations=2, beta=0.03)
+    for key, value in GRPO_CASES[case].items():  # epsilon_c is read with getattr, not a field
+        setattr(config, key, value)
+    config.temperature = 0.9
+    example = train_example(model, np.random.default_rng(5), old=old, ref=config.beta != 0.0)
+
+    def run(fn):
+        def loss(m):
+            return fn(m, example, config, PAD, EOS)
+
+        (value, aux), grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(model)
+        return value, aux, jax.tree.leaves(grads)
+
+    ours, theirs = run(logprobs.tracetune_grpo_loss), run(algo_core.grpo_loss_fn)
+    np.testing.assert_allclose(ours[0], theirs[0], **TOL)
+    for key in ours[1]:
+        np.testing.assert_allclose(ours[1][key], theirs[1][key], **TOL, err_msg=key)
+    assert float(jnp.abs(ours[2][0]).max()) > 0
+    for x, y in zip(ours[2], theirs[2]):
+        np.testing.assert_allclose(x, y, **TOL)
+
+
+def test_hidden_states_leave_the_model_unchanged(model):
+    prompt, completion = batch(np.random.default_rng(6))
+    before = nnx.state(model)
+    logprobs.completion_logprobs(model, jnp.asarray(prompt), jnp.asarray(completion), PAD)
+    assert not nnx.state(model, nnx.Intermediate)
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(before)
