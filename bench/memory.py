@@ -37,7 +37,7 @@ TABLE = [  # (model, mesh, rows per step, sequence)
 ]
 
 
-def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dtype: str) -> dict:
+def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dtype: str, path: str = "chunked") -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -48,7 +48,7 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
     from tracetune.mesh import active, make_mesh
     from tracetune.models.params import ModelConfig, with_dtype
     from tracetune.models.registry import resolve
-    from tracetune.sft import apply_lora, completion_loss, model_inputs
+    from tracetune.sft import LOSSES, apply_lora, model_inputs
 
     fsdp, tp = (int(n) for n in mesh_shape.split("x"))
     mesh = make_mesh(MeshConfig(fsdp=fsdp, tp=tp))
@@ -72,7 +72,7 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
         inputs = model_inputs({"tokens": tokens, "loss_mask": loss_mask, "scored": scored, "scored_weight": scored_weight}, pad_id=0)
 
         def loss_of(adapters):
-            return completion_loss(nnx.merge(graphdef, adapters, base), **inputs)[0]
+            return LOSSES[path](nnx.merge(graphdef, adapters, base), **inputs)[0]
 
         loss, grads = jax.value_and_grad(loss_of)(adapters)
         updates, opt_state = tx.update(grads, opt_state, adapters)
@@ -93,7 +93,7 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
     weights = nbytes(base)
     peak = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
     return {
-        "model": model_name, "mesh": mesh_shape, "rows": rows, "seq": seq, "dtype": dtype, "lora_rank": rank,
+        "model": model_name, "mesh": mesh_shape, "logprobs": path, "rows": rows, "seq": seq, "dtype": dtype, "lora_rank": rank,
         "params_m": sum(x.size for x in jax.tree.leaves(base)) / 1e6,
         "lora_params_m": sum(x.size for x in jax.tree.leaves(adapters)) / 1e6,
         "per_device_gb": peak / 1e9,
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1400, help="tokens per sequence")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--dtype", default="bfloat16", help="weight dtype")
+    parser.add_argument("--logprobs", default="chunked", choices=("chunked", "full"), help="the SFT loss's log-prob path")
     parser.add_argument("--all", action="store_true", help="every row of docs/scaling.md's table, each in its own process")
     args = parser.parse_args()
     if not args.all:
@@ -119,13 +120,13 @@ def main() -> None:
             # The device count is fixed when JAX starts: re-run this process with enough devices.
             env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={fsdp * tp}", "JAX_PLATFORMS": "cpu"}
             sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
-        print(json.dumps(measure(args.model, args.mesh, args.rows, args.seq, args.rank, args.dtype)))
+        print(json.dumps(measure(args.model, args.mesh, args.rows, args.seq, args.rank, args.dtype, args.logprobs)))
         return
     print(f"{'model':<14} {'mesh':<5} {'rows x seq':<11} {'params':>8} {'LoRA':>6} {'held (exact)':>13} "
           f"{'activations':>12} {'step peak':>10} {'peer: weights/devices':>22}")
     for model, mesh, rows, seq in TABLE:
         out = subprocess.run([sys.executable, __file__, "--model", model, "--mesh", mesh, "--rows", str(rows), "--seq", str(seq),
-                              "--rank", str(args.rank), "--dtype", args.dtype], capture_output=True, text=True)
+                              "--rank", str(args.rank), "--dtype", args.dtype, "--logprobs", args.logprobs], capture_output=True, text=True)
         if out.returncode:
             print(f"{model:<14} {mesh:<5} failed: {out.stderr.strip().splitlines()[-1]}")
             continue

@@ -18,7 +18,7 @@ from tracetune.models.tiny import tiny_config, tiny_params
 from tracetune.sft import apply_lora
 
 PAD, EOS = 0, 1
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def lora_model(config, params, seed=0):
@@ -75,6 +75,29 @@ def test_head_logprobs_chunk_gives_the_same_values():
         got, entropy = logprobs.head_logprobs(hidden, head, targets, entropy=True, chunk=chunk)
         np.testing.assert_allclose(got, expected, **TOL)
         np.testing.assert_allclose(entropy, -(probs * np.asarray(full)).sum(-1), **TOL)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_head_logprobs_gradient_is_the_full_log_softmaxs(temperature):
+    """The custom VJP's gradient with respect to the hidden states, for a weighted sum
+    of log-probs (how every loss uses them), at chunks that do not divide B*K."""
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 30, (2, 5)))
+    weights = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+
+    def full(h):
+        logp = jax.nn.log_softmax(h @ head.T / temperature, axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
+
+    expected = jax.grad(full)(hidden)
+    for chunk in (3, 10, 64):
+        got = jax.grad(lambda h: jnp.sum(logprobs.head_logprobs(h, head, targets, temperature=temperature, chunk=chunk) * weights))(hidden)
+        np.testing.assert_allclose(got, expected, **TOL)
+        with_entropy = jax.grad(lambda h: jnp.sum(logprobs.head_logprobs(h, head, targets, temperature=temperature, chunk=chunk,
+                                                                         entropy=True)[0] * weights))(hidden)
+        np.testing.assert_allclose(with_entropy, expected, **TOL)
 
 
 def lora_grads(model, fn):

@@ -200,8 +200,9 @@ class GRPOConfig:
     prompts_per_step: prompts per update (each gives G completions).
     micro_batch_size: prompts per forward/backward pass; gradients accumulate up to
       prompts_per_step (0 = all at once). Rollouts still sample the whole step
-      together. Memory scales with it: the 270M's logits alone are
-      G x (prompt + completion) x 262k floats per prompt.
+      together. Memory scales with it (the trunk's activations; with
+      ``logprobs=full`` also the logits, G x (prompt + completion) x 262k floats
+      per prompt).
     max_prompt_tokens + max_new_tokens: the sequence budget (prompts longer than
       max_prompt_tokens are skipped, completions are cut at max_new_tokens).
     rollout_engine: "vanilla" (Tunix's sampler, the default: it samples from the

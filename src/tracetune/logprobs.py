@@ -11,9 +11,10 @@ multiply-adds (168M of 268M).
 Here the model's trunk runs once (``hidden_states``: the model's own
 ``__call__``, so qwix's LoRA interception applies, with the logits left unused
 so that XLA drops the head), and the head and log-softmax run only at the scored
-positions, ``CHUNK`` positions at a time (``head_logprobs``). Each chunk is
-rematerialised in the backward pass (``jax.checkpoint``), so no more than
-``[CHUNK, V]`` logits exist at once, forward or backward. Accumulation is in
+positions, ``CHUNK`` positions at a time (``head_logprobs``). In a training step
+each chunk's forward pass also computes the log-probs' gradient with respect to
+the hidden states (a custom VJP), so no more than ``[CHUNK, V]`` logits exist at
+once, forward or backward, and none is computed twice. Accumulation is in
 float32 whatever the weights' dtype: in bfloat16 the log-probability of a likely
 token loses most of its digits over a 262k vocabulary.
 
@@ -72,39 +73,92 @@ def embedding(model: nnx.Module) -> jax.Array:
 # ------------------------------------------------------------------ the head
 
 
-def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
-                  entropy: bool = False, chunk: int = CHUNK) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """``log softmax(hidden @ head.T / temperature)[targets]`` ``[B, K]`` in float32,
-    and with ``entropy`` the distribution's entropy ``[B, K]`` too.
-
-    hidden [B, K, D]; head [V, D]; targets [B, K] int. The B*K positions go
-    through the head ``chunk`` at a time; each chunk's logits [chunk, V] are
-    recomputed in the backward pass instead of kept.
-    """
+def _chunks(hidden: jax.Array, targets: jax.Array, chunk: int):
+    """[B, K, D], [B, K] -> [chunks, chunk, D], [chunks, chunk] (zero-padded), and B*K."""
     B, K, D = hidden.shape
     n = B * K
     chunks = max(1, math.ceil(n / chunk))
     rows = jnp.pad(hidden.reshape(n, D), ((0, chunks * chunk - n), (0, 0))).reshape(chunks, chunk, D)
     ids = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, chunks * chunk - n)).reshape(chunks, chunk)
+    return rows, ids, n
 
-    @jax.checkpoint
+
+def _chunk_logits(h: jax.Array, head: jax.Array, temperature: float) -> jax.Array:
+    logits = jnp.dot(h, head.T, preferred_element_type=jnp.float32)  # [chunk, V]
+    if temperature not in (0.0, 1.0):  # Tunix's convention: 0 means greedy, scored at 1
+        logits = logits / temperature
+    return logits
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, temperature: float, with_entropy: bool):
+    """(log p(ids), entropy) [chunks, chunk] each, one chunk of logits at a time."""
+
     def one(args):
         h, t = args  # [chunk, D], [chunk]
-        logits = jnp.dot(h, head.T, preferred_element_type=jnp.float32)  # [chunk, V]
-        if temperature not in (0.0, 1.0):  # Tunix's convention: 0 means greedy, scored at 1
-            logits = logits / temperature
+        logits = _chunk_logits(h, head, temperature)  # [chunk, V]
         normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser  # [chunk]
-        if not entropy:
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
+        if not with_entropy:
             return picked, jnp.zeros_like(picked)
-        probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
-        return picked, normaliser - jnp.sum(probs * logits, axis=-1)
+        return picked, normaliser - jnp.sum(jnp.exp(logits - normaliser[:, None]) * logits, axis=-1)
 
-    picked, spread = jax.lax.map(one, (rows, ids))  # [chunks, chunk] each
+    return jax.lax.map(one, (rows, ids))
+
+
+def _picked_forward(rows, head, ids, temperature, with_entropy):
+    """The forward pass of a training step also computes d log p / d hidden for each
+    position: ``(head[t] - softmax @ head) / temperature`` [chunk, D]. The backward pass
+    then only scales it by the incoming cotangent: each chunk's logits are computed
+    once in the whole step, and what is kept is [positions, D], not [positions, V]."""
+
+    def one(args):
+        h, t = args  # [chunk, D], [chunk]
+        logits = _chunk_logits(h, head, temperature)  # [chunk, V]
+        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+        probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
+        spread = normaliser - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(picked)
+        expected = jnp.dot(probs.astype(head.dtype), head, preferred_element_type=jnp.float32)  # [chunk, D]
+        scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
+        grad = (head[t].astype(jnp.float32) - expected) * scale  # [chunk, D]
+        return picked, spread, grad
+
+    picked, spread, grad = jax.lax.map(one, (rows, ids))
+    return (picked, spread), (grad, head, ids)
+
+
+def _picked_backward(temperature, with_entropy, residuals, cotangents):
+    grad, head, ids = residuals
+    d_picked, _ = cotangents  # the entropy is a metric: no gradient flows from it
+    d_rows = (d_picked[..., None] * grad).astype(head.dtype)  # [chunks, chunk, D]
+    # The head is the frozen tied embedding (tracetune trains LoRA adapters only):
+    # its cotangent is zero, which XLA drops with the unused gradient.
+    return d_rows, jnp.zeros_like(head), np.zeros(ids.shape, jax.dtypes.float0)
+
+
+_picked.defvjp(_picked_forward, _picked_backward)
+
+
+def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+                  entropy: bool = False, chunk: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log softmax(hidden @ head.T / temperature)[targets]`` ``[B, K]`` in float32,
+    and with ``entropy`` the distribution's entropy ``[B, K]`` too (a metric: no
+    gradient flows from it).
+
+    hidden [B, K, D]; head [V, D]; targets [B, K] int. The B*K positions go
+    through the head ``chunk`` (default ``CHUNK``) at a time. Differentiated, the
+    forward pass computes each position's gradient with its logits (a custom VJP),
+    so no [B, K, V] array exists forward or backward and no logits are recomputed;
+    the head itself gets no gradient (it is the frozen embedding).
+    """
+    B, K, _ = hidden.shape
+    rows, ids, n = _chunks(hidden, targets, chunk or CHUNK)
+    picked, spread = _picked(rows, head, ids, float(temperature), entropy)
     picked = picked.reshape(-1)[:n].reshape(B, K)
     if not entropy:
         return picked
-    return picked, spread.reshape(-1)[:n].reshape(B, K)
+    return picked, jax.lax.stop_gradient(spread.reshape(-1)[:n].reshape(B, K))
 
 
 # ------------------------------------------------------------ GRPO batches

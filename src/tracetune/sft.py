@@ -21,6 +21,7 @@ needs around it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -37,6 +38,7 @@ import numpy as np
 import optax
 import qwix
 from flax import nnx
+from jax.interpreters import pxla
 from tunix.sft import hooks as tunix_hooks
 from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
@@ -414,9 +416,28 @@ class StopFlag:
 
 class Trainer(peft_trainer.PeftTrainer):
     """PeftTrainer that stops on a non-finite loss before the step is checkpointed,
-    and shows tokens per second in its progress bar."""
+    shows tokens per second in its progress bar, and donates the model to its step.
+
+    Tunix's jitted step donates the optimizer state only. Its outputs include every
+    weight of the model, the frozen base too, so each step wrote a second copy of the
+    backbone beside the first: measured on the 270M (4 x 256 tokens), peak RSS
+    8.1 GB, and 5.1 GB with the model donated, the same losses (unchanged weights
+    are then aliased, not copied). Only where nothing else holds the weights
+    (``donate_model``): a donated array is deleted, so a model the caller passed in
+    (and will use again) is not donated, and GRPO, whose actor shares its backbone
+    with the reference, never does.
+    """
 
     update_done: dict[int, float]  # update number -> when its last micro-batch finished
+    donate_model: bool = False
+
+    def jit_train_and_eval_step(self, skip_jit: bool = False, cache_nnx_graph: bool = False):
+        if self.donate_model and not skip_jit and self._jitted_train_step_fn is None:
+            self._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before its first jit
+            step = nnx.jit(self.create_train_step_fn(), donate_argnames=("model", "optimizer"))
+            self._jitted_train_step_fn = functools.partial(step, self.model, self.optimizer)
+            self._jitted_eval_step_fn = functools.partial(nnx.jit(self.create_eval_step_fn()), self.model)
+        return super().jit_train_and_eval_step(skip_jit, cache_nnx_graph)
 
     def _post_process_train_step(self, aux) -> None:
         loss = float(aux)  # waits for the step: the timing below is the step's own
@@ -584,6 +605,7 @@ class SFTRun:
     def _train(self) -> SFTResult:
         sft = self.config.sft
         claim_directory(self.run_dir, self.config, ("data", "sft"))
+        owned = self.loaded is None  # loaded here: no one else holds these weights
         if self.loaded is None:
             self.loaded = load_model(sft.model, dtype=sft.dtype, weights=sft.weights or None, seed=sft.seed)
         tokenizer = self.loaded.tokenizer
@@ -618,6 +640,7 @@ class SFTRun:
         )
         trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
         trainer.update_done = {}
+        trainer.donate_model = owned
         pad_id = tokenizer.pad_id
         trainer.with_loss_fn(LOSSES[sft.logprobs], has_aux=True)
         trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch, pad_id=pad_id))

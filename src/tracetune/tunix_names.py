@@ -55,6 +55,12 @@ NAMES = (
     Name("tunix.sft.peft_trainer:PeftTrainer", "_post_process_train_step", "method",
          "sft.Trainer overrides it: a non-finite loss stops the run before the step is saved"),
     Name("tunix.sft.peft_trainer:PeftTrainer", "_tqdm_train_metrics", "method", "sft.Trainer overrides it: tokens/s in the bar"),
+    Name("tunix.sft.peft_trainer:PeftTrainer", "_jitted_train_step_fn", "attribute",
+         "sft.Trainer sets it before Tunix's jit_train_and_eval_step: the step with the model donated too"),
+    Name("tunix.sft.peft_trainer:PeftTrainer", "_jitted_eval_step_fn", "attribute", "sft.Trainer sets it beside the train step"),
+    Name("tunix.sft.peft_trainer:PeftTrainer", "_shard_optimizer", "method", "sft.Trainer calls it, as Tunix does before its jit"),
+    Name("tunix.sft.peft_trainer:PeftTrainer.jit_train_and_eval_step", "self._jitted_train_step_fn is None", "source",
+         "sft.Trainer relies on Tunix reusing a step already set"),
     # checkpoints (runs.py, grpo.py)
     Name("tunix.sft.checkpoint_manager:CheckpointManager", "_checkpoint_manager", "attribute",
          "runs.check_saves and grpo read orbax's manager: failed async saves, the saved steps"),
