@@ -48,7 +48,8 @@ def measure(model_name: str, mesh_shape: str, rows: int, seq: int, rank: int, dt
     from tracetune.mesh import active, make_mesh
     from tracetune.models.params import ModelConfig, with_dtype
     from tracetune.models.registry import resolve
-    from tracetune.sft import LOSSES, apply_lora, model_inputs
+    from tracetune.lora import apply_lora
+    from tracetune.sft import LOSSES, model_inputs
 
     fsdp, tp = (int(n) for n in mesh_shape.split("x"))
     mesh = make_mesh(MeshConfig(fsdp=fsdp, tp=tp))

@@ -38,7 +38,9 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     from tracetune.config import load_config
     from tracetune.data import curate, load_examples
     from tracetune.models.registry import load_model
-    from tracetune.sft import LOSSES, Batches, StopFlag, Trainer, apply_lora, model_inputs, pad_batch, tokenize_traces
+    from tracetune.lora import apply_lora
+    from tracetune.runs import StopFlag
+    from tracetune.sft import LOSSES, Batches, Trainer, model_inputs, pad_batch, tokenize_traces
     from tunix.sft import utils as tunix_utils
 
     config = load_config("cpu-demo", overrides)

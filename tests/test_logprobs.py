@@ -15,7 +15,7 @@ from tracetune import logprobs
 from tracetune.config import LoraConfig
 from tracetune.models.params import build_model
 from tracetune.models.tiny import tiny_config, tiny_params
-from tracetune.sft import apply_lora
+from tracetune.lora import apply_lora
 
 PAD, EOS = 0, 1
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -205,3 +205,59 @@ def test_hidden_states_leave_the_model_unchanged(model):
     logprobs.completion_logprobs(model, jnp.asarray(prompt), jnp.asarray(completion), PAD)
     assert not nnx.state(model, nnx.Intermediate)
     assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(before)
+
+
+def test_trim_example_cuts_only_padding_columns():
+    from tracetune.grpo import trim_example
+
+    prompt = np.zeros((2, 40), np.int32)
+    prompt[0, -5:], prompt[1, -9:] = 7, 8  # left-padded: the longest prompt is 9 tokens
+    completion = np.zeros((2, 50), np.int32)
+    completion[0, :3], completion[1, :11] = 5, 6  # right-padded: the longest completion is 11
+    logps = np.arange(100, dtype=np.float32).reshape(2, 50)
+    example = grpo_learner.TrainExample(prompt_ids=prompt, prompt_mask=prompt != PAD, completion_ids=completion,
+                                        completion_mask=completion != PAD, advantages=np.ones(2, np.float32),
+                                        ref_per_token_logps=logps, old_per_token_logps=None)
+    trimmed = trim_example(example, PAD, 8)
+    assert trimmed.prompt_ids.shape == (2, 16) and trimmed.completion_ids.shape == (2, 16)  # 9 -> 16, 11 -> 16
+    np.testing.assert_array_equal(trimmed.prompt_ids, prompt[:, -16:])
+    np.testing.assert_array_equal(trimmed.completion_mask, (completion != PAD)[:, :16])
+    np.testing.assert_array_equal(trimmed.ref_per_token_logps, logps[:, :16])
+    assert trimmed.old_per_token_logps is None
+    assert int(trimmed.prompt_mask.sum()) == int(example.prompt_mask.sum())  # no real token lost
+    assert int(trimmed.completion_mask.sum()) == int(example.completion_mask.sum())
+
+
+@pytest.mark.slow
+def test_the_270m_logprobs_and_gradients_equal_tunix():
+    """On the real 270M (262,144-word tied head), with adapters that are not zero."""
+    from tracetune.models.registry import load_model
+
+    loaded = load_model("gemma3-270m")
+    model = apply_lora(loaded.model, LoraConfig(rank=4, alpha=8.0), 0)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda x: 0.02 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), state))
+    tokenizer = loaded.tokenizer
+    texts = ["Natalia sold clips to 48 of her friends in April.", "A robe takes 2 bolts of blue fiber and half that much white fiber."]
+    P = 24
+    prompt = np.full((2, P), tokenizer.pad_id, np.int32)
+    for row, text in enumerate(texts):
+        ids = tokenizer.encode(text)[:P]
+        prompt[row, P - len(ids):] = ids
+    completion = np.asarray([tokenizer.encode(" Step 1: 48 / 2 = 24 clips in May.", add_bos=False)[:12]] * 2, np.int32)
+    completion[1, 7], completion[1, 8:] = tokenizer.eos_id, tokenizer.pad_id  # a row that ends at EOS, then padding
+    weights = jnp.asarray(completion != tokenizer.pad_id, jnp.float32)
+
+    def ours(m):
+        return logprobs.completion_logprobs(m, jnp.asarray(prompt), jnp.asarray(completion), tokenizer.pad_id, temperature=0.9)
+
+    def theirs(m):
+        graphdef, st = nnx.split(m)
+        return rl_common.compute_per_token_logps(graphdef, st, prompt_tokens=jnp.asarray(prompt), completion_tokens=jnp.asarray(completion),
+                                                 pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, stop_gradient=False, temperature=0.9)
+
+    np.testing.assert_allclose(nnx.jit(ours)(model), nnx.jit(theirs)(model), **TOL)
+    a = lora_grads(model, lambda m: jnp.sum(ours(m) * weights))
+    b = lora_grads(model, lambda m: jnp.sum(theirs(m) * weights))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

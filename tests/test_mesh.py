@@ -124,7 +124,8 @@ def test_hosts_split_every_batch_into_contiguous_equal_shares():
 def test_each_host_feeds_its_share_of_the_sft_micro_batch(monkeypatch):
     """Two hosts' SFT batches, stacked, are the one-host batch (same width: padding
     follows the whole micro-batch, not the host's rows)."""
-    from tracetune.sft import Batches, StopFlag, Tokenized
+    from tracetune.runs import StopFlag
+    from tracetune.sft import Batches, Tokenized
 
     config = load_config("tiny", ["sft.micro_batch_size=4", "sft.batch_size=4", "sft.pad_multiple=1"]).sft
     rng = np.random.default_rng(0)
@@ -145,7 +146,7 @@ def test_each_host_feeds_its_share_of_the_sft_micro_batch(monkeypatch):
 def test_each_host_feeds_its_share_of_the_grpo_prompts(monkeypatch):
     from tracetune.data import Example
     from tracetune.grpo import PromptBatches
-    from tracetune.sft import StopFlag
+    from tracetune.runs import StopFlag
 
     examples = [Example(f"q{i}", f"What is {i} + 1?", str(i + 1)) for i in range(20)]
 
@@ -169,7 +170,7 @@ def test_the_backbone_check_passes_one_copy_and_stops_two():
 
     from tracetune.grpo import check_shared_backbone
     from tracetune.models.registry import load_model
-    from tracetune.sft import apply_lora, lora_on_mesh
+    from tracetune.lora import apply_lora, lora_on_mesh
 
     config = load_config("tiny").grpo.lora
     mesh = mesh_lib.make_mesh(MeshConfig())

@@ -26,15 +26,14 @@ from tracetune.models.params import build_model
 from tracetune.models.registry import load_model
 from tracetune.models.tiny import tiny_config, tiny_params
 from tracetune.scoring import aggregate, score_sample
+from tracetune.lora import apply_lora, merged_params
+from tracetune.runs import StopFlag
 from tracetune.sft import (
-    Batches,
-    StopFlag,
     LOSSES,
+    Batches,
     Tokenized,
-    apply_lora,
     conclusion_start,
     epoch_order,
-    merged_params,
     model_inputs,
     pad_batch,
     scored_positions,

@@ -52,12 +52,12 @@ from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.generate import Generator, SamplingConfig
+from tracetune.lora import export_run, lora_on_mesh, merged_tree
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, reward_components
-from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
-                            is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
-from tracetune.sft import StopFlag, export_run, lora_on_mesh, merged_tree
+from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
+                            is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
@@ -364,7 +364,7 @@ def check_shared_backbone(cluster: rl_cluster_lib.RLCluster) -> None:
             continue
         if not rl_utils.is_sharing_backbone(models[role], models["actor"]):
             raise TrainingError(f"the actor and the {role} hold separate copies of the base weights (memory doubled): "
-                                "build the actor with sft.lora_on_mesh on the reference, all on one mesh")
+                                "build the actor with lora.lora_on_mesh on the reference, all on one mesh")
 
 
 # ------------------------------------------------------------------------ data
@@ -563,14 +563,8 @@ class GRPORun:
         warmup = int(grpo.warmup_fraction * grpo.max_steps)
         schedule = optax.join_schedules([optax.linear_schedule(0.0, grpo.learning_rate, max(warmup, 1)),
                                          optax.constant_schedule(grpo.learning_rate)], [warmup]) if warmup else grpo.learning_rate
-        # A non-finite gradient skips the update instead of writing NaN weights that a
-        # checkpoint could then keep; the metrics hook stops the run.
-        optimizer = optax.apply_if_finite(
-            optax.chain(optax.clip_by_global_norm(grpo.max_grad_norm), optax.adamw(schedule, weight_decay=0.0)),
-            max_consecutive_errors=1 << 30,
-        )
         training = rl_cluster_lib.RLTrainingConfig(
-            actor_optimizer=optimizer,
+            actor_optimizer=optimizer(schedule, grpo.max_grad_norm),
             eval_every_n_steps=1 << 30,
             max_steps=grpo.max_steps,
             mini_batch_size=batch,  # one optimizer update per step

@@ -1,8 +1,9 @@
-"""What every training stage's run directory shares: the saved config that a
-resumed run must match, metrics that a resume truncates, the checkpoint policy,
-damaged checkpoints set aside on resume, and the watch that turns a writer thread's
-death (a full disk under TensorBoard, a failed async checkpoint save) into an error
-of the main loop instead of a silent hang."""
+"""What every training stage's run shares: the saved config that a resumed run must
+match, metrics that a resume truncates, the checkpoint policy, damaged checkpoints
+set aside on resume, the optimizer, the signal flag that stops at the next update,
+and the watch that turns a writer thread's death (a full disk under TensorBoard, a
+failed async checkpoint save) into an error of the main loop instead of a silent
+hang."""
 
 from __future__ import annotations
 
@@ -17,14 +18,51 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from tracetune.config import Config, load_config, save_config
 from tracetune.errors import DiskFull, TrainingError
 from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended, writing
+
+
+def optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float) -> optax.GradientTransformation:
+    """The optimizer of both stages: clip the global norm, then AdamW without weight
+    decay (on the LoRA adapters only). A non-finite gradient skips the update
+    instead of writing NaN weights that a checkpoint could then keep; the stage's
+    own check (a non-finite loss) then stops the run and names the last good
+    checkpoint."""
+    return optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=0.0)),
+        max_consecutive_errors=1 << 30,
+    )
+
+
+class StopFlag:
+    """The first SIGTERM / SIGINT is recorded (the run stops at the next update and
+    saves); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next update, then stopping "
+              "(Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    def __enter__(self) -> StopFlag:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> Iterator[str]:

@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import random
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import qwix
 from flax import nnx
 from jax.interpreters import pxla
 from tunix.sft import hooks as tunix_hooks
@@ -46,106 +44,18 @@ from tunix.sft import utils as tunix_utils
 
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
-from tracetune.config import Config, ConfigError, LoraConfig, SFTConfig
+from tracetune.config import Config, SFTConfig
 from tracetune.data import Example, Trace, curate, load_examples, with_loop
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
-from tracetune.models.hf import save_checkpoint
-from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
+from tracetune.lora import export_run, lora_on_mesh, merged_model
+from tracetune.models.params import write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.runs import (FaultWatch, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
-                            is_primary, metrics_options, set_aside_damaged_checkpoints, truncate_metrics)
-
-
-# ------------------------------------------------------------------------- LoRA
-
-# How each targeted Gemma 3 weight is rebuilt from qwix's factors (A, B):
-# delta = einsum(spec, A, B) has the weight's own layout.
-MERGE_SPECS = {
-    "q_einsum": "dr,rnh->ndh",  # w [N, D, H]; A [D, r], B [r, N, H]
-    "kv_einsum": "dr,rckh->ckdh",  # w [2, K, D, H]; A [D, r], B [r, 2, K, H]
-    "attn_vec_einsum": "nhr,rd->nhd",  # w [N, H, D]; A [N, H, r], B [r, D]
-    "gate_proj": "ir,ro->io",  # kernel [D, F]
-    "up_proj": "ir,ro->io",  # kernel [D, F]
-    "down_proj": "ir,ro->io",  # kernel [F, D]
-}
-
-
-def apply_lora(model: nnx.Module, lora: LoraConfig, seed: int) -> nnx.Module:
-    """The model with LoRA adapters (A random, B zero) on the modules ``lora.targets`` matches."""
-    unknown = [name for name in lora.targets.split("|") if name not in MERGE_SPECS]
-    if unknown:
-        raise ConfigError(f"lora.targets: cannot merge {unknown} back into Gemma 3 weights (known: {', '.join(MERGE_SPECS)})")
-    provider = qwix.LoraProvider(module_path=f".*({lora.targets})", rank=lora.rank, alpha=lora.alpha)
-    tokens = jnp.ones((1, 8), jnp.int32)  # any input: qwix traces one call to find the targeted weights
-    positions = jnp.arange(8)[None]
-    mask = jnp.tril(jnp.ones((8, 8), bool))[None]
-    return qwix.apply_lora_to_model(model, provider, tokens, positions, None, mask, rngs=nnx.Rngs(seed))
-
-
-def lora_on_mesh(base: nnx.Module, lora: LoraConfig, seed: int, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, nnx.Module]:
-    """(base, LoRA model) on ``mesh``, sharing one copy of the base weights.
-
-    The order matters: shard the base first, put the adapters on the sharded base,
-    then shard the LoRA model (only the new adapters move). Applied the other way
-    round, resharding the LoRA model copies the whole backbone and the reference
-    policy and the actor no longer share it: memory doubles, silently.
-    """
-    base = mesh_lib.shard(base, mesh)
-    with jax.set_mesh(mesh):
-        model = apply_lora(base, lora, seed)
-    return base, mesh_lib.shard(model, mesh)
-
-
-def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The adapters as flat host arrays (``layers.0.attn.q_einsum.w_lora_a`` -> A)."""
-    state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
-    return {k: mesh_lib.host_array(v) for k, v in flatten(state).items()}
-
-
-def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
-    """The LoRA model as a plain Gemma 3 parameter tree (no adapters), with
-    W + (alpha / rank) * A @ B folded in, in float32 on the device: no host copy,
-    so an RL rollout can refold the live policy every step."""
-    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # LoRAParam is a Param
-    scale = lora.alpha / lora.rank
-    for key in [k for k in flat if k.endswith("_lora_a")]:
-        weight = key.removesuffix("_lora_a")
-        a, b = flat.pop(key), flat.pop(weight + "_lora_b")
-        delta = jnp.einsum(MERGE_SPECS[weight.split(".")[-2]], a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-        flat[weight] = (flat[weight].astype(jnp.float32) + delta).astype(flat[weight].dtype)
-    return unflatten(flat)
-
-
-def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
-    """``merged_tree`` as the flat host arrays that loaders and writers take."""
-    return {k: mesh_lib.host_array(v) for k, v in flatten(merged_tree(model, lora)).items()}
-
-
-def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
-    """``run_dir/export/adapter`` (LoRA weights + adapter.json) and ``run_dir/export/merged``
-    (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``).
-    Every host gathers the weights; only the first writes them."""
-    adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
-    adapter, merged = lora_params(model), merged_params(model, lora)
-    if not is_primary():
-        return adapter_dir, merged_dir
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(adapter, adapter_dir / "adapter.safetensors")
-    write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
-                "targets": lora.targets, "stage": stage, "step": step}, adapter_dir / "adapter.json")
-    merged_dir = save_checkpoint(
-        merged, loaded.config, loaded.tokenizer, merged_dir,
-        base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir)},
-    )
-    return adapter_dir, merged_dir
-
-
-def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:
-    return build_model(loaded.config, merged_params(model, lora), f"{loaded.name} + LoRA")
+from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
+                            is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
 
 
 # ------------------------------------------------------------------------- data
@@ -389,31 +299,6 @@ def learning_rate_schedule(config: SFTConfig, steps: int) -> optax.Schedule:
 # ---------------------------------------------------------------- the trainer
 
 
-class StopFlag:
-    """The first SIGTERM / SIGINT is recorded (the run stops at the next update and
-    saves); a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next update, then stopping "
-              "(Ctrl-C again to quit without saving)", file=sys.stderr)
-
-    def __enter__(self) -> StopFlag:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 class Trainer(peft_trainer.PeftTrainer):
     """PeftTrainer that stops on a non-finite loss before the step is checkpointed,
     shows tokens per second in its progress bar, and donates the model to its step.
@@ -625,7 +510,6 @@ class SFTRun:
         # included: holding on to the base model here would keep a second backbone
         # alive from the first update on. The LoRA model is all the run needs.
         self.loaded = dataclasses.replace(self.loaded, model=None)
-        optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(self.schedule, weight_decay=0.0))
         self.metrics_logger = tunix_metrics.MetricsLogger(metrics_options(self.run_dir / "tensorboard", self.watch))
         # A damaged newest checkpoint (a kill during a save, a bad disk) is moved
         # aside before the trainer restores: it resumes from the newest intact one.
@@ -638,7 +522,7 @@ class SFTRun:
             checkpointing_options=checkpoint_options(sft.checkpoint_minutes, sft.checkpoint_steps, sft.keep_checkpoints),
             pbar_description="sft",
         )
-        trainer = Trainer(model, optimizer, training, metrics_logger=self.metrics_logger)
+        trainer = Trainer(model, optimizer(self.schedule, sft.max_grad_norm), training, metrics_logger=self.metrics_logger)
         trainer.update_done = {}
         trainer.donate_model = owned
         pad_id = tokenizer.pad_id

@@ -1,0 +1,111 @@
+"""LoRA on Gemma 3: adapters on, folded back in, exported. Shared by both stages.
+
+qwix puts the adapters on the projections ``lora.targets`` names (A random, B
+zero); ``merged_tree`` folds W + (alpha / rank) * A @ B back into a plain Gemma 3
+parameter tree, on the device (GRPO's tracetune rollout engine refolds the live
+policy every step); ``export_run`` writes a finished run's adapters and merged
+weights. ``lora_on_mesh`` builds the LoRA model on a mesh so that it shares the
+base weights (GRPO's actor, reference and rollout hold one backbone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from flax import nnx
+
+from tracetune import mesh as mesh_lib
+from tracetune.config import ConfigError, LoraConfig
+from tracetune.models.hf import save_checkpoint
+from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
+from tracetune.models.registry import LoadedModel
+from tracetune.runs import is_primary
+
+# How each targeted Gemma 3 weight is rebuilt from qwix's factors (A, B):
+# delta = einsum(spec, A, B) has the weight's own layout.
+MERGE_SPECS = {
+    "q_einsum": "dr,rnh->ndh",  # w [N, D, H]; A [D, r], B [r, N, H]
+    "kv_einsum": "dr,rckh->ckdh",  # w [2, K, D, H]; A [D, r], B [r, 2, K, H]
+    "attn_vec_einsum": "nhr,rd->nhd",  # w [N, H, D]; A [N, H, r], B [r, D]
+    "gate_proj": "ir,ro->io",  # kernel [D, F]
+    "up_proj": "ir,ro->io",  # kernel [D, F]
+    "down_proj": "ir,ro->io",  # kernel [F, D]
+}
+
+
+def apply_lora(model: nnx.Module, lora: LoraConfig, seed: int) -> nnx.Module:
+    """The model with LoRA adapters (A random, B zero) on the modules ``lora.targets`` matches."""
+    unknown = [name for name in lora.targets.split("|") if name not in MERGE_SPECS]
+    if unknown:
+        raise ConfigError(f"lora.targets: cannot merge {unknown} back into Gemma 3 weights (known: {', '.join(MERGE_SPECS)})")
+    provider = qwix.LoraProvider(module_path=f".*({lora.targets})", rank=lora.rank, alpha=lora.alpha)
+    tokens = jnp.ones((1, 8), jnp.int32)  # any input: qwix traces one call to find the targeted weights
+    positions = jnp.arange(8)[None]
+    mask = jnp.tril(jnp.ones((8, 8), bool))[None]
+    return qwix.apply_lora_to_model(model, provider, tokens, positions, None, mask, rngs=nnx.Rngs(seed))
+
+
+def lora_on_mesh(base: nnx.Module, lora: LoraConfig, seed: int, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, nnx.Module]:
+    """(base, LoRA model) on ``mesh``, sharing one copy of the base weights.
+
+    The order matters: shard the base first, put the adapters on the sharded base,
+    then shard the LoRA model (only the new adapters move). Applied the other way
+    round, resharding the LoRA model copies the whole backbone and the reference
+    policy and the actor no longer share it: memory doubles, silently.
+    """
+    base = mesh_lib.shard(base, mesh)
+    with jax.set_mesh(mesh):
+        model = apply_lora(base, lora, seed)
+    return base, mesh_lib.shard(model, mesh)
+
+
+def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The adapters as flat host arrays (``layers.0.attn.q_einsum.w_lora_a`` -> A)."""
+    state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    return {k: mesh_lib.host_array(v) for k, v in flatten(state).items()}
+
+
+def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
+    """The LoRA model as a plain Gemma 3 parameter tree (no adapters), with
+    W + (alpha / rank) * A @ B folded in, in float32 on the device: no host copy,
+    so an RL rollout can refold the live policy every step."""
+    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # LoRAParam is a Param
+    scale = lora.alpha / lora.rank
+    for key in [k for k in flat if k.endswith("_lora_a")]:
+        weight = key.removesuffix("_lora_a")
+        a, b = flat.pop(key), flat.pop(weight + "_lora_b")
+        delta = jnp.einsum(MERGE_SPECS[weight.split(".")[-2]], a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        flat[weight] = (flat[weight].astype(jnp.float32) + delta).astype(flat[weight].dtype)
+    return unflatten(flat)
+
+
+def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
+    """``merged_tree`` as the flat host arrays that loaders and writers take."""
+    return {k: mesh_lib.host_array(v) for k, v in flatten(merged_tree(model, lora)).items()}
+
+
+def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
+    """``run_dir/export/adapter`` (LoRA weights + adapter.json) and ``run_dir/export/merged``
+    (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``).
+    Every host gathers the weights; only the first writes them."""
+    adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
+    adapter, merged = lora_params(model), merged_params(model, lora)
+    if not is_primary():
+        return adapter_dir, merged_dir
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(adapter, adapter_dir / "adapter.safetensors")
+    write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
+                "targets": lora.targets, "stage": stage, "step": step}, adapter_dir / "adapter.json")
+    merged_dir = save_checkpoint(
+        merged, loaded.config, loaded.tokenizer, merged_dir,
+        base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir)},
+    )
+    return adapter_dir, merged_dir
+
+
+def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:
+    return build_model(loaded.config, merged_params(model, lora), f"{loaded.name} + LoRA")
