@@ -83,27 +83,23 @@ def _chunks(hidden: jax.Array, targets: jax.Array, chunk: int):
     return rows, ids, n
 
 
-def _chunk_logits(h: jax.Array, head: jax.Array, temperature: float) -> jax.Array:
+def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float, with_entropy: bool):
+    """One chunk's (log p(t) [chunk], entropy [chunk] or zeros, softmax [chunk, V]),
+    from its logits in float32. Where only the first two are used, XLA drops the rest."""
     logits = jnp.dot(h, head.T, preferred_element_type=jnp.float32)  # [chunk, V]
     if temperature not in (0.0, 1.0):  # Tunix's convention: 0 means greedy, scored at 1
         logits = logits / temperature
-    return logits
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+    probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
+    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
+    spread = normaliser - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(picked)
+    return picked, spread, probs
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, temperature: float, with_entropy: bool):
     """(log p(ids), entropy) [chunks, chunk] each, one chunk of logits at a time."""
-
-    def one(args):
-        h, t = args  # [chunk, D], [chunk]
-        logits = _chunk_logits(h, head, temperature)  # [chunk, V]
-        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
-        if not with_entropy:
-            return picked, jnp.zeros_like(picked)
-        return picked, normaliser - jnp.sum(jnp.exp(logits - normaliser[:, None]) * logits, axis=-1)
-
-    return jax.lax.map(one, (rows, ids))
+    return jax.lax.map(lambda args: _chunk_terms(*args, head, temperature, with_entropy)[:2], (rows, ids))
 
 
 def _picked_forward(rows, head, ids, temperature, with_entropy):
@@ -114,11 +110,7 @@ def _picked_forward(rows, head, ids, temperature, with_entropy):
 
     def one(args):
         h, t = args  # [chunk, D], [chunk]
-        logits = _chunk_logits(h, head, temperature)  # [chunk, V]
-        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-        probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
-        spread = normaliser - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(picked)
+        picked, spread, probs = _chunk_terms(h, t, head, temperature, with_entropy)
         expected = jnp.dot(probs.astype(head.dtype), head, preferred_element_type=jnp.float32)  # [chunk, D]
         scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
         grad = (head[t].astype(jnp.float32) - expected) * scale  # [chunk, D]

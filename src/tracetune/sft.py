@@ -164,7 +164,7 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0. With
     them, for the chunked loss, ``scored_positions``.
     """
-    width = math.ceil(max(len(r.ids) for r in rows) / multiple) * multiple
+    width = logprobs.bucket(max(len(r.ids) for r in rows), multiple)
     tokens = np.full((micro_batch, width), pad_id, np.int32)
     loss_mask = np.zeros((micro_batch, width), np.float32)
     for i, row in enumerate(rows):
