@@ -3,8 +3,8 @@
 Ours ("chunked"): tracetune's micro-batches (similar lengths grouped, padded to a
 multiple of `sft.pad_multiple`) through the jitted PeftTrainer step with the
 completion-only float32 loss, the tied head applied only at completion positions
-(`sft.logprobs=chunked`, logprobs.py) and tracetune's Trainer, which donates the
-model to the step. "full": the same batches and loss with logits at every
+(`sft.logprobs=chunked`, logprobs.py) and tracetune's Trainer, whose step returns
+the adapters only (lora.adapter_step). "full": the same batches and loss with logits at every
 position (`sft.logprobs=full`) in Tunix's PeftTrainer: the path before both. Peer, in the
 same run: the vanilla Tunix recipe from its examples:
 the same examples in plain shuffled order, padded to the sequence budget, and
@@ -51,10 +51,9 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     pad = loaded.tokenizer.pad_id
     model = apply_lora(loaded.model, sft.lora, sft.seed)
     optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate))
-    # chunked: tracetune's Trainer (the model donated to the step); the others: Tunix's own
+    # chunked: tracetune's Trainer (its step returns the adapters only); the others: Tunix's own
     trainer_class = Trainer if side == "chunked" else peft_trainer.PeftTrainer
     trainer = trainer_class(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
-    trainer.donate_model = True  # read by tracetune's Trainer only: this process loaded the model
     if side in LOSSES:
         batches = list(Batches(examples, sft, pad, micro_batches, StopFlag()))
         trainer.with_loss_fn(LOSSES[side], has_aux=True)

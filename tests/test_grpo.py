@@ -1,4 +1,4 @@
-"""Stage 2: the composite reward as Tunix sees it, seeds, warnings, and GRPO runs
+"""Stage 2: config, prompt order, warnings, and GRPO runs
 on the tiny model (slow: resume equality; CI runs them)."""
 
 from __future__ import annotations
@@ -13,34 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight, wrap
-from tracetune.config import ConfigError, RewardWeights, load_config
+from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight
+from tracetune.config import ConfigError, load_config
 from tracetune.data import Example
-from tracetune.grpo import CompositeReward, PromptBatches, failure_warnings
+from tracetune.grpo import PromptBatches, failure_warnings
 from tracetune.runs import StopFlag
-
-RIGHT = wrap("4")  # "Step 1: 2 + 2 = 4. Therefore, the answer is 4." -> <answer>4</answer>
-COLUMNS = {"reference": np.array(["4", "4"]), "token_texts": [[RIGHT], ["oops"]], "token_logprobs": [[-0.1], [-0.1]]}
-
-
-def test_composite_reward_applies_the_weights_once():
-    reward = CompositeReward(RewardWeights())
-    values = reward(["p", "p"], [RIGHT, "oops"], **COLUMNS)
-    c, t, k = (reward.last[name][0] for name in ("correctness", "trace", "confidence"))
-    assert c == 1.0 and values[0] == pytest.approx(0.6 * c + 0.25 * t + 0.15 * k)
-    assert values[1] == 0.0  # no tags, no answer: every component is 0
-    assert reward.__name__ == "composite"  # Tunix logs rewards/<__name__>
-
-
-def test_the_no_trace_ablation_drops_exactly_the_trace_term():
-    full = CompositeReward(RewardWeights())(["p", "p"], [RIGHT, "oops"], **COLUMNS)
-    ablation = CompositeReward(RewardWeights.parse("0.6,0,0.15"))
-    values = ablation(["p", "p"], [RIGHT, "oops"], **COLUMNS)
-    trace = ablation.last["trace"][0]
-    assert trace > 0.5  # the rubric still scores it (and it is logged) ...
-    assert values[0] == pytest.approx(full[0] - 0.25 * trace)  # ... but it no longer pays
-    assert load_config("no-trace-reward").rewards == RewardWeights.parse("0.6,0,0.15")
-
 
 def test_grpo_config_checks_its_symbols():
     with pytest.raises(ConfigError, match="num_generations"):

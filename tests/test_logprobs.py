@@ -207,27 +207,6 @@ def test_hidden_states_leave_the_model_unchanged(model):
     assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(before)
 
 
-def test_trim_example_cuts_only_padding_columns():
-    from tracetune.grpo import trim_example
-
-    prompt = np.zeros((2, 40), np.int32)
-    prompt[0, -5:], prompt[1, -9:] = 7, 8  # left-padded: the longest prompt is 9 tokens
-    completion = np.zeros((2, 50), np.int32)
-    completion[0, :3], completion[1, :11] = 5, 6  # right-padded: the longest completion is 11
-    logps = np.arange(100, dtype=np.float32).reshape(2, 50)
-    example = grpo_learner.TrainExample(prompt_ids=prompt, prompt_mask=prompt != PAD, completion_ids=completion,
-                                        completion_mask=completion != PAD, advantages=np.ones(2, np.float32),
-                                        ref_per_token_logps=logps, old_per_token_logps=None)
-    trimmed = trim_example(example, PAD, 8)
-    assert trimmed.prompt_ids.shape == (2, 16) and trimmed.completion_ids.shape == (2, 16)  # 9 -> 16, 11 -> 16
-    np.testing.assert_array_equal(trimmed.prompt_ids, prompt[:, -16:])
-    np.testing.assert_array_equal(trimmed.completion_mask, (completion != PAD)[:, :16])
-    np.testing.assert_array_equal(trimmed.ref_per_token_logps, logps[:, :16])
-    assert trimmed.old_per_token_logps is None
-    assert int(trimmed.prompt_mask.sum()) == int(example.prompt_mask.sum())  # no real token lost
-    assert int(trimmed.completion_mask.sum()) == int(example.completion_mask.sum())
-
-
 @pytest.mark.slow
 def test_the_270m_logprobs_and_gradients_equal_tunix():
     """On the real 270M (262,144-word tied head), with adapters that are not zero."""

@@ -435,18 +435,24 @@ class Generator:
     >>> gen.generate(["Q: 2 + 3?\\nA:\\n"], SamplingConfig(max_new_tokens=64))[0].text  # doctest: +SKIP
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True):
+        """``with_weights=False``: no weights until ``set_params`` (an RL rollout engine
+        sets the live policy's before each rollout)."""
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.model_config = model.config
-        self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config)
+        self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config) if with_weights else None
         self.stats = GenerateStats()
 
     def set_params(self, tree: dict) -> None:
         """Decode with new weights (a plain Gemma 3 parameter tree of the same shapes,
         e.g. a policy during RL); compiled programs are reused."""
         self.params = decode_layout(tree, self.model_config)
+
+    def drop_params(self) -> None:
+        """Free the decode-layout weights (a whole model's worth) until the next ``set_params``."""
+        self.params = None
 
     def generate(
         self,
@@ -456,6 +462,8 @@ class Generator:
     ) -> list[Generation]:
         """Generate for every prompt, ``max_batch`` at a time; ``progress(n)`` is
         called with the number of prompts finished in each batch."""
+        if self.params is None:
+            raise ValueError("this Generator holds no weights: call set_params first")
         out: list[Generation] = []
         for start in range(0, len(prompts), self.max_batch):
             batch = list(prompts[start : start + self.max_batch])

@@ -5,12 +5,15 @@ prompt, group-normalised advantages, clipped ratio, KL to the reference). The
 reference policy is the SFT model; the actor is LoRA on that same model, so the
 two share one backbone in memory. tracetune adds around it:
 
-* the composite reward R = w_c * correctness + w_t * trace + w_k * confidence as
-  one reward function (Tunix sums reward functions without weights), the weights
-  from config, applied in ``rewards.combine`` only;
-* a rollout engine around tracetune's sampler, whose per-token log-probabilities
-  (temperature 1) reach the confidence term (Tunix passes reward functions text
-  only, so the learner adds ``token_texts`` / ``token_logprobs`` columns);
+* the step as values: every engine's rollout becomes one ``rollout.StepRollout``
+  (texts, tokens, temperature-1 log-probs, finish reasons), which the learner
+  scores and hands to the run's metrics as one ``StepFacts``;
+* the composite reward R = w_c * correctness + w_t * trace + w_k * confidence,
+  the weights from config, applied in ``rewards.combine`` only, with each
+  component kept for the logs; the confidence term reads the rollout's
+  temperature-1 log-probs, as evaluation scores it;
+* the update's batch cut to the step's own widths (``train_batch``) before the
+  reference pass, and the chunked log-prob path (``logprobs.py``);
 * a rollout seed per step (Tunix would reuse one key: the same samples each step);
 * metrics per step (each reward component, zero-spread groups, truncation, KL,
   lengths) to metrics.jsonl and TensorBoard, samples every N steps, and loud
@@ -30,14 +33,17 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.interpreters import pxla
+from tunix.rl import function_registry
 from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
@@ -46,139 +52,112 @@ from tunix.sft import metrics_logger as tunix_metrics
 
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
-from tracetune.config import Config, ConfigError, GRPOConfig, LoraConfig, RewardWeights
+from tracetune.config import Config, ConfigError, GRPOConfig, RewardWeights
 from tracetune.data import Example, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
-from tracetune.generate import Generator, SamplingConfig
-from tracetune.lora import export_run, lora_on_mesh, merged_tree
+from tracetune.lora import adapter_step, export_run, lora_on_mesh
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.rewards import combine, reward_components
+from tracetune.rewards import combine, make_composite_reward, reward_components
+from tracetune.rollout import StepRollout, TracetuneRollout, TunixEngineRollout
 from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
 
-# --------------------------------------------------------------------- rewards
+# ------------------------------------------------------------------ one step
 
 
-class CompositeReward:
-    """The composite reward as Tunix's one reward function; keeps the last batch's
-    components so the learner can log each one."""
+@dataclass(frozen=True)
+class StepFacts:
+    """What one GRPO step's rollout and scoring produced, handed to the run's
+    metrics as one value: the rollout, each reward component and the composite
+    per completion, the widths the update trains on, the rollout seed, and the
+    seconds of each phase the learner ran (the update's come from the cluster)."""
 
-    __name__ = "composite"  # Tunix logs rewards/<__name__>
+    rollout: StepRollout
+    components: dict[str, list[float]]
+    rewards: list[float]
+    references: list[str]
+    widths: tuple[int, int]  # [prompt, completion] columns of the TrainExample
+    seed: int
+    seconds: dict[str, float]
+    num_generations: int
 
-    def __init__(self, weights: RewardWeights):
-        self.weights = weights
-        self.last: dict[str, list[float]] = {}
+    def record(self) -> dict:
+        """The step's entries of metrics.jsonl (means over its completions)."""
+        groups = np.asarray(self.rewards).reshape(-1, self.num_generations)  # [prompts, G]
+        return {
+            "reward/composite": float(np.mean(self.rewards)),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in self.components.items()},
+            "zero_spread": float(np.mean(groups.std(axis=1) == 0)),
+            "truncated": float(np.mean(self.rollout.truncated)),
+            "completion_length": float(np.mean(self.rollout.lengths)),
+            "padded_widths": [list(self.widths)],
+            "rollout_seeds": [self.seed],
+        }
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
-        self.last = reward_components(prompts, completions, self.weights, **columns)
-        return combine(self.last, self.weights)
+    def samples(self) -> list[dict]:
+        rollout = self.rollout
+        return [{"prompt": p, "completion": c, "reward": float(r), "reference": ref, "finish_reason": why,
+                 **{k: float(v[i]) for k, v in self.components.items()}}
+                for i, (p, c, r, ref, why) in enumerate(zip(rollout.prompts, rollout.texts, self.rewards, self.references,
+                                                            rollout.finish_reasons))]
 
 
-# --------------------------------------------------------------------- rollout
+def train_batch(rollout: StepRollout, pad_id: int, budget: tuple[int, int], multiple: int | None):
+    """(prompt_ids [B, P], completion_ids [B, C]) of a step's update.
 
-
-class TracetuneRollout(base_rollout.BaseRollout):
-    """Tunix rollout engine around tracetune's ``Generator``.
-
-    RLCluster builds it as ``engine(rollout_actor=, tokenizer=, mesh=, rollout_config=)``;
-    the actor is the very LoRA module being trained, so its weights are folded
-    afresh before every rollout.
+    budget: (max_prompt_tokens, max_new_tokens), the widths Tunix pads to. With
+    ``multiple`` the batch is cut to its own longest prompt and longest completion,
+    each rounded up to a multiple (``logprobs.trimmed_widths``); every micro-batch
+    of the step shares that shape, so compiles stay bounded by the buckets.
     """
-
-    def __init__(self, *, rollout_actor, tokenizer, mesh, rollout_config, tracetune_tokenizer: Tokenizer, lora: LoraConfig):
-        self._model = rollout_actor
-        self._tokenizer = tracetune_tokenizer
-        self._lora = lora
-        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32)
-        self.last_generations = []
-        self.mesh = None  # keep the cluster's rollout mesh
-
-    def generate(self, prompts, rollout_config, **kwargs):
-        self._generator.set_params(merged_tree(self._model, self._lora))
-        sampling = SamplingConfig(
-            max_new_tokens=rollout_config.max_tokens_to_generate,
-            temperature=rollout_config.temperature,
-            top_k=rollout_config.top_k or 0,
-            top_p=1.0 if rollout_config.top_p is None else rollout_config.top_p,
-            seed=0 if rollout_config.seed is None else int(rollout_config.seed),
-        )
-        generations = self._generator.generate(list(prompts), sampling)
-        self.last_generations = generations
-        width = rollout_config.max_prompt_length
-        prompt_tokens = np.full((len(prompts), width), self._tokenizer.pad_id, np.int32)  # [B, P] left-padded
-        for row, prompt in enumerate(prompts):
-            ids = self._tokenizer.encode(prompt)
-            prompt_tokens[row, width - len(ids) :] = ids
-        return base_rollout.RolloutOutput(
-            text=[g.text for g in generations],
-            logits=None,
-            tokens=[np.asarray(g.token_ids, np.int32) for g in generations],
-            left_padded_prompt_tokens=prompt_tokens,
-            logprobs=[np.asarray(g.token_logprobs, np.float32) for g in generations],
-        )
-
-    def get_per_token_logps(self, prompt_tokens, completion_tokens):
-        # Only Cluster.get_old_per_token_logps calls this, and it is overridden below
-        # with the rollout temperature, as the loss uses; kept for the engine's interface.
-        return logprobs.frozen_completion_logprobs(self._model, prompt_tokens, completion_tokens, self.pad_id())
-
-    def update_params(self, params, filter_types=None):
-        nnx.update(self._model, params)
-
-    def pad_id(self):
-        return self._tokenizer.pad_id
-
-    def eos_id(self):
-        return self._tokenizer.eos_id
-
-    def model(self):
-        return self._model
+    prompt_ids = rollout.prompt_tokens  # [B, budget P] left-padded
+    completion_ids = rollout.completion_tokens(pad_id, budget[1])  # [B, budget C] right-padded
+    if multiple is None:
+        return prompt_ids, completion_ids
+    P, C = logprobs.trimmed_widths(prompt_ids, completion_ids, pad_id, multiple)
+    return prompt_ids[:, -P:], completion_ids[:, :C]
 
 
 class Cluster(rl_cluster_lib.RLCluster):
-    """RLCluster that keeps the last rollout (its tokens and log-probs feed the
-    rewards) and the wall time of each phase (for logs and bench/grpo.py).
+    """RLCluster that hands the learner each rollout as a ``StepRollout`` and times
+    the update (for logs and bench/grpo.py).
 
     With ``logprobs="chunked"`` the reference's and the old policy's log-probs come
-    from ``logprobs.frozen_completion_logprobs`` (no [B, L, V] logits; the batch's
-    all-padding columns cut to a multiple of ``pad_multiple``), at the rollout
-    temperature as Tunix's loss uses it; "full" keeps Tunix's own path.
+    from ``logprobs.frozen_completion_logprobs`` (no [B, L, V] logits), at the
+    rollout temperature as Tunix's loss uses it; "full" keeps Tunix's own path.
     """
 
-    def __init__(self, *args, logprobs: str = "full", pad_multiple: int = 32, **kwargs):
+    def __init__(self, *args, logprobs: str = "full", pad_multiple: int = 32, tokenizer_tt: Tokenizer, **kwargs):
         super().__init__(*args, **kwargs)
-        self.last_rollout = None
-        self.phase_seconds: dict[str, float] = {}
         self.logprob_path = logprobs
         self.pad_multiple = pad_multiple
+        self.update_seconds = 0.0  # the last update's wall time
+        engine = self.rollout
+        # tracetune's engine reports everything a step needs itself; Tunix's engines
+        # are normalised (token texts from the tokenizer, temperature-1 log-probs).
+        self.rollouts = engine if isinstance(engine, TracetuneRollout) else TunixEngineRollout(
+            engine, tokenizer_tt, policy=lambda: self.actor_trainer.model, pad_multiple=pad_multiple)
 
-    def _timed(self, phase: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
-        return out
-
-    def generate(self, *args, **kwargs):
-        self.last_rollout = self._timed("rollout", super().generate, *args, **kwargs)
-        return self.last_rollout
+    def rollout_step(self, prompts: list[str], mode: Mode) -> StepRollout:
+        """All of a step's completions, sampled in one batch on the rollout mesh."""
+        with self._get_mesh_and_logical_axis_rules_cm(Role.ROLLOUT):
+            return self.rollouts.step_rollout(prompts, self.get_rollout_config(mode))
 
     def get_ref_per_token_logps(self, prompt_tokens, completion_tokens, pad_id, eos_id, micro_batch_size=None):
         if self.logprob_path == "full":
-            return self._timed("reference", super().get_ref_per_token_logps, prompt_tokens, completion_tokens, pad_id, eos_id,
-                               micro_batch_size)
-        return self._timed("reference", self._frozen_logprobs, Role.REFERENCE, self.inference_worker.get_model("reference"),
-                           prompt_tokens, completion_tokens)
+            return super().get_ref_per_token_logps(prompt_tokens, completion_tokens, pad_id, eos_id, micro_batch_size)
+        return self._frozen_logprobs(Role.REFERENCE, self.inference_worker.get_model("reference"), prompt_tokens, completion_tokens)
 
     def get_old_per_token_logps(self, prompt_tokens, completion_tokens, micro_batch_size=None):
         if self.logprob_path == "full":
             return super().get_old_per_token_logps(prompt_tokens, completion_tokens, micro_batch_size)
-        return self._timed("old_policy", self._frozen_logprobs, Role.ROLLOUT, self.rollout.model(), prompt_tokens, completion_tokens)
+        return self._frozen_logprobs(Role.ROLLOUT, self.rollout.model(), prompt_tokens, completion_tokens)
 
     def _frozen_logprobs(self, role, model, prompt_tokens, completion_tokens):
         with self._get_mesh_and_logical_axis_rules_cm(role):
@@ -187,141 +166,111 @@ class Cluster(rl_cluster_lib.RLCluster):
                 temperature=self.get_rollout_config(Mode.TRAIN).temperature, multiple=self.pad_multiple)
 
     def update_actor(self, *args, **kwargs):
-        out = self._timed("update", super().update_actor, *args, **kwargs)
-        self.share_backbone()
+        trainer = self.actor_trainer
+        if trainer._jitted_train_step_fn is None:  # Tunix clears it whenever the loss is set
+            # Tunix's step (nnx.jit over the whole model) hands back new arrays for
+            # every weight, the untouched base included: a second copy of the backbone
+            # beside the reference's, live during every update (measured: live arrays
+            # grow by exactly one base model). This step returns the adapters only.
+            with self._get_mesh_and_logical_axis_rules_cm(Role.ACTOR):
+                trainer._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before its jit
+            trainer._jitted_train_step_fn = adapter_step(trainer.create_train_step_fn(), trainer.model, trainer.optimizer)
+            trainer._jitted_eval_step_fn = functools.partial(nnx.jit(trainer.create_eval_step_fn()), trainer.model)
+        start = time.perf_counter()
+        out = jax.block_until_ready(super().update_actor(*args, **kwargs))
+        self.update_seconds = time.perf_counter() - start
         return out
-
-    def share_backbone(self) -> None:
-        """Point the actor's frozen base weights back at the reference's arrays.
-
-        Tunix's train step (``nnx.jit`` over the whole model) hands back new arrays
-        for every weight, the untouched base included, so from the first update on
-        the actor would hold a second copy of the backbone beside the reference's:
-        memory doubles, silently (measured: live arrays grow by exactly one base
-        model). Only LoRA parameters are optimised, so the values are the same.
-        """
-        base = nnx.state(self.inference_worker.get_model("reference"), nnx.Not(nnx.LoRAParam))
-        nnx.update(self.actor_trainer.model, base)
 
 
 class Learner(grpo_learner.GRPOLearner):
-    """GRPOLearner with a rollout seed per step, the rollout's tokens and
-    log-probabilities as reward columns, and tracetune's per-step metrics."""
+    """GRPOLearner whose step (Tunix's ``_generate_and_compute_advantage``) passes the
+    rollout along as one value: a rollout seed per step, one ``StepRollout`` from any
+    engine, the update's batch cut to its own widths before the reference pass, the
+    composite reward with its components (``rewards.reward_components`` and
+    ``combine``, the same arithmetic as the reward function Tunix holds), and a
+    ``StepFacts`` handed to ``on_step`` for the run's metrics."""
 
-    def __init__(self, *args, seed: int, composite: CompositeReward, tokenizer: Tokenizer, **kwargs):
+    def __init__(self, *args, seed: int, weights: RewardWeights, on_step: Callable[[StepFacts], None], **kwargs):
         super().__init__(*args, **kwargs)
         self._seed = seed
-        self._composite = composite
-        self._tokenizer = tokenizer
-        self.step_records: list[dict] = []  # this step's reward facts, read by the metrics hook
+        self._weights = weights
+        self._on_step = on_step
 
-    def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
+    def _rollout_seed(self, mode) -> int:
         # _iter_steps counts micro-batches and is restored on resume, so a resumed run
         # draws the same samples. The rollout of a step comes with its last
         # micro-batch: dividing gives the step, whatever the micro-batching.
         config = self._training_config
         per_step = config.mini_batch_size // (config.train_micro_batch_size or config.mini_batch_size)
         counter = self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
-        self.rl_cluster.get_rollout_config(mode).seed = (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
-        example = super()._generate_and_compute_advantage(training_input, mode)
-        if self.rl_cluster.logprob_path == "full":
-            return example
-        # Tunix pads prompts to max_prompt_tokens and completions to max_new_tokens;
-        # the update trains on the step's own longest, rounded up to a bucket.
-        example = trim_example(example, self.rl_cluster.rollout.pad_id(), self.rl_cluster.pad_multiple)
-        if mode == Mode.TRAIN and self.step_records:
-            self.step_records[-1]["widths"] = [int(example.prompt_ids.shape[1]), int(example.completion_ids.shape[1])]
-        return example
+        return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
 
-    def _check_finite(self, rollout, engine) -> None:
+    def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
+        cluster, algo = self.rl_cluster, self.algo_config
+        G = algo.num_generations
+        config = cluster.get_rollout_config(mode)
+        config.seed = seed = self._rollout_seed(mode)
+        prompts = list(training_input["prompts"])
+        rollout = cluster.rollout_step(prompts, mode)
+        seconds = {"rollout": rollout.seconds}
+        if not rollout.finite:
+            raise self._diverged()
+        pad = cluster.rollout.pad_id()
+        # Tunix pads prompts to max_prompt_tokens and completions to max_new_tokens;
+        # the chunked path trains on the step's own longest, rounded up to a bucket.
+        prompt_ids, completion_ids = train_batch(
+            rollout, pad, (config.max_prompt_length, config.max_tokens_to_generate),
+            cluster.pad_multiple if cluster.logprob_path == "chunked" else None)
+        prompt_ids, completion_ids = jnp.asarray(prompt_ids), jnp.asarray(completion_ids)
+        reference = old = None
+        if algo.beta != 0.0:
+            start = time.perf_counter()
+            reference = jax.block_until_ready(cluster.get_ref_per_token_logps(
+                prompt_tokens=prompt_ids, completion_tokens=completion_ids, pad_id=pad, eos_id=cluster.rollout.eos_id(),
+                micro_batch_size=self._compute_logps_micro_batch_size * G))
+            seconds["reference"] = time.perf_counter() - start
+        if algo.num_iterations > 1:
+            start = time.perf_counter()
+            old = jax.block_until_ready(cluster.get_old_per_token_logps(
+                prompt_tokens=prompt_ids, completion_tokens=completion_ids,
+                micro_batch_size=self._compute_logps_micro_batch_size * G))
+            seconds["old_policy"] = time.perf_counter() - start
+        start = time.perf_counter()
+        columns = {k: v for k, v in training_input.items() if k != "prompts"}
+        components = reward_components(prompts, rollout.texts, self._weights, **columns, **rollout.reward_columns())
+        rewards = np.asarray(combine(components, self._weights), np.float32)  # [B]
+        advantages = function_registry.get_advantage_estimator(algo.advantage_estimator)(rewards=rewards, num_generations=G)
+        seconds["reward"] = time.perf_counter() - start
+        cluster.buffer_metrics({"rewards/score/mean": (np.mean(rewards), np.mean),
+                                "completions/mean_length": (np.mean(rollout.lengths), np.mean)}, mode=mode)
+        if mode == Mode.TRAIN:
+            references = [str(r) for r in columns.get("reference", [""] * len(prompts))]
+            self._on_step(StepFacts(rollout, components, rewards.tolist(), references,
+                                    (int(prompt_ids.shape[1]), int(completion_ids.shape[1])), seed, seconds, G))
+        return grpo_learner.TrainExample(
+            prompt_ids=prompt_ids, prompt_mask=prompt_ids != pad,
+            completion_ids=completion_ids, completion_mask=completion_ids != pad,
+            ref_per_token_logps=reference, old_per_token_logps=old, advantages=jax.device_put(advantages))
+
+    def _diverged(self) -> TrainingError:
         """Stop before the step is trained or saved if the rollout's log-probs are not
         finite. A diverged update can leave weights that are finite but huge (Adam's
         step is about +-learning rate whatever the gradient), so apply_if_finite lets
         it through; the next rollout samples from NaN logits, ends at once, and its
         masked loss is a harmless 0. The rollout is where the damage shows first."""
-        if isinstance(engine, TracetuneRollout):
-            finite = all(g.finite for g in engine.last_generations)
-        else:
-            finite = all(np.isfinite(np.asarray(lp, np.float32)).all() for lp in rollout.logprobs)
-        if finite:
-            return
         trainer = self.rl_cluster.actor_trainer
         done = trainer.train_steps  # this rollout sampled from the weights after `done` updates
         manager = trainer.checkpoint_manager._checkpoint_manager
         saved = sorted(manager.all_steps()) if manager is not None else []
         good = [s for s in saved if s < done] if done else saved
         bad = [s for s in saved if s >= done] if done else []
-        raise TrainingError(
+        return TrainingError(
             f"the policy's log-probabilities are not finite in step {done + 1}'s rollout: the weights after update {done} "
             "diverged, so the run stopped before training or saving further. "
             f"Last good checkpoint: {'step ' + str(good[-1]) if good else 'none'}"
             + (f" (checkpoint {', '.join(map(str, bad))} holds the diverged weights)" if bad else "")
             + ". Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
         )
-
-    def _temperature_one_logprobs(self, rollout, temperature: float) -> list[np.ndarray]:
-        """The completion tokens' log-probs at temperature 1, as evaluation scores the
-        confidence term. Tunix's samplers report log-probs of logits / temperature;
-        at any other temperature they are recomputed with the actor, whose weights
-        sampled this rollout."""
-        if temperature in (0.0, 1.0):
-            return [np.asarray(lp, np.float32) for lp in rollout.logprobs]
-        pad = self._tokenizer.pad_id
-        width = max(1, max(len(t) for t in rollout.tokens))
-        completions = np.full((len(rollout.tokens), width), pad, np.int32)  # [B, C] right-padded
-        for row, tokens in enumerate(rollout.tokens):
-            completions[row, : len(tokens)] = tokens
-        values = np.asarray(logprobs.frozen_completion_logprobs(
-            self.rl_cluster.actor_trainer.model, np.asarray(rollout.left_padded_prompt_tokens), completions, pad,
-            multiple=self.rl_cluster.pad_multiple))
-        return [values[row, : len(tokens)] for row, tokens in enumerate(rollout.tokens)]
-
-    def _compute_rewards(self, prompts, completions, mode, step=None, **kwargs):
-        rollout = self.rl_cluster.last_rollout
-        engine = self.rl_cluster.rollout
-        self._check_finite(rollout, engine)
-        config = self.rl_cluster.get_rollout_config(mode)
-        if isinstance(engine, TracetuneRollout):  # its log-probs are already at temperature 1
-            texts = [g.token_texts for g in engine.last_generations]
-            truncated = [g.finish_reason == "length" for g in engine.last_generations]
-            token_logprobs = [np.asarray(lp, np.float32) for lp in rollout.logprobs]
-        else:
-            texts = [self._tokenizer.token_texts(t) for t in rollout.tokens]
-            truncated = [len(t) >= config.max_tokens_to_generate for t in rollout.tokens]
-            token_logprobs = self._temperature_one_logprobs(rollout, config.temperature)
-        kwargs["token_texts"] = texts
-        kwargs["token_logprobs"] = [[float(x) for x in lp] for lp in token_logprobs]
-        start = time.perf_counter()
-        rewards = super()._compute_rewards(prompts, completions, mode, step, **kwargs)
-        phases = self.rl_cluster.phase_seconds
-        phases["reward"] = phases.get("reward", 0.0) + time.perf_counter() - start
-        groups = np.asarray(rewards).reshape(-1, self.algo_config.num_generations)  # [prompts, G]
-        self.step_records.append({
-            "seed": int(self.rl_cluster.get_rollout_config(mode).seed),
-            "components": {k: float(np.mean(v)) for k, v in self._composite.last.items()},
-            "composite": float(np.mean(rewards)),
-            "zero_spread": float(np.mean(groups.std(axis=1) == 0)),
-            "truncated": float(np.mean(truncated)),
-            "length": float(np.mean([len(t) for t in rollout.tokens])),
-            "samples": [
-                {"prompt": p, "completion": c, "reward": float(r), "reference": str(ref),
-                 **{k: float(v[i]) for k, v in self._composite.last.items()}}
-                for i, (p, c, r, ref) in enumerate(zip(prompts, completions, rewards, kwargs.get("reference", [""] * len(prompts))))
-            ],
-        })
-        return rewards
-
-
-def trim_example(example, pad_id: int, multiple: int):
-    """A GRPO TrainExample with its all-padding columns cut: prompt columns from the
-    left (prompts are left-padded), completion columns from the right, down to
-    ``logprobs.trimmed_widths``. Every micro-batch of a step shares the shape."""
-    P, C = logprobs.trimmed_widths(np.asarray(example.prompt_ids), np.asarray(example.completion_ids), pad_id, multiple)
-    per_token = {name: getattr(example, name)[:, :C] for name in ("ref_per_token_logps", "old_per_token_logps")
-                 if getattr(example, name) is not None}
-    return example.replace(prompt_ids=example.prompt_ids[:, -P:], prompt_mask=example.prompt_mask[:, -P:],
-                           completion_ids=example.completion_ids[:, :C], completion_mask=example.completion_mask[:, :C],
-                           **per_token)
 
 
 def vllm_settings(grpo: GRPOConfig, loaded: LoadedModel, mesh: jax.sharding.Mesh) -> dict:
@@ -457,6 +406,7 @@ class GRPORun:
         self.init = init
         self.started = time.perf_counter()
         self.history: list[dict] = []
+        self.pending: list[StepFacts] = []  # the facts of the step being trained, from the learner
         self.warned: set[str] = set()
 
     @property
@@ -466,11 +416,15 @@ class GRPORun:
     def _append(self, path: Path, record: dict) -> None:
         append_record(path, record)
 
+    def _on_step(self, facts: StepFacts) -> None:
+        """Called by the learner with each training step's facts, before its update."""
+        self.pending.append(facts)
+
     def _on_metrics(self, buffer) -> None:
-        """Called by RLCluster once per finished step with the step's buffered metrics."""
-        if buffer.mode != "train" or not self.learner.step_records:
+        """Called by RLCluster once per finished step (after its update) with the step's buffered metrics."""
+        if buffer.mode != "train" or not self.pending:
             return
-        records, self.learner.step_records = self.learner.step_records, []
+        facts, self.pending = self.pending, []
         self.watch.check()  # a writer thread that died (full disk) stops the run here
         check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
         step = int(self.cluster.actor_trainer.train_steps)
@@ -490,22 +444,23 @@ class GRPORun:
                 f"Last good checkpoint: step {self.cluster.actor_trainer.checkpoint_manager.latest_step()}. "
                 "Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
             )
-        record = {
-            "step": step,
-            "reward/composite": float(np.mean([r["composite"] for r in records])),
-            **{f"reward/{k}": float(np.mean([r["components"][k] for r in records])) for k in records[0]["components"]},
-            "zero_spread": float(np.mean([r["zero_spread"] for r in records])),
-            "truncated": float(np.mean([r["truncated"] for r in records])),
-            "completion_length": float(np.mean([r["length"] for r in records])),
-            "padded_widths": [r["widths"] for r in records if "widths" in r],  # [prompt, completion] the update trained on
-            "rollout_seeds": [r["seed"] for r in records],
+        records = [f.record() for f in facts]  # one per rollout of the step (one unless Tunix splits it)
+        record = {"step": step, **{k: float(np.mean([r[k] for r in records])) for k in records[0]
+                                   if k not in ("padded_widths", "rollout_seeds")}}
+        phases = {}
+        for f in facts:
+            for phase, seconds in f.seconds.items():
+                phases[phase] = phases.get(phase, 0.0) + seconds
+        phases["update"] = self.cluster.update_seconds
+        record.update({
+            "padded_widths": [w for r in records for w in r["padded_widths"]],  # [prompt, completion] the update trained on
+            "rollout_seeds": [s for r in records for s in r["rollout_seeds"]],
             "loss": loss,
             "kl": actor_metric("kl"),
-            "seconds": {k: round(v, 3) for k, v in self.cluster.phase_seconds.items()},
+            "seconds": {k: round(v, 3) for k, v in phases.items()},
             "elapsed_seconds": time.perf_counter() - self.started,
             "reward_weights": self.config.rewards.as_dict(),
-        }
-        self.cluster.phase_seconds = {}
+        })
         self.history.append(record)
         self._append(self.metrics_path, record)
         for key in ("zero_spread", "truncated", "reward/correctness", "reward/trace", "reward/confidence"):
@@ -513,7 +468,7 @@ class GRPORun:
                 logger.log("tracetune", key, record[key], tunix_metrics.Mode.TRAIN, step)
         every = self.config.grpo.sample_every_steps
         if every and (step % every == 0 or step == 1):
-            for sample in records[0]["samples"]:
+            for sample in facts[0].samples():
                 self._append(self.run_dir / "samples.jsonl", {"step": step, **sample})
         window = self.config.grpo.warn_window
         for kind, warning in failure_warnings(self.history, window).items():
@@ -598,14 +553,16 @@ class GRPORun:
             rollout_config=rollout,
         )
         self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
-                               logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple)
+                               logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
         check_shared_backbone(self.cluster)
-        composite = CompositeReward(self.config.rewards)
         algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon,
                                             # logprobs.py registers "tracetune": Tunix's GRPO loss on the chunked path
                                             policy_loss_fn="tracetune" if grpo.logprobs == "chunked" else "grpo")
-        self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm, reward_fns=[composite],
-                               seed=grpo.seed, composite=composite, tokenizer=tokenizer)
+        # Tunix holds the composite as its reward function; the learner scores with the
+        # same arithmetic itself, to keep each component (see Learner).
+        self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm,
+                               reward_fns=[make_composite_reward(self.config.rewards)],
+                               seed=grpo.seed, weights=self.config.rewards, on_step=self._on_step)
         resumed = self.cluster.actor_trainer.train_steps
         # The forced final save carries no step metadata: count steps from the trainer.
         self.cluster.global_steps = resumed

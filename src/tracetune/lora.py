@@ -10,6 +10,8 @@ base weights (GRPO's actor, reference and rollout hold one backbone).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -61,6 +63,44 @@ def lora_on_mesh(base: nnx.Module, lora: LoraConfig, seed: int, mesh: jax.shardi
     with jax.set_mesh(mesh):
         model = apply_lora(base, lora, seed)
     return base, mesh_lib.shard(model, mesh)
+
+
+def adapter_step(train_step: Callable, model: nnx.Module, optimizer: nnx.Optimizer) -> partial:
+    """``train_step(model, optimizer, inputs)`` (Tunix's step) as ``step(inputs)``,
+    jitted so that its outputs are the adapters and the optimizer state only.
+
+    ``nnx.jit`` over the whole model returns every weight, the frozen base too: a
+    new copy of the backbone per step, beside the one the reference policy holds
+    (GRPO's actor shares its base with the reference, so it cannot be donated).
+    Here the base goes in as a plain argument and never comes out; the adapters
+    and the optimizer state are donated and written back into ``model`` and
+    ``optimizer``. The arithmetic is Tunix's step, unchanged. Returned as
+    ``partial(step)`` with ``step.jitted_fn``: Tunix's trainer reads the compile
+    cache through ``train_step.func.jitted_fn`` (see tunix_names).
+    """
+    return partial(_AdapterStep(train_step, model, optimizer))
+
+
+class _AdapterStep:
+    def __init__(self, train_step: Callable, model: nnx.Module, optimizer: nnx.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+        @partial(jax.jit, donate_argnums=(1, 4))
+        def pure(graphdef, adapters, base, opt_graphdef, opt_state, inputs):
+            m = nnx.merge(graphdef, adapters, base)
+            o = nnx.merge(opt_graphdef, opt_state)
+            out = train_step(m, o, inputs)
+            return out, nnx.state(m, nnx.LoRAParam), nnx.state(o)
+
+        self.jitted_fn = pure
+
+    def __call__(self, inputs):
+        graphdef, adapters, base = nnx.split(self.model, nnx.LoRAParam, ...)
+        opt_graphdef, opt_state = nnx.split(self.optimizer)
+        out, adapters, opt_state = self.jitted_fn(graphdef, adapters, base, opt_graphdef, opt_state, inputs)
+        nnx.update(self.model, adapters)
+        nnx.update(self.optimizer, opt_state)
+        return out
 
 
 def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
