@@ -104,3 +104,20 @@ def test_blocked_argmax_picks_the_first_most_likely_token_like_jnp_argmax():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.integers(0, 50, (1000, 6)).astype(np.float32))  # [V, B], many ties
     assert (np.asarray(_argmax(logits)) == np.asarray(jnp.argmax(logits, axis=0))).all()
+
+
+def test_a_prompt_floor_gives_the_same_tokens_and_one_program_for_every_prompt_length(tiny, gen):
+    """min_prompt_width (GRPO's rollout sets its prompt budget): batches whose longest
+    prompts differ decode with one compiled program, to the same tokens."""
+    floored = Generator(tiny.model, tiny.tokenizer, max_batch=4, min_prompt_width=128)
+    sampling = SamplingConfig(max_new_tokens=16, stop_strings=())
+    short, longer = PROMPTS[:1], ["Q: " + "a long question, " * 12 + "?\nA:\n"]
+    assert len(tiny.tokenizer.encode(short[0])) <= 64 < len(tiny.tokenizer.encode(longer[0])) <= 128  # two buckets
+    results = [floored.generate(short, sampling)]
+    compiled = (_prefill._cache_size(), _decode._cache_size())
+    results.append(floored.generate(longer, sampling))
+    assert (_prefill._cache_size(), _decode._cache_size()) == compiled  # the longer prompts compiled nothing new
+    for prompts, ours in zip((short, longer), results):
+        plain = gen.generate(prompts, sampling)
+        assert [g.token_ids for g in ours] == [g.token_ids for g in plain]
+        np.testing.assert_allclose([g.token_logprobs for g in ours], [g.token_logprobs for g in plain], atol=1e-4)

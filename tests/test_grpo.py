@@ -126,6 +126,8 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     # Tunix writes the actor's loss and KL one update late: present from step 2 on.
     assert all(r["kl"] is not None and r["loss"] is not None for r in records[1:])
     assert all(set(r["seconds"]) == {"rollout", "reward", "reference", "update"} for r in records)
+    assert records[0]["compiles"]["count"] > 0 and records[0]["compiles"]["seconds"] > 0  # the first step compiles
+    assert all(r["compiles"]["count"] >= 0 for r in records)
     seeds = [s for r in records for s in r["rollout_seeds"]]
     assert len(set(seeds)) == len(seeds)  # a new rollout key every step
     assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15}

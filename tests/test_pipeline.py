@@ -68,6 +68,9 @@ def test_the_pipeline_runs_every_stage_and_continues_after_a_stop(tmp_path, judg
     assert "resuming" in resumed.stderr  # SFT continued from its checkpoint
     state = json.loads((run / "pipeline.json").read_text())
     assert [state[s.name]["status"] for s in STAGES] == ["done"] * len(STAGES)
+    # each stage that runs as its own process records that process's peak RSS
+    assert all(state[name]["peak_rss_mb"] > 0 for name in ("data", "eval-zero-shot", "sft", "grpo", "eval-grpo")), state
+    assert state["sft"]["peak_rss_mb"] > 200 and state["grpo"]["peak_rss_mb"] > 200, state  # JAX and a model live there
 
     # Something was learned: SFT taught the format the base model lacks.
     zero, sft = metrics_of(run, "zero-shot"), metrics_of(run, "sft")

@@ -162,7 +162,7 @@ def test_a_nan_rollout_is_not_finite(tiny):
 
 def test_tracetunes_engine_reports_temperature_1_logprobs_and_frees_its_weights(tiny):
     loaded, model = tiny
-    engine = TracetuneRollout(rollout_actor=model, tokenizer=None, mesh=None, rollout_config=None,
+    engine = TracetuneRollout(rollout_actor=model, tokenizer=None, mesh=None, rollout_config=rollout_config(0.6),
                               tracetune_tokenizer=loaded.tokenizer, lora=LoraConfig(rank=4, alpha=8.0))
     assert engine._generator.params is None  # no decode-layout copy of the weights outside a rollout
     rollout = engine.step_rollout(["Q: 1 + 3?\nA:", "Q: 2 + 2?\nA:"] * 2, rollout_config(0.6))

@@ -435,12 +435,18 @@ class Generator:
     >>> gen.generate(["Q: 2 + 3?\\nA:\\n"], SamplingConfig(max_new_tokens=64))[0].text  # doctest: +SKIP
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True,
+                 min_prompt_width: int = 0):
         """``with_weights=False``: no weights until ``set_params`` (an RL rollout engine
-        sets the live policy's before each rollout)."""
+        sets the live policy's before each rollout). ``min_prompt_width``: prompts are
+        padded to at least this many tokens (rounded up to the bucket), so that calls
+        whose longest prompts differ reuse one compiled program: an RL rollout sets
+        its prompt budget (a decode step costs about the same over a few more empty
+        cache slots; a compile of the 270M's decode loop costs seconds)."""
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.min_prompt_width = min_prompt_width
         self.model_config = model.config
         self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config) if with_weights else None
         self.stats = GenerateStats()
@@ -477,7 +483,7 @@ class Generator:
         encoded = [self.tokenizer.encode(p) for p in prompts]
         n = len(prompts)
         B = _bucket_batch(n)
-        P = _bucket_prompt(max(len(e) for e in encoded))
+        P = _bucket_prompt(max(self.min_prompt_width, *(len(e) for e in encoded)))
         steps = math.ceil(sampling.max_new_tokens / CHUNK) * CHUNK
         cache_size = P + steps
         tokens = np.zeros((B, P), np.int32)

@@ -62,7 +62,7 @@ from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, make_composite_reward, reward_components
 from tracetune.rollout import StepRollout, TracetuneRollout, TunixEngineRollout
-from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
+from tracetune.runs import (CompileClock, FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
@@ -458,6 +458,7 @@ class GRPORun:
             "loss": loss,
             "kl": actor_metric("kl"),
             "seconds": {k: round(v, 3) for k, v in phases.items()},
+            "compiles": self.compiles.take(),  # XLA compiles during this step (new padded widths), and their seconds
             "elapsed_seconds": time.perf_counter() - self.started,
             "reward_weights": self.config.rewards.as_dict(),
         })
@@ -490,7 +491,7 @@ class GRPORun:
     def train(self) -> GRPOResult:
         # From the first metrics logger on (JAX reports compile times to TensorBoard
         # from the trainer's construction), a writer thread that dies stops the run.
-        with FaultWatch.for_run(self.run_dir) as self.watch:
+        with FaultWatch.for_run(self.run_dir) as self.watch, CompileClock() as self.compiles:
             return self._train()
 
     def _train(self) -> GRPOResult:

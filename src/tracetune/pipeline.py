@@ -85,6 +85,7 @@ class Pipeline:
         self.console = console or Console(stderr=True)
         self.state_path = self.run_dir / "pipeline.json"
         self.state: dict[str, dict] = {}
+        self.stage_peak_kb = 0
         self.started = time.perf_counter()
         # Sessions with a hard end (Kaggle's 9 hours) stop themselves in time to save.
         self.time_limit = time_limit_minutes
@@ -96,6 +97,7 @@ class Pipeline:
 
     def _mark(self, stage: str, status: str, seconds: float, note: str = "") -> None:
         self.state[stage] = {"status": status, "seconds": round(seconds, 1), "note": note,
+                             "peak_rss_mb": round(self.stage_peak_kb / 1024) if self.stage_peak_kb else None,
                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with atomic_path(self.state_path) as tmp:
             tmp.write_text(json.dumps(self.state, indent=2) + "\n")
@@ -104,13 +106,15 @@ class Pipeline:
         table = Table(title=f"tracetune run {self.run_dir} ({self.config.preset})")
         for column in ("#", "stage", "status", "time"):
             table.add_column(column)
+        table.add_column("peak memory")
         for index, stage in enumerate(STAGES, start=1):
             info = self.state.get(stage.name, {})
             status = info.get("status", "to do")
             style = {"done": "green", "skipped": "yellow"}.get(status, "")
-            seconds = info.get("seconds")
+            seconds, peak = info.get("seconds"), info.get("peak_rss_mb")
             table.add_row(str(index), stage.title, f"[{style}]{status}[/{style}]" if style else status,
-                          f"{seconds / 60:.1f} min" if seconds is not None else "",)
+                          f"{seconds / 60:.1f} min" if seconds is not None else "",
+                          f"{peak / 1024:.1f} GB" if peak else "")
         return table
 
     # -- the stages
@@ -133,10 +137,10 @@ class Pipeline:
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             try:
-                code = process.wait(timeout=None if self.deadline is None else max(0.0, self.deadline - time.perf_counter()))
+                code = self._wait(process, None if self.deadline is None else max(0.0, self.deadline - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 process.send_signal(signal.SIGTERM)  # the stage saves a checkpoint, then exits
-                code = process.wait()
+                code = self._wait(process, None)
                 raise TimeLimitReached(self.time_limit, args[0]) from None
         finally:
             for s, handler in previous.items():
@@ -148,6 +152,20 @@ class Pipeline:
         if code != 0:
             raise TrainingError(f"stage `tracetune {' '.join(args)}` failed with exit code {code} (its error is above); "
                                 "fix it and re-run `tracetune run` to continue from this stage")
+
+    def _wait(self, process: subprocess.Popen, timeout: float | None) -> int:
+        """The stage's exit code, waiting as ``Popen.wait`` does, and its own peak RSS
+        (the kernel's rusage of that child) into ``stage_peak_kb``."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                self.stage_peak_kb = max(self.stage_peak_kb, usage.ru_maxrss)
+                return process.returncode
+            if end is not None and time.monotonic() >= end:
+                raise subprocess.TimeoutExpired(process.args, timeout)
+            time.sleep(0.2)
 
     def stage_data(self) -> str:
         # The same two commands a user runs by hand: curate the traces, then the
@@ -214,6 +232,7 @@ class Pipeline:
             elapsed = (time.perf_counter() - self.started) / 60
             self.console.rule(f"[bold]stage {index}/{len(STAGES)}: {stage.title}[/bold]  (pipeline {elapsed:.1f} min)")
             start = time.perf_counter()
+            self.stage_peak_kb = 0  # the largest peak RSS of the stage's processes
             note = getattr(self, "stage_" + stage.name.replace("-", "_"))()
             status = "skipped" if note is None else "done"
             if note is None:

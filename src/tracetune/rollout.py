@@ -107,7 +107,10 @@ class TracetuneRollout(base_rollout.BaseRollout):
         self._model = rollout_actor
         self._tokenizer = tracetune_tokenizer
         self._lora = lora
-        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32, with_weights=False)
+        # One prompt width for every step (the budget): a step whose prompts are longer
+        # or shorter than the last one's compiles no new decode program.
+        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32, with_weights=False,
+                                    min_prompt_width=rollout_config.max_prompt_length)
         self.mesh = None  # keep the cluster's rollout mesh
 
     def step_rollout(self, prompts: Sequence[str], rollout_config: base_rollout.RolloutConfig) -> StepRollout:

@@ -386,6 +386,40 @@ class WatchedTensorboard:
             self._backend.close()
 
 
+class CompileClock:
+    """XLA compiles in this process while it is open, counted and timed from JAX's own
+    ``/jax/core/compile/backend_compile_duration`` events: a run logs, per step, how
+    many programs it compiled and how long that took (new padded shapes cost a
+    compile once each; a count that keeps growing means shapes are not bucketed)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        self._taken = (0, 0.0)
+
+    def _listen(self, event: str, seconds: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += seconds
+
+    def take(self) -> dict[str, float]:
+        """Compiles since the last take: {"count", "seconds"}."""
+        count, seconds = self.count - self._taken[0], self.seconds - self._taken[1]
+        self._taken = (self.count, self.seconds)
+        return {"count": count, "seconds": round(seconds, 3)}
+
+    def __enter__(self) -> CompileClock:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            jax.monitoring.unregister_event_duration_listener(self._listen)
+        except AssertionError:  # already gone: Tunix's MetricsLogger.close clears the duration listeners
+            pass
+
+
 def release_listeners() -> None:
     """Unregister every TensorBoard writer of ours from ``jax.monitoring``."""
     while WatchedTensorboard.live:
