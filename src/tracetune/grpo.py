@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.interpreters import pxla
 from tunix.rl import function_registry
 from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
@@ -57,7 +56,7 @@ from tracetune.data import Example, load_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
-from tracetune.lora import adapter_step, export_run, lora_on_mesh
+from tracetune.lora import export_run, lora_on_mesh, use_adapter_step
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import combine, make_composite_reward, reward_components
@@ -173,9 +172,7 @@ class Cluster(rl_cluster_lib.RLCluster):
             # beside the reference's, live during every update (measured: live arrays
             # grow by exactly one base model). This step returns the adapters only.
             with self._get_mesh_and_logical_axis_rules_cm(Role.ACTOR):
-                trainer._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before its jit
-            trainer._jitted_train_step_fn = adapter_step(trainer.create_train_step_fn(), trainer.model, trainer.optimizer)
-            trainer._jitted_eval_step_fn = functools.partial(nnx.jit(trainer.create_eval_step_fn()), trainer.model)
+                use_adapter_step(trainer)
         start = time.perf_counter()
         out = jax.block_until_ready(super().update_actor(*args, **kwargs))
         self.update_seconds = time.perf_counter() - start

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+from jax.interpreters import pxla
 
 from tracetune import mesh as mesh_lib
 from tracetune.config import ConfigError, LoraConfig
@@ -79,6 +80,16 @@ def adapter_step(train_step: Callable, model: nnx.Module, optimizer: nnx.Optimiz
     cache through ``train_step.func.jitted_fn`` (see tunix_names).
     """
     return partial(_AdapterStep(train_step, model, optimizer))
+
+
+def use_adapter_step(trainer) -> None:
+    """Make a Tunix ``PeftTrainer`` (SFT's, or GRPO's actor trainer) train through
+    ``adapter_step``: Tunix's ``jit_train_and_eval_step`` reuses a step already set.
+    Call it with the trainer's mesh active, as Tunix shards the optimizer state
+    before its own jit."""
+    trainer._shard_optimizer(pxla.thread_resources.env.physical_mesh)
+    trainer._jitted_train_step_fn = adapter_step(trainer.create_train_step_fn(), trainer.model, trainer.optimizer)
+    trainer._jitted_eval_step_fn = partial(nnx.jit(trainer.create_eval_step_fn()), trainer.model)
 
 
 class _AdapterStep:

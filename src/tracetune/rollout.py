@@ -74,14 +74,19 @@ class StepRollout:
 
     def completion_tokens(self, pad_id: int, width: int) -> np.ndarray:
         """[B, width] right-padded completion ids."""
-        out = np.full((len(self.tokens), width), pad_id, np.int32)
-        for row, ids in enumerate(self.tokens):
-            out[row, : len(ids)] = ids[:width]
-        return out
+        return right_padded(self.tokens, pad_id, width)
 
     def reward_columns(self) -> dict[str, list]:
         """The columns the reward functions read beside the batch's own."""
         return {"token_texts": self.token_texts, "token_logprobs": [[float(x) for x in lp] for lp in self.logprobs]}
+
+
+def right_padded(tokens: Sequence[np.ndarray], pad_id: int, width: int) -> np.ndarray:
+    """[B, width] completion ids, right-padded (as Tunix lays completions out)."""
+    out = np.full((len(tokens), width), pad_id, np.int32)
+    for row, ids in enumerate(tokens):
+        out[row, : len(ids)] = ids[:width]
+    return out
 
 
 def left_padded(tokenizer: Tokenizer, prompts: Sequence[str], width: int) -> np.ndarray:
@@ -207,10 +212,7 @@ class TunixEngineRollout:
 
     def _temperature_one(self, prompt_tokens: np.ndarray, tokens: list[np.ndarray]) -> list[np.ndarray]:
         pad = self.tokenizer.pad_id
-        width = max(1, max(len(t) for t in tokens))
-        completions = np.full((len(tokens), width), pad, np.int32)  # [B, C] right-padded
-        for row, ids in enumerate(tokens):
-            completions[row, : len(ids)] = ids
+        completions = right_padded(tokens, pad, max(1, max(len(t) for t in tokens)))  # [B, C]
         values = np.asarray(logprobs.frozen_completion_logprobs(self.policy(), prompt_tokens, completions, pad,
                                                                 multiple=self.pad_multiple))
         return [values[row, : len(ids)] for row, ids in enumerate(tokens)]

@@ -21,7 +21,6 @@ needs around it:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import random
@@ -35,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.interpreters import pxla
 from tunix.sft import hooks as tunix_hooks
 from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
@@ -49,7 +47,7 @@ from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
-from tracetune.lora import adapter_step, export_run, lora_on_mesh, merged_model
+from tracetune.lora import export_run, lora_on_mesh, merged_model, use_adapter_step
 from tracetune.models.params import write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
@@ -315,9 +313,7 @@ class Trainer(peft_trainer.PeftTrainer):
 
     def jit_train_and_eval_step(self, skip_jit: bool = False, cache_nnx_graph: bool = False):
         if not skip_jit and self._jitted_train_step_fn is None:
-            self._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before its first jit
-            self._jitted_train_step_fn = adapter_step(self.create_train_step_fn(), self.model, self.optimizer)
-            self._jitted_eval_step_fn = functools.partial(nnx.jit(self.create_eval_step_fn()), self.model)
+            use_adapter_step(self)
         return super().jit_train_and_eval_step(skip_jit, cache_nnx_graph)
 
     def _post_process_train_step(self, aux) -> None:
