@@ -57,3 +57,69 @@ def test_reward_weights_parse():
     for bad in ("0.6,0", "a,b,c", "0,0,0"):
         with pytest.raises(ConfigError):
             RewardWeights.parse(bad)
+
+
+def test_the_default_weights_are_exactly_the_recipe():
+    assert RewardWeights().as_dict() == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0}
+    weights = RewardWeights()
+    assert (weights.correctness, weights.trace, weights.confidence, weights.arithmetic) == (0.6, 0.25, 0.15, 0.0)
+    assert str(weights) == "0.6 correctness + 0.25 trace + 0.15 confidence"  # the formula logs print
+
+
+# (--reward-weights text, the weights it gives), one form per line.
+PARSE_CASES = [
+    ("correctness=0.6,trace=0.25,confidence=0.15,arithmetic=0", RewardWeights()),  # every name
+    ("0.6,0.25,0.15", RewardWeights()),  # the recipe's positional form
+    ("0.6,0.25,0.15,0.2", RewardWeights(arithmetic=0.2)),  # positional, in registry order
+    ("arithmetic=1", RewardWeights(correctness=0, trace=0, confidence=0, arithmetic=1)),  # a name not given weighs 0
+    (" trace = 0.5 , correctness=0.5 ", RewardWeights(correctness=0.5, trace=0.5, confidence=0)),  # any order, spaces
+]
+
+
+@pytest.mark.parametrize("text,weights", PARSE_CASES)
+def test_reward_weights_by_name_or_position(text, weights):
+    assert RewardWeights.parse(text) == weights
+
+
+@pytest.mark.parametrize("text,message", [
+    ("correctness=0.6,speed=1", r"unknown reward 'speed'.*known: correctness, trace, confidence, arithmetic"),  # a typo names the known
+    ("trace=1,trace=2", "twice"),  # a name twice
+    ("trace=lots", "name=number"),  # not a number
+    ("0.6,trace=0.25", "name=number pairs"),  # mixed forms
+    ("1,2,3,4,5", "3 to 4 numbers"),  # more numbers than components
+    ("arithmetic=0", "not all 0"),  # nothing weighted
+    ("trace=-1", ">= 0"),
+])
+def test_bad_reward_weights_say_why(text, message):
+    with pytest.raises(ConfigError, match=message):
+        RewardWeights.parse(text)
+
+
+def test_reward_weights_in_presets_overrides_and_saved_configs(tmp_path):
+    assert load_config("default", ["rewards.arithmetic=0.2"]).rewards == RewardWeights(arithmetic=0.2)
+    path = tmp_path / "preset.yaml"
+    path.write_text("rewards:\n  correctness: 0.6\n  trace: 0.25\n  confidence: 0.15\n")  # a preset without arithmetic
+    assert load_config(path).rewards == RewardWeights()
+    with pytest.raises(ConfigError, match=r"rewards: unknown reward 'speed' \(known: correctness, trace, confidence, arithmetic\)"):
+        load_config("default", ["rewards.speed=1"])
+    with pytest.raises(ConfigError, match="rewards.arithmetic: expected float"):
+        load_config("default", ["rewards.arithmetic=much"])
+    config = load_config("default", ["rewards.arithmetic=0.2", "rewards.trace=0"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert "arithmetic: 0.2" in (tmp_path / "config.yaml").read_text()  # a saved run states every weight
+
+
+def test_reward_weights_are_immutable_values():
+    import copy
+    import pickle
+
+    weights = RewardWeights(arithmetic=0.2)
+    assert copy.deepcopy(weights) == pickle.loads(pickle.dumps(weights)) == weights
+    assert hash(weights) == hash(RewardWeights(arithmetic=0.2)) and weights != RewardWeights()
+    with pytest.raises(AttributeError):
+        weights.trace = 1.0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        weights.speed  # noqa: B018
+    weights.as_dict()["trace"] = 9.0  # a copy
+    assert weights.trace == 0.25

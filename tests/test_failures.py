@@ -6,15 +6,12 @@ import time
 import pytest
 
 from tracetune import failures
-from tracetune.data import load_examples
 from tracetune.failures import (
     CATEGORIES,
     CATEGORY_LABELS,
     Failure,
     FailureRow,
-    arithmetic_claims,
     categorize,
-    calculate,
     failure_markdown,
     failure_table,
     is_failure,
@@ -192,142 +189,6 @@ def test_a_long_loop_is_categorized_quickly():
     assert categorize("Q?", "61", trace(loop, "62"), FOUR_STEP_SOLUTION).category == "verbose_reasoning"
     assert categorize("Q?", "61", trace(loop, "62")[:-30], FOUR_STEP_SOLUTION).category == "format_failure"
     assert time.perf_counter() - start < 1.0
-
-
-# --------------------------------------------------------- arithmetic claims
-
-# (text, [(claim text, holds)]), one probe per line.
-CLAIM_CASES = [
-    ("48 / 2 = 24", [("48 / 2 = 24", True)]),
-    ("1,200 + 300 = 1,500", [("1,200 + 300 = 1,500", True)]),  # thousands separators
-    ("$5 x 3 = $15", [("$5 x 3 = $15", True)]),  # currency, x as times
-    ("12*3=36", [("12*3 = 36", True)]),
-    ("3 × 4 = 12 and 12 ÷ 4 = 3", [("3 × 4 = 12", True), ("12 ÷ 4 = 3", True)]),  # Unicode operators
-    ("3 x 4 = 13", [("3 x 4 = 13", False)]),
-    ("60 / 1.5 = 45", [("60 / 1.5 = 45", False)]),
-    ("10 / 3 = 3.33", [("10 / 3 = 3.33", True)]),  # rounded to 2 decimals
-    ("2 / 3 = 0.66", [("2 / 3 = 0.66", True)]),  # truncated: within one unit of the last digit
-    ("10 / 3 = 3", [("10 / 3 = 3", True)]),  # rounded to an integer
-    ("10 / 3 = 4", [("10 / 3 = 4", True)]),  # ... or up ("4 buses are needed")
-    ("10 / 3 = 3.4", [("10 / 3 = 3.4", False)]),  # 3.33... is not 3.4 at one decimal
-    ("2 / 3 = 0.7", [("2 / 3 = 0.7", True)]),  # but 0.66... is 0.7
-    ("1 / 8 = 0.13", [("1 / 8 = 0.13", True)]),  # a tie, rounded half up (Python's round() gives 0.12)
-    ("12 x 1 and 1/4 = 15", []),  # a mixed number written with "and"
-    ("12.5 * 4 = 49", [("12.5 * 4 = 49", False)]),  # 50 is exact: rounding is no excuse
-    ("0.1 + 0.2 = 0.3", [("0.1 + 0.2 = 0.3", True)]),  # float error
-    ("5 - 8 = -3", [("5 - 8 = -3", True)]),  # negative result
-    ("5 - 8 = 3", [("5 - 8 = 3", False)]),
-    ("3 + 4 * 2 = 11", [("3 + 4 * 2 = 11", True)]),  # precedence
-    ("(3 + 4) * 2 = 14", [("(3 + 4) * 2 = 14", True)]),
-    ("(so 3 + 4 = 7)", [("3 + 4 = 7", True)]),  # stray parentheses of the sentence
-    ("3 * 4 = 12 + 5 = 17", [("3 * 4 = 12 + 5", True), ("12 + 5 = 17", True)]),  # a running total
-    ("(3*4)+5 = 12+5 = 17", [("(3*4)+5 = 12+5", True), ("12+5 = 17", True)]),  # a proper chain
-    ("3 * 4 = 13 + 5 = 18", [("3 * 4 = 13 + 5", False), ("13 + 5 = 18", True)]),
-    ("20% * 50 = 10", [("20% * 50 = 10", True)]),  # 20% as 0.2
-    ("100 + 20% = 120", [("100 + 20% = 120", True)]),  # 20% of the left operand
-    ("0.25 * 80 = 20%", [("0.25 * 80 = 20%", True)]),  # 20% as the number 20
-    ("20% of 50 = 10", []),  # skipped: "of" is a word, not an operator
-    ("28 / 1/5 = 140", [("28 / 1/5 = 140", True)]),  # GSM8K: a compact fraction is one number
-    ("48/2 = <<48/2=24>>24 clips", [("48/2 = 24", True)]),  # the annotation repeats the visible claim
-    ("48/2 = <<48/2=24>>25 clips", [("48/2 = 25", False), ("48/2 = 24", True)]),
-    ("<<48/2=25>>", [("48/2 = 25", False)]),  # an annotation alone
-    ("Total = 3 + 4 = 7", [("3 + 4 = 7", True)]),  # "Total =" is no number
-    ("24 = 20 + 4, and x = 5", []),  # no operator on the left: nothing calculated
-    ("Step 1: 2 + 2 = 4. Step 2: 4 * 3 = 12", [("2 + 2 = 4", True), ("4 * 3 = 12", True)]),
-    ("Step 1 - 3 + 4 = 7", []),  # "1 - 3 + 4" would be a misreading
-    ("1. 3 + 4 = 7", [("3 + 4 = 7", True)]),  # a numbered line
-    ("3 * 4 = 12 apples a day", [("3 * 4 = 12", True)]),  # a word after the result
-    ("3 * 4 = 12 (4 in each box)", [("3 * 4 = 12", True)]),  # a remark after the result
-    ("2 + 1 = 2(3 + 4)", []),  # implicit multiplication continues the result
-    ("It costs 3 * 4 = $12/hour", [("3 * 4 = $12", True)]),  # a unit after the result
-    ("2 hours * 60 = 120 minutes", []),  # part of an expression with words
-    ("9 hours * 2/3 = 6 hours", []),
-    ("27 - 9 = 6 * x - 3 * x", []),  # the result continues with a variable
-    ("5 - 1 - 1/2 = 3 1/2 hours", []),  # a mixed number
-    ("X*6 + 9 = 87", []),  # algebra
-    ("6:00+48 = 6:48 PM", []),  # clock times
-    ("8 / 0 = 0", []),  # division by zero is no claim
-]
-
-
-@pytest.mark.parametrize(("text", "expected"), CLAIM_CASES)
-def test_arithmetic_claims(text, expected):
-    assert [(c.text, c.holds) for c in arithmetic_claims(text)] == expected
-
-
-def test_a_claim_keeps_the_claimed_and_the_true_value():
-    [claim] = arithmetic_claims("Step 2: he drives 60 / 1.5 = 45 km/h.")
-    assert (claim.claimed, claim.actual, claim.holds, claim.expression) == (45.0, 40.0, False, "60 / 1.5")
-
-
-def test_the_shipped_gsm8k_test_solutions_hold_but_two_typos():
-    # 4408 claims in 1319 reference solutions; the two false ones are GSM8K's own
-    # mistakes: "364 / 4 = 273" (meant 3/4 * 364) and "$32 - $20 = $300" (meant $12).
-    examples = load_examples("gsm8k", "test").examples
-    claims = {e.id: arithmetic_claims(e.solution) for e in examples}
-    false = [(id_, c.text) for id_, found in claims.items() for c in found if not c.holds]
-    assert sum(map(len, claims.values())) > 4000
-    assert false == [("test-502", "364 / 4 = 273"), ("test-1025", "$32 - $20 = $300")]
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "1+" * 50_000 + "1 = 3",  # one huge expression
-        "((((" * 20_000,  # parentheses that never reach a number
-        "( " * 50_000 + "1",
-        "9" * 100_000 + " = 9",
-        "= 1 " * 20_000,
-    ],
-)
-def test_claim_scanning_is_linear_on_pathological_text(text):
-    start = time.perf_counter()
-    arithmetic_claims(text)
-    assert time.perf_counter() - start < 0.5
-
-
-# ------------------------------------------------------------ the safe parser
-
-EVALUATE_CASES = [
-    ("$1,200 + 300", 1500.0),
-    ("(3 + 4) x 2", 14.0),
-    ("12 ÷ 4 − 1", 2.0),  # Unicode divide and minus
-    ("20% * 50", 10.0),
-    ("28 / 1/5", 140.0),  # compact fraction
-    ("10 / 4 / 5", 0.5),  # left-associative when spaced
-    (".5 * 4", 2.0),
-]
-
-
-@pytest.mark.parametrize(("expression", "value"), EVALUATE_CASES)
-def test_calculate(expression, value):
-    assert calculate(expression) == pytest.approx(value)
-
-
-@pytest.mark.parametrize(
-    "expression",
-    [
-        "__import__('os').system('echo hi')",  # names and calls
-        "(1).__class__",  # attribute access
-        "2 ** 10",  # powers
-        "2 ^ 10",
-        "1e9",  # exponent notation
-        "-3 + 4",  # no unary minus
-        "3 +",  # dangling operator
-        "(3 + 4",  # unbalanced
-        "3 + 4)",
-        "1 / 0",  # division by zero
-        "1 / (2 - 2)",
-        "1/0",
-        "",  # nothing
-        "(" * 100 + "1" + ")" * 100,  # longer than MAX_EXPRESSION_CHARS
-        "1 + 1 # comment",
-        "[1, 2]",
-    ],
-)
-def test_calculate_rejects_anything_but_arithmetic(expression):
-    with pytest.raises(ValueError):
-        calculate(expression)
 
 
 # ------------------------------------------------------------------ the table

@@ -16,7 +16,8 @@ import pytest
 from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight
 from tracetune.config import ConfigError, load_config
 from tracetune.data import Example
-from tracetune.grpo import PromptBatches, failure_warnings
+from tracetune.grpo import PromptBatches, Scored, StepFacts, algorithm_config, failure_warnings, fill_with_spread, reference_steps
+from tracetune.rollout import StepRollout
 from tracetune.runs import StopFlag
 
 def test_grpo_config_checks_its_symbols():
@@ -42,6 +43,77 @@ def test_prompt_batches_are_fixed_by_the_seed_and_stop_on_a_signal():
     assert isinstance(batch["prompts"], np.ndarray) and batch["prompts"][0].startswith("Q: q")  # Tunix needs arrays
     stop.signum = signal.SIGTERM
     assert list(PromptBatches(examples, 4, 42, "plain", stop)) == []
+
+
+def test_grpo_loss_and_prompt_options_are_checked_and_reach_tunix():
+    with pytest.raises(ConfigError, match="loss_agg_mode must be one of"):
+        load_config("tiny", ["grpo.loss_agg_mode=mean"])
+    with pytest.raises(ConfigError, match="advantage_estimator"):
+        load_config("tiny", ["grpo.advantage_estimator=ppo"])
+    with pytest.raises(ConfigError, match="select=best needs validation"):
+        load_config("tiny", ["grpo.select=best"])
+    with pytest.raises(ConfigError, match="sft.select=best needs the held-out evaluation"):
+        load_config("tiny", ["sft.select=best", "sft.eval_every_steps=0"])
+    recipe = load_config("recipe-1b").grpo  # the recipe's GRPO is Tunix's default GRPO
+    algo = algorithm_config(recipe)
+    assert (algo.advantage_estimator, algo.loss_agg_mode, algo.epsilon_high, algo.loss_algo) == ("grpo", "sequence-mean-token-mean", 0.2, "grpo")
+    assert (recipe.dynamic_sampling, recipe.curriculum, recipe.mask_truncated, recipe.select) == ("off", "none", False, "last")
+    dr = algorithm_config(load_config("tiny", ["grpo.advantage_estimator=drgrpo", "grpo.loss_agg_mode=sequence-mean-token-scale",
+                                               "grpo.epsilon_high=0.28"]).grpo)
+    assert (dr.advantage_estimator, dr.epsilon_high, dr.loss_norm) == ("drgrpo", 0.28, 48)  # the budget, not the batch's width
+
+
+def scored(values, G=2, start=0):
+    """A scripted step: completions named by number, correctness = the given values."""
+    texts = [f"c{start + i}" for i in range(len(values))]
+    rollout = StepRollout(prompts=[f"p{(start + i) // G}" for i in range(len(values))], prompt_tokens=np.zeros((len(values), 4), np.int32),
+                          tokens=[np.ones(2, np.int32)] * len(values), texts=texts, token_texts=[[t] for t in texts],
+                          logprobs=[np.zeros(2, np.float32)] * len(values), finish_reasons=["stop"] * len(values),
+                          finite=True, seconds=1.0)
+    return Scored(rollout, {"reference": ["1"] * len(values)}, {"correctness": list(values)}, np.asarray(values, np.float32))
+
+
+def test_dynamic_sampling_replaces_exactly_the_groups_without_spread_within_its_cap():
+    G = 2
+    first = scored([1, 0, 0, 0, 1, 1, 0, 1])  # groups: spread, none, none, spread
+    fresh = iter([scored([0, 0, 1, 0, 1, 1, 0, 0], start=100), scored([1, 0, 0, 1, 1, 0, 0, 1], start=200)])
+    calls = []
+
+    def sample(round):
+        calls.append(round)
+        return next(fresh)
+
+    trained, sampled = fill_with_spread(first, sample, "correctness", G, rounds=1, pad_id=0)
+    assert calls == [1]  # the cap: one extra rollout, though a group is still missing
+    # kept: first's groups 0 and 3, the fresh rollout's group 1; then first's group 1 as sampled
+    assert trained.rollout.texts == ["c0", "c1", "c6", "c7", "c102", "c103", "c2", "c3"]
+    assert len(sampled.rewards) == 16
+    facts = StepFacts(trained, sampled, (4, 2), 7, {}, G, "correctness")
+    record = facts.record()
+    assert record["filter_rollouts"] == 8  # one extra step's completions
+    assert record["groups_with_spread"] == 0.75 and record["zero_spread"] == 5 / 8  # 2 + 3 of 8 sampled groups had none
+    assert record["reward/correctness"] == np.mean([1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0, 0])  # the policy's, unfiltered
+    fresh, calls = iter([scored([0, 0, 1, 0, 1, 1, 0, 0], start=100), scored([1, 0, 0, 1, 1, 0, 0, 1], start=200)]), []
+    trained, _ = fill_with_spread(first, sample, "correctness", G, rounds=5, pad_id=0)
+    assert trained.rollout.texts == ["c0", "c1", "c6", "c7", "c102", "c103", "c200", "c201"]
+    assert calls == [1, 2]  # stops once the step is full, well within the cap
+    whole = scored([1, 0, 0, 1])
+    assert fill_with_spread(whole, lambda r: pytest.fail("sampled"), "correctness", G, 3, 0) == (whole, whole)
+
+
+def test_the_curriculum_starts_with_the_fewest_reference_steps_and_refills_no_harder():
+    examples = [Example(id=str(i), question=f"q{i}", reference=str(i), solution="\n".join(["s"] * (1 + i % 4))) for i in range(40)]
+    batches = PromptBatches(examples, 4, 42, "plain", StopFlag(), curriculum="steps")
+    order = batches.order(0)
+    steps = [reference_steps(examples[i]) for i in order]
+    assert steps == sorted(steps) and sorted(order) == list(range(40))
+    assert not np.array_equal(order, batches.order(1))  # a new shuffle within a step count each epoch
+    first = next(iter(batches))
+    assert set(first) == {"prompts", "reference", "question", "solution"}
+    extra = batches.refill(step=0, round=1)
+    assert extra["reference"].tolist() == batches.refill(step=0, round=1)["reference"].tolist()  # fixed by the seed
+    assert all(reference_steps(examples[int(r)]) == 1 for r in extra["reference"])  # step 0 trains 1-step problems
+    assert extra["reference"].tolist() != batches.refill(step=0, round=2)["reference"].tolist()
 
 
 def step(truncated=0.0, zero_spread=0.0, correctness=0.5, trace=0.5):
@@ -116,9 +188,28 @@ def finish_grpo(process: subprocess.Popen) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft_run):
-    result = finish_grpo(grpo_process(tmp_path / "run", sft_run, "grpo.max_steps=4"))
+    """Also the prompt and checkpoint options: the dynamic-sampling filter on
+    correctness, the curriculum, masked truncations, clip-higher, token-mean, and
+    validation every 2 steps with the best step exported."""
+    result = finish_grpo(grpo_process(tmp_path / "run", sft_run, "grpo.max_steps=4", "grpo.dynamic_sampling=correctness",
+                                      "grpo.max_filter_rounds=1", "grpo.curriculum=steps", "grpo.mask_truncated=true",
+                                      "grpo.epsilon_high=0.28", "grpo.loss_agg_mode=token-mean", "grpo.val_every_steps=2",
+                                      "grpo.val_examples=8", "grpo.select=best"))
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in lines if "val/accuracy" in r]
+    records = [r for r in lines if "val/accuracy" not in r]
+    assert [v["step"] for v in validations] == [0, 2, 4] and all(v["val/examples"] == 8 for v in validations)
+    for record in records:  # the filter spends whole steps of prompts, and only where a group lacks spread
+        assert record["filter_rollouts"] in (0, 16 * 8) and 0 <= record["groups_with_spread"] <= 1
+        assert record["filter_rollouts"] == 0 or record["zero_spread"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = max(validations, key=lambda v: (v["val/accuracy"], v["val/composite"]))
+    assert summary["exported_step"] == summary["best"]["step"] == best["step"]
+    adapter = json.loads((tmp_path / "run" / "export" / "adapter" / "adapter.json").read_text())
+    assert adapter["step"] == best["step"] and adapter["selected"] == "best validation accuracy"
+    if best["step"] != 4:
+        assert json.loads((tmp_path / "run" / "export" / "last_adapter" / "adapter.json").read_text())["step"] == 4
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:
         for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence", "zero_spread", "truncated", "completion_length"):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,12 @@ from tracetune.data import curate_solution
 from tracetune.format import lenient_number, parse_completion
 from tracetune.rewards import (
     REWARDS,
+    SCAN_LIMIT,
     answer_token_logprobs,
+    arithmetic,
+    arithmetic_breakdown,
+    arithmetic_reward,
+    available_components,
     combine,
     confidence,
     confidence_from_logprobs,
@@ -121,12 +128,77 @@ def test_trace_rubric_is_not_fooled(completion, ceiling):
     assert trace_structure(completion) <= ceiling + 1e-9
 
 
-def test_repeated_steps_add_nothing():
+def test_repeated_steps_cost():
     one = wrap("24", "Step 1: She sold 48 / 2 = 24 clips.\nTherefore, the answer is 24.")
     repeated = wrap("24", "Step 1: She sold 48 / 2 = 24 clips.\n" * 3 + "Therefore, the answer is 24.")
     renumbered = wrap("24", "".join(f"Step {i}: She sold 48 / 2 = 24 clips.\n" for i in range(1, 4)) + "Therefore, the answer is 24.")
-    assert trace_structure(repeated) <= trace_structure(one)
-    assert trace_structure(renumbered) <= trace_structure(one)
+    # 1 distinct step and 2 repeats: the repetition factor keeps 1/3 of the rubric's sum.
+    assert trace_breakdown(repeated)["repetition"] == pytest.approx(1 / 3)
+    assert trace_structure(repeated) == pytest.approx(trace_structure(one) / 3)
+    assert trace_structure(renumbered) == pytest.approx(trace_structure(one) / 3)
+
+
+def _steps(*steps: str, answer: str = "72") -> str:
+    body = "".join(f"Step {i}: {step}\n" for i, step in enumerate(steps, start=1))
+    return wrap(answer, body + f"Therefore, the answer is {answer}.")
+
+
+CLIPS_1, CLIPS_2 = "First, Natalia sold 48 / 2 = 24 clips in May.", "Then she sold 48 + 24 = 72 clips in total."
+# (the trace with a repeated step, the same trace without it)  # what counts as a repeat
+REPEATED_STEP_CASES = [
+    (_steps(CLIPS_1, CLIPS_1, CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # verbatim
+    (_steps(CLIPS_1, CLIPS_2, CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # verbatim, the step before the conclusion
+    (_steps(CLIPS_1, "First,   Natalia sold 48/2 = 24 clips\tin May.", CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # spacing changed
+    (_steps(CLIPS_1, "FIRST: natalia sold 48 / 2 = 24 clips in may!", CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # case, punctuation
+    (_steps(CLIPS_1, "First, Natalia sold 50 / 2 = 25 clips in May.", CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # numbers changed
+    (_steps(CLIPS_1, "First, Natalia sold 48.5 / 2 = 24.25 clips in May.", CLIPS_2), _steps(CLIPS_1, CLIPS_2)),  # a decimal for a whole number
+    (_steps(CLIPS_1, CLIPS_2, "Then she sold 96 + 24 = 120 clips in total."), _steps(CLIPS_1, CLIPS_2)),  # last step, numbers changed
+    (wrap("72", f"1. {CLIPS_1}\n2. {CLIPS_1}\n3. {CLIPS_2}\nSo the answer is 72."),
+     wrap("72", f"1. {CLIPS_1}\n2. {CLIPS_2}\nSo the answer is 72.")),  # numbered lines
+    (  # the report's SFT + GRPO sample (test-1) that scored a full 1.00
+        _steps("First find how many days she eats: 16 = 16 days",
+               "Then subtract the number of days she eats from the number of eggs: 16 = 16 days - 4",
+               "Then subtract the number of days she eats from the number of eggs: 16 = 16 days - 4",
+               "Then multiply the number of days by the number of eggs: 16 = 16 days * 4",
+               "Then divide that number by 4: 16 = 4", answer="4"),
+        _steps("First find how many days she eats: 16 = 16 days",
+               "Then subtract the number of days she eats from the number of eggs: 16 = 16 days - 4",
+               "Then multiply the number of days by the number of eggs: 16 = 16 days * 4",
+               "Then divide that number by 4: 16 = 4", answer="4"),
+    ),
+]
+
+
+@pytest.mark.parametrize("repeated,once", REPEATED_STEP_CASES)
+def test_a_repeated_step_lowers_the_trace_score(repeated, once):
+    assert trace_breakdown(repeated)["n_repeats"] == 1
+    assert trace_structure(repeated) < trace_structure(once)
+
+
+# Steps that share a frame but are not repeats: the repetition factor stays 1.
+HONEST_STEP_CASES = [
+    _steps("He buys 3 apples at 2 each, 3 * 2 = 6.", "She buys 4 pears at 5 each, 4 * 5 = 20.", answer="26"),  # same frame, other words
+    _steps("Then 48 + 24 = 72.", "Then 72 - 10 = 62.", answer="62"),  # bare arithmetic: too few words to be a frame
+    _steps("So 3 * 4 = 12 apples.", "So 12 * 5 = 60 apples.", answer="60"),  # 2 words besides the numbers
+    _steps("The first box holds 3 * 4 = 12 eggs.", "The second box holds 5 * 4 = 20 eggs.", answer="32"),  # one word differs
+]
+
+
+@pytest.mark.parametrize("completion", HONEST_STEP_CASES)
+def test_honest_steps_with_a_shared_frame_are_not_repeats(completion):
+    parts = trace_breakdown(completion)
+    assert (parts["repetition"], parts["n_repeats"], parts["n_steps"]) == (1.0, 0.0, 2.0)
+
+
+def test_gsm8k_reference_solutions_keep_their_trace_scores():
+    # The curated targets of the shipped test split: parallel steps that share a
+    # 4-word frame ("5 tables have 3 chairs each ...") are rare (1.7% of them).
+    from tracetune.data import load_examples
+
+    examples = load_examples("gsm8k", "test").examples
+    scores = [trace_breakdown(curate_solution(e.solution, e.reference)) for e in examples]
+    assert sum(s["n_repeats"] > 0 for s in scores) / len(scores) < 0.025
+    assert sum(s["total"] for s in scores) / len(scores) > 0.95
 
 
 def test_padding_beyond_a_sensible_number_of_steps_lowers_the_score():
@@ -148,6 +220,114 @@ def test_text_outside_the_tags_lowers_the_score():
 def test_untagged_reasoning_earns_partial_credit_only():
     untagged = "Step 1: 48 / 2 = 24.\nStep 2: Then 48 + 24 = 72.\nTherefore, the answer is 72."
     assert 0 < trace_structure(untagged) <= 0.5
+
+
+# ------------------------------------------------------------------- arithmetic
+
+NATALIA_Q = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+NATALIA_SOLUTION = (  # two calculator annotations: two calculations needed
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May."
+)
+EGGS_Q = "A box holds 3 x 4 = 12 eggs. Tom buys 5 boxes. How many eggs does Tom buy?"
+EGGS_SOLUTION = "Tom buys 5*12 = <<5*12=60>>60 eggs."
+JOY_Q = "Joy can read 8 pages of a book in 20 minutes. How many pages can she read in 2 hours?"
+JOY_SOLUTION = "2 hours is 2*60 = <<2*60=120>>120 minutes.\nThat is 120/20 = <<120/20=6>>6 sets.\nShe reads 6*8 = <<6*8=48>>48 pages."
+SHIRT_Q = "A $50 shirt is sold at 20% off. What does it cost?"
+SHIRT_SOLUTION = "The discount is 50*20/100 = <<50*20/100=10>>10.\nIt costs 50-10 = <<50-10=40>>40."
+
+
+def natalia(reasoning: str) -> float:
+    return arithmetic(wrap("72", reasoning), NATALIA_Q, NATALIA_SOLUTION)
+
+
+# (reasoning, expected arithmetic score) for Natalia's problem (needed = 2), one
+# probe per line. Score = (T'/needed) * (T'/(T'+F)), T' = min(true grounded, needed).
+NATALIA_CASES = [
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.", 1.0),  # the reference's two calculations
+    ("Step 1: 48/2 = 24 clips.\nStep 2: 24 + 48 = 72 clips.", 1.0),  # operands in another order
+    ("Step 1: 48 * 0.5 = 24.\nStep 2: 48 + 24 = 72.", 1.0),  # another route: 0.5 from "half"
+    ("Step 1: 48 / 2 = 24.", 0.5),  # half the calculations needed: coverage 1/2
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.", 0.25),  # a false claim costs: (1/2) * (1/2)
+    ("Step 1: 48 / 2 = 25.\nStep 2: 48 + 25 = 73.", 0.25),  # an error carried forward costs once: the next claim is right on it
+    ("Step 1: 48 + 24 = 73.", 0.0),  # only false: nothing paid
+    ("Natalia sold half as many clips in May, so 72 in all.", 0.0),  # no claim at all
+    ("Step 1: 1 + 1 = 2.\nStep 2: 2 + 2 = 4.", 0.0),  # trivially true: free constants and "half"'s 2 alone are not grounded
+    ("Step 1: 7 * 8 = 56.\nStep 2: 56 + 1 = 57.", 0.0),  # true, but nothing from the problem
+    ("Step 1: 48 * 1 = 48.\nStep 2: 48 + 0 = 48.\nStep 3: 48 / 1 = 48.", 0.0),  # identities do no work
+    ("Step 1: 48 / 2 = 24.\n" * 5, 0.5),  # the same claim repeated counts once
+    ("Step 1: 48 / 2 = 24. 48 / 2 = 24. 2 x 48 / 4 = 24.", 0.5),  # ... and a new claim with the same result is only grounded
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.\nStep 3: 24 + 48 = 73.", 0.25),  # a false claim repeated costs once
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\nStep 3: 7 * 8 = 57.", 2 / 3),  # an ungrounded false claim costs too
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\nStep 3: 9 * 9 = 81.", 1.0),  # an ungrounded true claim neither pays nor costs
+    ("Step 1: 48/2 = <<48/2=24>>24.\nStep 2: 48+24 = <<48+24=72>>72.", 1.0),  # annotations repeating the claims count once
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\n" + "".join(f"Step {i}: 48 + {i} = {48 + i}.\n" for i in range(3, 9)),
+     0.5),  # a wall: 8 claims, 2 past max(3 x 2, 6), each costing as a false one: (2/2) * (2/4)
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.\nStep 3: 48 + 1 = 49.\nStep 4: 48 * 2 = 96.\nStep 5: 24 - 1 = 23.",
+     2 / 3),  # grounded true padding fills the coverage, but at most `needed` claims pay: the false one still costs, (2/2) * (2/3)
+]
+
+
+@pytest.mark.parametrize("reasoning,expected", NATALIA_CASES)
+def test_arithmetic_rubric(reasoning, expected):
+    assert natalia(reasoning) == pytest.approx(expected)
+
+
+# (completion, question, solution, expected), one probe per line.
+ARITHMETIC_CASES = [
+    (wrap("60", "Step 1: 3 x 4 = 12 eggs in a box.\nStep 2: 5 * 12 = 60."), EGGS_Q, EGGS_SOLUTION, 1.0),  # the copy dropped, the real one pays
+    (wrap("12", "Step 1: 3 x 4 = 12 eggs in a box."), EGGS_Q, EGGS_SOLUTION, 0.0),  # a claim copied from the question pays nothing
+    (wrap("48", "Step 1: 2 * 60 = 120.\nStep 2: 120 / 20 = 6.\nStep 3: 6 * 8 = 48."), JOY_Q, JOY_SOLUTION, 1.0),  # 60: minutes and hours
+    (wrap("48", "Step 1: 8 * 6 = 48."), JOY_Q, JOY_SOLUTION, 1 / 3),  # 6 is the reference's own result; 1 of 3 needed
+    (wrap("40", "Step 1: 50 * 0.2 = 10.\nStep 2: 50 - 10 = 40."), SHIRT_Q, SHIRT_SOLUTION, 1.0),  # 20% read as 0.2
+    (wrap("40", "Step 1: 50 * 20 / 100 = 10.\nStep 2: 50 - 10 = 40."), SHIRT_Q, SHIRT_SOLUTION, 1.0),  # ... or as 20 / 100
+    (wrap("24", "Step 1: 48 / 2 = 24."), NATALIA_Q, "", 1.0),  # no solution: one grounded true claim is enough
+    (wrap("24", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73."), NATALIA_Q, "", 0.5),  # ... and a false one still costs
+    ("<reasoning>Step 1: First add.</reasoning> 48 / 2 = 24, 48 + 24 = 72 <answer>72</answer>",
+     NATALIA_Q, NATALIA_SOLUTION, 0.0),  # claims outside <reasoning> pay nothing
+    (wrap("48 / 2 = 24, 48 + 24 = 72", "Step 1: I add."), NATALIA_Q, NATALIA_SOLUTION, 0.0),  # ... nor in <answer>
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.", NATALIA_Q, NATALIA_SOLUTION, 0.0),  # no <reasoning> block at all
+    ("<reasoning>Step 1: 48 / 2 = 24.</reasoning><reasoning>48 + 24 = 72</reasoning><answer>72</answer>",
+     NATALIA_Q, NATALIA_SOLUTION, 0.0),  # two reasoning blocks: none to read
+    (wrap("72", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\n" + "48 / 2 = 24. " * SCAN_LIMIT),
+     NATALIA_Q, NATALIA_SOLUTION, 0.0),  # more than SCAN_LIMIT claims, even repeats: a wall that scores 0
+]
+
+
+@pytest.mark.parametrize("completion,question,solution,expected", ARITHMETIC_CASES)
+def test_arithmetic_cases(completion, question, solution, expected):
+    assert arithmetic(completion, question, solution) == pytest.approx(expected)
+
+
+def test_arithmetic_worked_example_of_the_docstring():
+    parts = arithmetic_breakdown(wrap("73", "48 / 2 = 24. 1 + 1 = 2. 48 + 24 = 73. 24 + 48 = 73."), NATALIA_Q, NATALIA_SOLUTION)
+    assert {k: parts[k] for k in ("true", "false", "ungrounded", "dropped", "needed", "total")} == {
+        "true": 1, "false": 1, "ungrounded": 1, "dropped": 1, "needed": 2, "total": 0.25}
+
+
+def test_gsm8k_reference_solutions_earn_the_arithmetic_reward():
+    # The curated targets of the shipped test split scored against their own
+    # problems: no false claims but GSM8K's two typos, and a high mean; those with
+    # no claim the evaluator reads ("5 snakes/jaguar * 6 jaguars = 30") score 0.
+    from tracetune.data import load_examples
+
+    examples = load_examples("gsm8k", "test").examples
+    parts = [arithmetic_breakdown(curate_solution(e.solution, e.reference), e.question, e.solution) for e in examples]
+    assert sum(p["false"] for p in parts) <= 2
+    assert sum(p["total"] for p in parts) / len(parts) > 0.7
+    assert sum(p["total"] == 1.0 for p in parts) / len(parts) > 0.6
+
+
+def test_arithmetic_batch_form_and_its_columns():
+    completions = [wrap("72", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72."), wrap("72", "Step 1: 48 / 2 = 24.")]
+    assert arithmetic_reward(["p"] * 2, completions, question=[NATALIA_Q] * 2, solution=[NATALIA_SOLUTION, ""]) == [1.0, 1.0]
+    assert arithmetic_reward(["p"] * 2, completions, question=[NATALIA_Q] * 2) == [1.0, 1.0]  # no solution column: needed 1
+    assert REWARDS["arithmetic"](["p"] * 2, completions, question=[NATALIA_Q] * 2, solution=[NATALIA_SOLUTION] * 2) == [1.0, 0.5]
+    with pytest.raises(ValueError, match="'question'"):
+        REWARDS["arithmetic"](["p"] * 2, completions, reference=["72"] * 2)
 
 
 # ------------------------------------------------------------------- confidence
@@ -240,8 +420,44 @@ def test_combine_applies_weights_once():
 
 
 def test_every_registered_reward_is_named_for_its_metric_key():
-    assert set(REWARDS) == {"correctness", "trace", "confidence"}
-    assert set(RewardWeights().as_dict()) == set(REWARDS)
+    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic"]  # the positional weights' order
+    assert list(RewardWeights().as_dict()) == list(REWARDS)
+    for name, reward in REWARDS.items():
+        assert re.fullmatch(r"[a-z_]+", name) and reward.name == name and reward.label  # "reward/<name>" reads well
+        assert all(isinstance(group, tuple) for group in reward.columns)
+
+
+def test_the_recipe_weights_are_the_registered_defaults():
+    assert {name: r.default_weight for name, r in REWARDS.items()} == {
+        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0}
+
+
+def test_arithmetic_joins_the_composite_by_weight():
+    completion = wrap("72", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.\nTherefore, the answer is 72.")
+    columns = {"reference": ["72"], "question": [NATALIA_Q], "solution": [NATALIA_SOLUTION]}
+    weights = RewardWeights(correctness=0.5, trace=0.0, confidence=0.0, arithmetic=0.5)
+    components = reward_components(["p"], [completion], weights, **columns)
+    assert components["arithmetic"] == [0.25]  # one of two claims false: (1/2) * (1/2)
+    # R = 0.5 * 1 + 0.5 * 0.25 = 0.625; trace is computed for logging but not paid.
+    assert make_composite_reward(weights)(["p"], [completion], **columns) == [pytest.approx(0.625)]
+    assert "trace" in components and "confidence" not in components  # no log-probabilities: skipped at weight 0
+
+
+def test_a_weighted_component_without_its_columns_is_an_error_and_an_unweighted_one_is_skipped():
+    completion = [GOOD_TRACE]
+    with pytest.raises(ValueError, match="the arithmetic reward \\(weight 0.2\\) needs the columns 'question'"):
+        reward_components(["p"], completion, RewardWeights(confidence=0, arithmetic=0.2), reference=["72"])
+    # Weight 0 and no question: not computed (the default weights need no question column).
+    assert set(reward_components(["p"], completion, RewardWeights(confidence=0), reference=["72"])) == {"correctness", "trace"}
+    # The question given: computed for logging even at weight 0.
+    assert "arithmetic" in reward_components(["p"], completion, RewardWeights(confidence=0), reference=["72"], question=["q"])
+
+
+def test_combine_refuses_a_missing_weighted_component():
+    with pytest.raises(ValueError, match="arithmetic"):
+        combine({"correctness": [1.0], "trace": [1.0]}, RewardWeights(confidence=0, arithmetic=1))
+    # Weight-0 components may be passed: they are logged, not paid.
+    assert combine({"correctness": [1.0], "trace": [1.0], "arithmetic": [1.0]}, RewardWeights(confidence=0)) == [0.85]
 
 
 # ------------------------------------------------------------------- properties
@@ -282,13 +498,53 @@ def test_very_long_text_is_handled(piece, repeats):
     assert 0.0 <= trace_structure(text) <= 1.0
 
 
-def test_one_pass_components_equal_the_registered_batch_rewards():
+def test_components_equal_the_registered_batch_rewards():
     completions = [GOOD_TRACE, wrap("71"), "Sure! " + wrap("72"), "<reasoning>72</reasoning>", wrap(" 72 km ")]
     toks = [tokens_of(c, c[c.index("<answer>") + 8 : c.index("</answer>")], [-0.3] * len(c[c.index("<answer>") + 8 : c.index("</answer>")]))
             if "<answer>" in c else ([c], [-0.5]) for c in completions]
-    columns = {"reference": ["72"] * 5, "token_texts": [t for t, _ in toks], "token_logprobs": [lp for _, lp in toks]}
+    columns = {"reference": ["72"] * 5, "token_texts": [t for t, _ in toks], "token_logprobs": [lp for _, lp in toks],
+               "question": [NATALIA_Q] * 5, "solution": [NATALIA_SOLUTION] * 5}
     prompts = ["p"] * 5
     expected = {name: fn(prompts, completions, **columns) for name, fn in REWARDS.items()}
+    assert set(expected) == set(REWARDS)
     assert reward_components(prompts, completions, RewardWeights(), **columns) == expected
+    assert available_components(prompts, completions, **columns) == expected
     with pytest.raises(ValueError, match="token_logprobs"):
         reward_components(prompts, completions, RewardWeights(), reference=["72"] * 5)
+
+
+def test_confidence_from_answer_logprobs_equals_confidence_from_tokens():
+    texts, logprobs = tokens_of(GOOD_TRACE, "72", [math.log(0.5)] * 2)
+    from_tokens = confidence_reward(["p"], [GOOD_TRACE], reference=["72"], token_texts=[texts], token_logprobs=[logprobs])
+    selected = confidence_reward(["p"], [GOOD_TRACE], reference=["72"], answer_logprobs=[answer_token_logprobs(GOOD_TRACE, texts, logprobs)])
+    assert from_tokens == selected == [pytest.approx(0.5)]
+
+
+# Reasoning built from what claims are made of, so the generator reaches the
+# evaluator's corners: operators, parentheses, percents, fractions, annotations.
+ARITHMETIC_FRAGMENTS = st.sampled_from(
+    ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "Step 1:", "\n", " ", "=", "+", "-", "*", "/", "x", "×", "÷",
+     "(", ")", "%", "$", "<<", ">>", "48", "2", "24", "0", "1", "0.5", "1/2", "1,000", "9" * 30, ".", "half", "minutes", "é"]
+)
+ARITHMETIC_TEXT = st.one_of(TEXT, st.lists(st.one_of(ARITHMETIC_FRAGMENTS, st.text(max_size=4)), max_size=80).map("".join))
+QUESTIONS = st.one_of(st.sampled_from([NATALIA_Q, JOY_Q, SHIRT_Q, EGGS_Q, ""]), ARITHMETIC_TEXT)
+SOLUTIONS = st.one_of(st.sampled_from([NATALIA_SOLUTION, JOY_SOLUTION, ""]), ARITHMETIC_TEXT)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ARITHMETIC_TEXT, QUESTIONS, SOLUTIONS)
+def test_arithmetic_stays_in_range_and_never_raises(text, question, solution):
+    for completion in (text, f"<reasoning>{text}</reasoning><answer>1</answer>"):
+        parts = arithmetic_breakdown(completion, question, solution)
+        assert 0.0 <= parts["total"] <= 1.0
+        assert parts["total"] == 0.0 or parts["true"] >= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["48 / 2 = 24. ", "1+1=2 ", "<<48/2=24>>", "((((", "9" * 100 + " = 9 ", "48 + 24 = 73. ", "= 1 "]),
+       st.integers(2_000, 50_000))
+def test_arithmetic_work_is_bounded_on_very_long_text(piece, length):
+    completion = wrap("72", piece * (length // len(piece) + 1))
+    start = time.perf_counter()
+    assert 0.0 <= arithmetic(completion, NATALIA_Q, NATALIA_SOLUTION) <= 1.0
+    assert time.perf_counter() - start < 0.5

@@ -14,7 +14,7 @@ from tunix.rl.rollout import base_rollout
 from conftest import wrap
 from tracetune import logprobs
 from tracetune.config import LoraConfig, RewardWeights, load_config
-from tracetune.grpo import StepFacts, train_batch
+from tracetune.grpo import Scored, StepFacts, train_batch
 from tracetune.lora import apply_lora
 from tracetune.models.registry import load_model
 from tracetune.rewards import combine, make_composite_reward, reward_components
@@ -59,11 +59,13 @@ def test_the_no_trace_ablation_drops_exactly_the_trace_term():
 def test_step_facts_record_means_spread_truncation_and_samples():
     # G = 2: group 1 is (1.0, 0.0), with spread; group 2 is (0.5, 0.5), none
     rollout = rollout_of(["a", "bb", "ccc", "dddd"], ["stop", "length", "eos", "length"])
-    facts = StepFacts(rollout, {"correctness": [1.0, 0.0, 0.5, 0.5], "trace": [0.0, 0.0, 1.0, 1.0]}, [1.0, 0.0, 0.5, 0.5],
-                      ["4", "4", "7", "7"], (32, 64), 1234, {"rollout": 1.0, "reward": 0.1}, num_generations=2)
+    scored = Scored(rollout, {"reference": ["4", "4", "7", "7"]},
+                    {"correctness": [1.0, 0.0, 0.5, 0.5], "trace": [0.0, 0.0, 1.0, 1.0]}, np.array([1.0, 0.0, 0.5, 0.5]))
+    facts = StepFacts(scored, scored, (32, 64), 1234, {"rollout": 1.0, "reward": 0.1}, num_generations=2)
     record = facts.record()
     assert record["reward/composite"] == 0.5 and record["reward/correctness"] == 0.5 and record["reward/trace"] == 0.5
     assert record["zero_spread"] == 0.5  # one group of two has all rewards equal
+    assert record["groups_with_spread"] == 0.5 and record["filter_rollouts"] == 0  # no filter: trained as sampled
     assert record["truncated"] == 0.5  # two completions hit the budget
     assert record["completion_length"] == np.mean(rollout.lengths)
     assert record["padded_widths"] == [[32, 64]] and record["rollout_seeds"] == [1234]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -7,7 +8,12 @@ import pytest
 
 from tracetune.config import RewardWeights
 from tracetune.data import DataError
+from tracetune.rewards import REWARDS
 from tracetune.scoring import (
+    METRIC_LABELS,
+    METRICS,
+    REWARD_METRICS,
+    SampleScore,
     aggregate,
     markdown_table,
     mean_ci,
@@ -115,3 +121,43 @@ def test_read_completions_errors_name_the_field(write_jsonl):
     rows, skipped = read_completions(path, skip_invalid=True)
     assert len(rows) == 1
     assert [(e.line, e.field) for e in skipped] == [(2, "completion"), (3, "answer_logprobs"), (4, "token_texts")]
+
+
+NATALIA_Q = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips in all?"
+NATALIA_SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether."
+
+
+def test_every_registered_reward_is_a_metric_with_a_label():
+    # correctness is the accuracy; every other component is its own metric.
+    assert REWARD_METRICS == ("trace", "confidence", "arithmetic")
+    assert METRICS == ("accuracy", "lenient_accuracy", "format_rate", "trace", "confidence", "arithmetic", "composite")
+    assert all(METRIC_LABELS[name] == REWARDS[name].label for name in REWARD_METRICS)
+    # A record holds the rewards beside the score's own fields: no name may be both.
+    assert not set(REWARD_METRICS) & {f.name for f in dataclasses.fields(SampleScore)}
+
+
+def test_the_arithmetic_reward_is_scored_and_aggregated():
+    right = score_sample(NATALIA_Q, "72", GOOD, solution=NATALIA_SOLUTION)
+    wrong = score_sample(NATALIA_Q, "72", wrap("72", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.\nSo the answer is 72."),
+                         solution=NATALIA_SOLUTION)
+    assert (right.arithmetic, wrong.arithmetic) == (1.0, 0.25)  # (1/2) * (1/2): one of two claims false
+    metrics = aggregate([right, wrong])
+    assert metrics["arithmetic"].mean == pytest.approx(0.625) and metrics["arithmetic"].n == 2
+    assert "| Avg arithmetic reward | 0.625 |" in markdown_table(metrics)
+    # Its weight puts it in the composite: R = 0.6 * 1 + 0.4 * 0.25 (no trace, no confidence).
+    weighted = score_sample(NATALIA_Q, "72", wrong.completion, weights=RewardWeights(correctness=0.6, trace=0, confidence=0,
+                                                                                      arithmetic=0.4), solution=NATALIA_SOLUTION)
+    assert weighted.composite == pytest.approx(0.7)
+
+
+def test_records_are_flat_and_round_trip():
+    score = score_sample(NATALIA_Q, "72", GOOD, [math.log(0.5)] * 2, id="a", solution=NATALIA_SOLUTION)
+    record = score.record()
+    assert {k: record[k] for k in ("trace", "confidence", "arithmetic")} == {"trace": pytest.approx(1.0),
+                                                                            "confidence": pytest.approx(0.5), "arithmetic": 1.0}
+    assert "rewards" not in record and list(record)[-1] == "composite"
+    assert SampleScore.from_record(record) == score
+    # A record written before the arithmetic reward existed reads with no arithmetic score.
+    old = {k: v for k, v in record.items() if k != "arithmetic"}
+    assert SampleScore.from_record(old).arithmetic is None
+    assert aggregate([SampleScore.from_record(old)])["arithmetic"].n == 0

@@ -22,7 +22,7 @@ from tracetune import files, scoring
 from tracetune.files import atomic_path
 from tracetune.errors import DamagedFile, DiskFull, Interrupted, TimeLimitReached, TrainingError
 from tracetune.models.errors import ModelError
-from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, save_config
+from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, reward_defaults, save_config
 
 app = typer.Typer(
     help="tracetune: teach small language models to show their work (SFT + GRPO on Tunix).",
@@ -52,6 +52,11 @@ SkipOpt = Annotated[
     bool,
     typer.Option("--skip-invalid", help="Skip malformed rows (they are counted and listed) instead of stopping at the first."),
 ]
+# The components and their order come from the reward registry (rewards.REWARDS).
+_WEIGHTS_BY_NAME = ",".join(f"{name}={weight:g}" for name, weight in reward_defaults().items())
+REWARD_WEIGHTS_HELP = (f"Composite reward weights by name, e.g. {_WEIGHTS_BY_NAME} (a component not named weighs 0), "
+                       f"or by position in the order {','.join(reward_defaults())}, e.g. 0.6,0,0.15 for the no-trace "
+                       "ablation. Default: the preset's.")
 
 
 def _config(preset: str, overrides: list[str] | None, mesh: str | None = None, **fields: object) -> Config:
@@ -228,7 +233,7 @@ def validate(
 def score(
     completions: Annotated[Path, typer.Argument(help="JSONL with question, reference (or a GSM8K answer), completion, and optionally answer_logprobs or token_texts + token_logprobs.")],
     out: Annotated[Optional[Path], typer.Option(help="Directory for samples.jsonl, metrics.json and metrics.md. Default: beside the input, <name>.scores/.")] = None,
-    reward_weights: Annotated[Optional[str], typer.Option(help="Composite weights 'correctness,trace,confidence', e.g. 0.6,0,0.15. Default: the preset's.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(help=REWARD_WEIGHTS_HELP)] = None,
     skip_invalid: SkipOpt = False,
     preset: PresetOpt = "default",
     set_: SetOpt = None,
@@ -419,12 +424,12 @@ def grpo(
     overrides: SetOpt = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (config, checkpoints, metrics, samples, export). Default: runs/<preset>/grpo.")] = None,
     init: Annotated[Optional[str], typer.Option(help="SFT run directory (or model) to start from; also the KL reference. Default: runs/<preset>/sft.")] = None,
-    reward_weights: Annotated[Optional[str], typer.Option(help="Weights 'correctness,trace,confidence', e.g. 0.6,0,0.15 for the no-trace ablation. Default: the preset's.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(help=REWARD_WEIGHTS_HELP)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="GRPO updates. Default: the preset's grpo.max_steps.")] = None,
     mesh: MeshOpt = None,
 ) -> None:
-    """Stage 2: GRPO from the SFT policy with the composite reward
-    R = w_c correctness + w_t trace + w_k confidence. Re-running the same command
+    """Stage 2: GRPO from the SFT policy with the composite reward R = sum_k w_k
+    component_k over the registered rewards (--reward-weights). Re-running the same command
     resumes from the run's latest checkpoint; SIGTERM or Ctrl-C saves one first."""
     from tracetune.grpo import train_grpo
 
@@ -487,7 +492,7 @@ def run(
     preset: PresetOpt = "cpu-demo",
     overrides: SetOpt = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Directory for every stage's output. Default: runs/<preset>.")] = None,
-    reward_weights: Annotated[Optional[str], typer.Option(help="GRPO reward weights 'correctness,trace,confidence' (e.g. 0.6,0,0.15 for the no-trace ablation). Default: the preset's.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(help="For GRPO. " + REWARD_WEIGHTS_HELP)] = None,
     judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for the LLM judge. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL; none: the judge stage is skipped.")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
     mesh: MeshOpt = None,

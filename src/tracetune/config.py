@@ -9,8 +9,10 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,36 +25,120 @@ class ConfigError(ValueError):
     """A preset, config file or override that cannot be applied."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class RewardWeights:
-    """Weights (w_c, w_t, w_k) of R = w_c * correctness + w_t * trace + w_k * confidence.
+def reward_defaults() -> dict[str, float]:
+    """The registered reward components -> their default weights, in registry order.
 
-    The recipe's values are (0.6, 0.25, 0.15); an ablation sets a weight to 0.
+    Read from ``rewards.REWARDS`` when asked, not at import: rewards imports this
+    module, and the registry is the one list of components.
+    """
+    from tracetune.rewards import REWARDS
+
+    return {name: reward.default_weight for name, reward in REWARDS.items()}
+
+
+class RewardWeights:
+    """The weight w_k of each component k of R = sum_k w_k * component_k.
+
+    One weight per registered reward (``rewards.REWARDS``, in its order); a name not
+    given takes its registered default: the recipe's correctness 0.6, trace 0.25 and
+    confidence 0.15, and 0 for a component the recipe does not have (arithmetic).
+    An ablation sets a weight to 0. Immutable, compared and hashed by its weights;
+    a preset's ``rewards:`` section and ``rewards.<name>=`` overrides build it.
+
+    >>> RewardWeights(trace=0).as_dict()
+    {'correctness': 0.6, 'trace': 0.0, 'confidence': 0.15, 'arithmetic': 0.0}
+    >>> RewardWeights().trace, str(RewardWeights(arithmetic=0.2))
+    (0.25, '0.6 correctness + 0.25 trace + 0.15 confidence + 0.2 arithmetic')
     """
 
-    correctness: float = 0.6
-    trace: float = 0.25
-    confidence: float = 0.15
+    __slots__ = ("_weights",)
 
-    def __post_init__(self) -> None:
-        values = self.as_dict()
-        if any(v < 0 for v in values.values()) or sum(values.values()) <= 0:
+    def __init__(self, weights: Mapping[str, float] | None = None, /, **named: float) -> None:
+        given = {**(weights or {}), **named}
+        defaults = reward_defaults()
+        if unknown := [name for name in given if name not in defaults]:
+            raise ConfigError(f"unknown reward {', '.join(map(repr, unknown))} (known: {', '.join(defaults)})")
+        values = {name: float(given.get(name, default)) for name, default in defaults.items()}
+        if not all(math.isfinite(v) and v >= 0 for v in values.values()) or sum(values.values()) <= 0:
             raise ConfigError(f"reward weights must be >= 0 and not all 0, got {values}")
+        object.__setattr__(self, "_weights", values)
+
+    def __getattr__(self, name: str) -> float:
+        if not name.startswith("_") and name in self._weights:
+            return self._weights[name]
+        raise AttributeError(f"{type(self).__name__!r} has no weight {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to {name!r}: reward weights are immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RewardWeights) and self._weights == other._weights
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._weights.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle
+        return (RewardWeights, (dict(self._weights),))
+
+    def __repr__(self) -> str:
+        return f"RewardWeights({', '.join(f'{k}={v!r}' for k, v in self._weights.items())})"
+
+    def __str__(self) -> str:
+        """The composite as a formula of its weighted terms, for logs and reports."""
+        return " + ".join(f"{v:g} {k}" for k, v in self._weights.items() if v)
 
     def as_dict(self) -> dict[str, float]:
-        return {"correctness": self.correctness, "trace": self.trace, "confidence": self.confidence}
+        """Every registered component's weight, zeros included, in registry order."""
+        return dict(self._weights)
 
     @classmethod
     def parse(cls, text: str) -> RewardWeights:
-        """``"0.6,0,0.15"`` -> RewardWeights(correctness=0.6, trace=0.0, confidence=0.15)."""
+        """The command line's form, by name or by position::
+
+            "correctness=0.6,trace=0.25,confidence=0.15,arithmetic=0"   by name
+            "0.6,0,0.15"                                                by position
+
+        By name, a component not named weighs 0: the option states the whole
+        composite, as the three numbers always did. By position, the numbers are
+        the registry's components in order (correctness, trace, confidence, then
+        arithmetic), at least the recipe's three; the rest weigh 0.
+        """
         parts = [p.strip() for p in text.split(",")]
+        defaults = reward_defaults()
+        if all("=" in p for p in parts):
+            pairs = [tuple(s.strip() for s in p.split("=", 1)) for p in parts]
+            names = [name for name, _ in pairs]
+            if duplicates := sorted({n for n in names if names.count(n) > 1}):
+                raise ConfigError(f"reward weights name {', '.join(duplicates)} twice in {text!r}")
+            if unknown := [n for n in names if n not in defaults]:
+                raise ConfigError(f"unknown reward {', '.join(map(repr, unknown))} in {text!r} (known: {', '.join(defaults)})")
+            try:
+                named = {name: float(value) for name, value in pairs}
+            except ValueError:
+                raise ConfigError(f"reward weights must be name=number pairs, got {text!r}") from None
+            return cls({name: 0.0 for name in defaults} | named)
+        recipe = [name for name, default in defaults.items() if default]
+        usage = (f"reward weights must be name=number pairs ({','.join(f'{n}={d:g}' for n, d in defaults.items())}) "
+                 f"or {len(recipe)} to {len(defaults)} numbers in the order {','.join(defaults)}, got {text!r}")
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            raise ConfigError(f"reward weights must be three numbers 'c,t,k', got {text!r}") from None
-        if len(values) != 3:
-            raise ConfigError(f"reward weights must be three numbers 'c,t,k', got {text!r}")
-        return cls(correctness=values[0], trace=values[1], confidence=values[2])
+            raise ConfigError(usage) from None
+        if not len(recipe) <= len(values) <= len(defaults):
+            raise ConfigError(usage)
+        return cls({name: 0.0 for name in defaults} | dict(zip(defaults, values)))
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], where: str) -> RewardWeights:
+        """A preset's or saved config's ``rewards:`` section; names not given keep their defaults."""
+        defaults = reward_defaults()
+        if unknown := [name for name in values if name not in defaults]:
+            raise ConfigError(f"{where}: unknown reward {', '.join(map(repr, unknown))} (known: {', '.join(defaults)})")
+        weights = {name: _coerce(value, float, f"{where}.{name}") for name, value in values.items()}
+        try:
+            return cls(weights)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +189,12 @@ class LoraConfig:
 
 
 LOGPROB_PATHS = ("chunked", "full")
+# Tunix 0.1.7's registered advantage estimators and loss aggregations (rl/algo_core.py, rl/common.py).
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+LOSS_AGG_MODES = ("sequence-mean-token-mean", "token-mean", "sequence-mean-token-scale", "seq-mean-token-sum",
+                  "sequence-mean-token-sum-norm")
+CURRICULA = ("none", "steps")
+SELECTIONS = ("last", "best")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +226,9 @@ class SFTConfig:
       time: ``logprobs.py``; 1.5x+ faster and far less memory on the 270M) or
       "full" (logits at every position, then cross-entropy: the path before it,
       kept for comparison and the equality tests).
+    select: "last" exports the last update's adapters; "best" the held-out
+      evaluation's best step (accuracy, ties: composite; needs eval_every_steps),
+      with the last step's kept in export/last_adapter.
     """
 
     model: str = "gemma3-1b-it"
@@ -158,11 +253,16 @@ class SFTConfig:
     eval_examples: int = 50
     eval_max_new_tokens: int = 320
     logprobs: str = "chunked"
+    select: str = "last"
     seed: int = 42
 
     def __post_init__(self) -> None:
         if self.logprobs not in LOGPROB_PATHS:
             raise ConfigError(f"sft.logprobs must be one of {', '.join(LOGPROB_PATHS)}, got {self.logprobs!r}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"sft.select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.select == "best" and not (self.eval_every_steps and self.eval_examples):
+            raise ConfigError("sft.select=best needs the held-out evaluation: set sft.eval_every_steps and sft.eval_examples > 0")
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ConfigError(f"sft.batch_size ({self.batch_size}) must be a multiple of sft.micro_batch_size ({self.micro_batch_size})")
         if self.learning_rate <= 0:
@@ -223,6 +323,42 @@ class GRPOConfig:
       padded budget: for comparison and the equality tests).
     pad_multiple: with "chunked", a step's prompts and completions are padded to
       the longest in the step rounded up to this, so few shapes compile.
+
+    Loss options Tunix 0.1.7 implements (defaults: the recipe's GRPO):
+    advantage_estimator: "grpo" (group mean and std), "rloo" (leave-one-out mean)
+      or "drgrpo" (group mean only: Dr. GRPO, Liu et al., 2025).
+    loss_agg_mode: "sequence-mean-token-mean" (GRPO: each completion's token mean,
+      then the mean over completions), "token-mean" (DAPO: every token of the step
+      counts once), "sequence-mean-token-scale" (Dr. GRPO: token sums over the
+      constant max_new_tokens, so length does not scale the gradient),
+      "seq-mean-token-sum" or "sequence-mean-token-sum-norm".
+    epsilon_high: the upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher,
+      0.28 there); 0 means epsilon.
+    kl_loss_mode: Tunix's estimator of the KL term ("kl", "mse_kl", "low_var_kl", ...).
+    loss_algo: "grpo" or "gspo-token" (GSPO's sequence-level ratio).
+    mask_truncated: completions cut by max_new_tokens carry no loss (DAPO's
+      overlong filtering): an unfinished answer is not evidence either way.
+
+    Prompts (DAPO's dynamic sampling and a curriculum):
+    dynamic_sampling: "off", "reward" or a reward component's name (DAPO filters
+      on "correctness"). A group whose G values of it are all equal has zero
+      advantage and no gradient; such groups are replaced by groups of fresh
+      prompts, sampled in up to ``max_filter_rounds`` extra rollouts of
+      ``prompts_per_step`` prompts, until the step has ``prompts_per_step`` groups
+      with spread (what is still missing after the cap trains as sampled).
+    curriculum: "none" (a seeded shuffle per epoch) or "steps" (each epoch from the
+      problems with the fewest reference solution steps to the most, seeded
+      shuffle within a step count: the small model meets problems it can solve
+      first, where its groups have spread).
+
+    Checkpoint selection by validation (never the test split):
+    val_every_steps: every N updates, greedy completions of the first
+      ``val_examples`` problems of the validation split (``data.val_fraction``,
+      the split SFT holds out), scored by the evaluation harness (0 = off).
+    val_max_new_tokens: their token budget (0 = ``eval.max_new_tokens``).
+    select: "best" exports the adapters of the validated step with the highest
+      accuracy (ties: composite), "last" the last step's. With "best" the last
+      step's adapters are kept beside it (export/last_adapter).
     """
 
     init: str = ""
@@ -253,11 +389,34 @@ class GRPOConfig:
     warn_window: int = 10
     logprobs: str = "chunked"
     pad_multiple: int = 32
+    advantage_estimator: str = "grpo"
+    loss_agg_mode: str = "sequence-mean-token-mean"
+    epsilon_high: float = 0.0
+    kl_loss_mode: str = "kl"
+    loss_algo: str = "grpo"
+    mask_truncated: bool = False
+    dynamic_sampling: str = "off"
+    max_filter_rounds: int = 2
+    curriculum: str = "none"
+    val_every_steps: int = 0
+    val_examples: int = 50
+    val_max_new_tokens: int = 0
+    select: str = "last"
     seed: int = 42
 
     def __post_init__(self) -> None:
         if self.logprobs not in LOGPROB_PATHS:
             raise ConfigError(f"grpo.logprobs must be one of {', '.join(LOGPROB_PATHS)}, got {self.logprobs!r}")
+        for name, value, known in (("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS),
+                                   ("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
+                                   ("loss_algo", self.loss_algo, ("grpo", "gspo-token")),
+                                   ("curriculum", self.curriculum, CURRICULA), ("select", self.select, SELECTIONS)):
+            if value not in known:
+                raise ConfigError(f"grpo.{name} must be one of {', '.join(known)}, got {value!r}")
+        if self.epsilon_high < 0 or self.max_filter_rounds < 0 or self.val_every_steps < 0 or self.val_examples < 0 or self.val_max_new_tokens < 0:
+            raise ConfigError("grpo.epsilon_high, max_filter_rounds, val_every_steps, val_examples and val_max_new_tokens must be >= 0")
+        if self.select == "best" and not (self.val_every_steps and self.val_examples):
+            raise ConfigError("grpo.select=best needs validation: set grpo.val_every_steps and grpo.val_examples > 0")
         if self.pad_multiple < 1:
             raise ConfigError(f"grpo.pad_multiple must be >= 1, got {self.pad_multiple}")
         if self.num_generations < 2:
@@ -353,7 +512,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "rewards": self.rewards.as_dict()}  # weights by name, every component
 
 
 def preset_names() -> list[str]:
@@ -412,10 +571,13 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if key not in names:
             raise ConfigError(f"{where}: unknown field {key!r} (known: {', '.join(sorted(names))})")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) or hint is RewardWeights:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a mapping of fields, got {value!r}")
-            kwargs[key] = _build(hint, value, f"{where}.{key}")
+            if hint is RewardWeights:  # its fields are the reward registry's names
+                kwargs[key] = RewardWeights.from_config(value, f"{where}.{key}")
+            else:
+                kwargs[key] = _build(hint, value, f"{where}.{key}")
         else:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}")
     try:

@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tracetune.arithmetic import CALCULATOR  # GSM8K's "<<48/2=24>>" annotations
 from tracetune.files import atomic_path
 from tracetune.format import REASONING_OPEN, TAGS, build_prompt, format_completion, numbered_steps, parse_number, step_text
 
@@ -270,8 +271,6 @@ def load_examples(
 
 # ------------------------------------------------------------------------ curation
 
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
 
 class CurationError(ValueError):
     """Why a solution cannot become a trace (a drop reason, counted and reported)."""
@@ -293,7 +292,7 @@ class Trace:
 def solution_steps(solution: str) -> list[str]:
     """The non-empty lines of a GSM8K solution, calculator annotations removed;
     CurationError says why the solution cannot become a trace."""
-    cleaned = _CALCULATOR.sub("", solution)
+    cleaned = CALCULATOR.sub("", solution)
     if "<<" in cleaned or ">>" in cleaned:
         raise CurationError("unbalanced calculator annotation")
     if any(tag in solution for tag in TAGS):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from tracetune.generate import Generation, Generator, SamplingConfig
 from tracetune.rewards import answer_token_logprobs
 from tracetune.scoring import Estimate, SampleScore, aggregate, markdown_table, metrics_json, score_sample
 
-SCORE_FIELDS = tuple(f.name for f in fields(SampleScore))
 # What must be equal for a resumed evaluation to add to the samples it finds.
 SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
 
@@ -45,14 +44,16 @@ class EvalError(TrainingError):
 
 
 def score_generation(example: Example, generation: Generation, weights: RewardWeights) -> SampleScore:
-    """Score one greedy completion, with the confidence term from the model's own
-    log-probabilities of its answer tokens."""
+    """Score one greedy completion with every registered reward: the confidence term
+    from the model's own log-probabilities of its answer tokens, the arithmetic
+    term against the problem and its reference solution."""
     try:
         # No answer block: no answer tokens, and a confidence term of 0 (not unknown).
         answer_logprobs = answer_token_logprobs(generation.text, generation.token_texts, generation.token_logprobs) or []
     except ValueError:  # token texts that do not rebuild the text: no confidence term
         answer_logprobs = None
-    return score_sample(example.question, example.reference, generation.text, answer_logprobs, weights=weights, id=example.id)
+    return score_sample(example.question, example.reference, generation.text, answer_logprobs, weights=weights,
+                        id=example.id, solution=example.solution)
 
 
 def generate_and_score(
@@ -73,7 +74,7 @@ def generate_and_score(
 def sample_record(score: SampleScore, generation: Generation, example: Example) -> dict[str, Any]:
     """The per-sample JSONL record: the score's fields, how the generation ended,
     and for a wrong or malformed answer its failure category with the evidence."""
-    record = asdict(score)
+    record = score.record()
     record["finish_reason"] = generation.finish_reason
     record["completion_tokens"] = len(generation.token_ids)
     record["failure"] = None
@@ -84,7 +85,7 @@ def sample_record(score: SampleScore, generation: Generation, example: Example) 
 
 
 def record_score(record: dict[str, Any]) -> SampleScore:
-    return SampleScore(**{k: record[k] for k in SCORE_FIELDS})
+    return SampleScore.from_record(record)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -20,8 +20,10 @@ needs the reference and a heuristic; step counts and repeats are the weakest sig
 of what went wrong, and an answer that is the reference's own intermediate result
 says more than a long trace does, so premature comes before verbose.
 
-The heuristics' thresholds are module constants: ``UNIT_FACTORS``, ``VERBOSE_FACTOR``
-and ``VERBOSE_MIN_EXTRA``, ``PREMATURE_FACTOR`` and ``PREMATURE_MIN_MISSING``.
+The heuristics' thresholds are module constants: ``UNIT_FACTORS`` (shared with the
+arithmetic reward, in ``arithmetic``), ``VERBOSE_FACTOR`` and ``VERBOSE_MIN_EXTRA``,
+``PREMATURE_FACTOR`` and ``PREMATURE_MIN_MISSING``. Claims are read and checked by
+``arithmetic.arithmetic_claims``, the one evaluator the arithmetic reward uses too.
 
 >>> categorize("How far?", "40", "<reasoning>Step 1: 60 / 1.5 = 45\\nTherefore, the answer is 45."
 ...            "</reasoning>\\n<answer>45</answer>").evidence
@@ -33,9 +35,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tracetune.arithmetic import CALCULATOR, UNIT_FACTORS, arithmetic_claims
 from tracetune.data import CurationError, solution_steps
 from tracetune.format import (
     ANSWER_CLOSE,
@@ -74,361 +77,6 @@ class Failure:
 
     category: str
     evidence: str
-
-
-# ------------------------------------------------------------- safe arithmetic
-
-# A hand-written parser, never eval(): the text is model output. Grammar (no unary
-# minus, no powers, no names; anything else is a ValueError)::
-#
-#     expr   := term (("+" | "-") term)*
-#     term   := factor (("*" | "/") factor)*
-#     factor := NUMBER | "(" expr ")"
-#
-# NUMBER: digits with optional thousands commas and decimals, an optional currency
-# sign before it and an optional "%" after it; or a compact fraction "1/5", which is
-# one number, so that GSM8K's "28 / 1/5 = 140" divides by a fifth. x, X and ×
-# multiply; ÷ divides; the Unicode minus and the en dash subtract.
-_NUM = (
-    r"(?:[$\u00a3\u20ac]\s*)?"  # currency
-    r"(?:(?:[0-9]{1,3}(?:,[0-9]{3})++(?![0-9])|[0-9]++)(?:\.[0-9]++)?|\.[0-9]++)"  # 1,200.5 or 12 or .5
-    r"(?:\s*%)?"
-)
-_OP = r"[-+*/\u00d7\u00f7\u2212\u2013]|(?<![A-Za-z])[xX](?![A-Za-z])"
-_FRACTION = r"[0-9]++/[0-9]++(?![0-9/]|[.,][0-9])"
-_TOKEN = re.compile(rf"\s*(?:(?P<fraction>{_FRACTION})|(?P<num>{_NUM})|(?P<op>{_OP})|(?P<paren>[()]))")
-_OPERATORS = {
-    "+": "+", "-": "-", "\u2212": "-", "\u2013": "-",
-    "*": "*", "x": "*", "X": "*", "\u00d7": "*",
-    "/": "/", "\u00f7": "/",
-}
-MAX_EXPRESSION_CHARS = 200  # bounds the parser's work and recursion depth
-
-
-@dataclass(frozen=True)
-class _Num:
-    value: float
-    percent: bool
-    ulp: float  # one unit in the last place written: 1 for "3", 0.01 for "3.33", 0 if exact
-
-
-@dataclass(frozen=True)
-class _BinOp:
-    op: str  # one of + - * /
-    left: _Num | _BinOp
-    right: _Num | _BinOp
-
-
-def _number_token(text: str) -> _Num:
-    digits = re.sub(r"[$\u00a3\u20ac,%\s]", "", text)
-    decimals = len(digits.partition(".")[2])
-    return _Num(float(digits), text.rstrip().endswith("%"), 10.0**-decimals)
-
-
-def _tokens(expression: str) -> list[_Num | str]:
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
-    tokens: list[_Num | str] = []
-    pos, end = 0, len(expression.rstrip())
-    while pos < end:
-        match = _TOKEN.match(expression, pos)
-        if match is None or match.end() == pos:
-            raise ValueError(f"unexpected {expression[pos:].strip()[:20]!r} in {expression!r}")
-        if match.group("fraction"):
-            numerator, denominator = map(int, match.group("fraction").split("/"))
-            if denominator == 0:
-                raise ValueError("division by zero")
-            tokens.append(_Num(numerator / denominator, False, 0.0))
-        elif match.group("num"):
-            tokens.append(_number_token(match.group("num")))
-        elif match.group("op"):
-            tokens.append(_OPERATORS[match.group("op")])
-        else:
-            tokens.append(match.group("paren"))
-        pos = match.end()
-    return tokens
-
-
-def _parse(expression: str) -> _Num | _BinOp:
-    """The syntax tree of ``expression``; ValueError for anything outside the grammar."""
-    tokens, pos = _tokens(expression), 0
-
-    def peek() -> _Num | str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def binary(operand: Callable[[], _Num | _BinOp], ops: str) -> _Num | _BinOp:
-        nonlocal pos
-        node = operand()
-        while isinstance(op := peek(), str) and op in ops:
-            pos += 1
-            node = _BinOp(op, node, operand())
-        return node
-
-    def factor() -> _Num | _BinOp:
-        nonlocal pos
-        token = peek()
-        pos += 1
-        if isinstance(token, _Num):
-            return token
-        if token == "(":
-            node = expr()
-            if peek() != ")":
-                raise ValueError(f"unbalanced parentheses in {expression!r}")
-            pos += 1
-            return node
-        raise ValueError(f"expected a number in {expression!r}")
-
-    def expr() -> _Num | _BinOp:
-        return binary(lambda: binary(factor, "*/"), "+-")
-
-    tree = expr()
-    if pos != len(tokens):
-        raise ValueError(f"unexpected {tokens[pos]!r} in {expression!r}")
-    return tree
-
-
-# How to read "%": as a fraction (20% = 0.2), as a bare number (the writer's "20%"
-# meaning 20), or relative after + and - ("100 + 20% = 120"). A claim holds if any
-# reading makes it true: a sloppy but consistent use of % is not a calculation error.
-_PERCENT_READINGS = ("fraction", "number", "relative")
-
-
-def _evaluate(node: _Num | _BinOp, reading: str = "fraction") -> float:
-    if isinstance(node, _Num):
-        return node.value / 100 if node.percent and reading != "number" else node.value
-    left = _evaluate(node.left, reading)
-    right_node = node.right
-    if reading == "relative" and node.op in "+-" and isinstance(right_node, _Num) and right_node.percent:
-        rate = right_node.value / 100
-        return left * (1 + rate) if node.op == "+" else left * (1 - rate)
-    right = _evaluate(right_node, reading)
-    if node.op == "+":
-        return left + right
-    if node.op == "-":
-        return left - right
-    if node.op == "*":
-        return left * right
-    if right == 0:
-        raise ValueError("division by zero")
-    return left / right
-
-
-def calculate(expression: str) -> float:
-    """The value of an arithmetic expression, parsed by hand (never ``eval``).
-
-    Only numbers, + - * / x × ÷ and parentheses are accepted; a name, a power, a
-    call, division by zero or an infinite result raise ValueError.
-
-    >>> calculate("$1,200 + 300"), calculate("(3 + 4) x 2"), calculate("20% * 50")
-    (1500.0, 14.0, 10.0)
-    """
-    value = _evaluate(_parse(expression))
-    if not math.isfinite(value):
-        raise ValueError(f"{expression!r} is not finite")
-    return value
-
-
-# ------------------------------------------------------------ arithmetic claims
-
-REL_TOL = 1e-6
-
-# A chain "a op b = c" or "a op b = c op d = e": segments (operands with optional
-# parentheses joined by operators) linked by "=". A segment may not start inside a
-# number or word, nor right after "Step " ("Step 1 - 3 + 4 = 7"). Segments are found
-# in one pass and then linked, and the quantifiers are possessive, so the scan is
-# linear in the text (a chain regex retried at every position was quadratic).
-_OPERAND = rf"(?:\(\s*){{0,8}}+(?:{_NUM})(?:\s*\)){{0,8}}+"  # bounded: "((((..." stays linear
-_SEGMENT = re.compile(rf"(?<![0-9A-Za-z.,:$\u00a3\u20ac])(?<!tep ){_OPERAND}(?:\s*(?:{_OP})\s*{_OPERAND})*+")
-_EQUALS = re.compile(r"\s*=\s*(?P<sign>(?:[-\u2212]\s*)?)")  # "= -3": the sign belongs to the result
-_HAS_OPERATOR = re.compile(_OP)
-_CALCULATOR = re.compile(r"<<([^<>]*)>>")  # GSM8K's "<<48/2=24>>" annotations
-# A chain joins a longer expression when an operator, a parenthesis or a number
-# (a mixed number "3 1/2" or "1 and 1/4", a "350 000" thousands gap) is next to it,
-# or a variable: a letter after an operator ("= 30 + M") or on the number ("= 5A"),
-# x or y alone ("= 6 x"); a word is a unit ("$12/hour", "12 a day"). "6:00+48 =
-# 6:48" is a time.
-_VARIABLE = r"(?<![A-Za-z])[xXyY](?![A-Za-z])"
-_LEFT_JOIN = re.compile(rf"(?:[-+*/^()0-9\u00d7\u00f7\u2212\u2013]|{_VARIABLE})\Z")
-_AND_BEFORE, _FRACTION_FIRST = re.compile(r"[0-9] and\Z"), re.compile(rf"\s*{_FRACTION}")  # "1 and" + "1/4 = ..."
-_RIGHT_JOIN = re.compile(
-    rf"\s*(?:[-+*/^\u00d7\u00f7\u2212\u2013]\s*(?:[0-9$(.]|(?<![A-Za-z])[A-Za-z](?![A-Za-z]))|[0-9]|{_VARIABLE})"
-    r"|\(|[A-Za-z](?![A-Za-z])|:[0-9]"  # "= 2(3 + 4)", "= 5A", "= 6:48"; not "= 12 (apples)"
-)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One ``expr = number`` claim: its text, the value claimed, the true value.
-
-    ``holds`` allows for rounding at the precision the claim is written in
-    (``10 / 3 = 3.33`` and ``10 / 3 = 3`` hold, ``3 x 4 = 13`` does not).
-    """
-
-    text: str
-    claimed: float
-    actual: float
-    holds: bool
-
-    @property
-    def expression(self) -> str:
-        """The left-hand side: ``"60 / 1.5"`` for ``"60 / 1.5 = 45"``."""
-        return self.text.split(" = ", 1)[0]
-
-
-def _tidy(segment: str) -> str:
-    """Whitespace collapsed, "$ 18" -> "$18" (annotations leave gaps)."""
-    return re.sub(r"([$\u00a3\u20ac])\s+", r"\1", " ".join(segment.split()))
-
-
-def _balanced(segment: str) -> str:
-    """Drop the stray outer parentheses a regex match can pick up: "(3 + 4" -> "3 + 4"."""
-    segment = segment.strip()
-    while segment.startswith("(") and segment.count("(") > segment.count(")"):
-        segment = segment[1:].lstrip()
-    while segment.endswith(")") and segment.count(")") > segment.count("("):
-        segment = segment[:-1].rstrip()
-    return segment
-
-
-def _agrees(claimed: float, actual: float, ulp: float) -> bool:
-    """``claimed`` equals ``actual`` up to rounding at ``ulp`` (the claim's last digit).
-
-    A whole number may be rounded either way (``10 / 3 = 3``, or 4 buses for 10 / 3
-    busloads); decimals to the nearest or by truncation (``2 / 3 = 0.67`` or 0.66,
-    not 0.7 for 0.666 nor 3.4 for 3.333). A true value that is exact at the claim's
-    precision excuses nothing: ``3 x 4 = 13`` is false.
-    """
-    if math.isclose(claimed, actual, rel_tol=REL_TOL, abs_tol=1e-9):
-        return True
-    if ulp <= 0:
-        return False
-    if ulp >= 1:
-        nearest = round(actual / ulp) * ulp
-        return not math.isclose(actual, nearest, rel_tol=REL_TOL, abs_tol=1e-9) and abs(claimed - actual) < ulp
-    rounded = abs(claimed - actual) <= ulp / 2 * (1 + REL_TOL)  # to the nearest, ties either way
-    truncated = math.isclose(claimed, math.trunc(actual / ulp) * ulp, rel_tol=REL_TOL, abs_tol=ulp * 1e-6)
-    return rounded or truncated
-
-
-def _has_percent(node: _Num | _BinOp) -> bool:
-    if isinstance(node, _Num):
-        return node.percent
-    return _has_percent(node.left) or _has_percent(node.right)
-
-
-def _claim(left: str, right: str) -> Claim | None:
-    """The claim ``left = right``, or None when it is not one we can check.
-
-    The right side is a number (``= 24``, ``= -3``, ``= $15``) or an expression. An
-    expression is checked as a whole (``(3*4)+5 = 12+5``) or, in a running chain
-    (``3 * 4 = 12 + 5 = 17``), by its first number.
-    """
-    left, right = _balanced(left), _balanced(right)
-    negative = right[:1] in ("-", "\u2212")
-    try:
-        lhs = _parse(left)
-        rhs = _parse(right[1:] if negative else right)
-    except ValueError:
-        return None
-    if not _HAS_OPERATOR.search(left) or (negative and not isinstance(rhs, _Num)):
-        return None  # "x = 5" or "24 = 20 + 4" is no calculation to check
-    sign = -1.0 if negative else 1.0
-    readings = _PERCENT_READINGS if _has_percent(lhs) or _has_percent(rhs) else _PERCENT_READINGS[:1]
-    first: Claim | None = None
-    for reading in readings:
-        try:
-            actual = _evaluate(lhs, reading)
-            whole = sign * _evaluate(rhs, reading)
-        except ValueError:  # division by zero
-            return None
-        if not (math.isfinite(actual) and math.isfinite(whole)):
-            return None
-        if isinstance(rhs, _Num):
-            scale = 0.01 if rhs.percent and reading != "number" else 1.0
-            holds = _agrees(whole, actual, scale * rhs.ulp)
-            candidates = [(whole, holds)]
-        else:
-            leading = rhs
-            while isinstance(leading, _BinOp):
-                leading = leading.left
-            candidates = [(whole, _agrees(whole, actual, 0.0))]
-            if right.lstrip()[:1] != "(":  # "12 + 5" in "3 * 4 = 12 + 5": the running total 12
-                value = _evaluate(leading, reading)
-                candidates.append((value, _agrees(value, actual, leading.ulp)))
-        text = f"{_tidy(left)} = {_tidy(right)}"
-        for claimed, holds in candidates:
-            if holds:
-                return Claim(text, claimed, actual, True)
-        if first is None:
-            first = Claim(text, candidates[0][0], actual, False)
-    return first
-
-
-def _chains(text: str) -> list[tuple[int, int, list[str]]]:
-    """(start, end, segments) of each run of two or more segments linked by "="."""
-    chains: list[tuple[int, int, list[str]]] = []
-    segments: list[str] = []
-    start = end = 0
-    for match in _SEGMENT.finditer(text):
-        if segments and (equals := _EQUALS.fullmatch(text, end, match.start())):
-            segments.append(equals.group("sign") + match.group())
-        else:
-            if len(segments) > 1:
-                chains.append((start, end, segments))
-            segments, start = [match.group()], match.start()
-        end = match.end()
-    if len(segments) > 1:
-        chains.append((start, end, segments))
-    return chains
-
-
-def _chain_claims(text: str, offset: int = 0) -> list[tuple[int, int, Claim]]:
-    """(start, end, claim) for each ``=`` of each chain in ``text``.
-
-    A chain that is part of a longer expression with words or variables in it is cut
-    where it joins that expression: in ``9 hours * 2/3 = 6`` the first "=" is not
-    "2/3 = 6", in ``27 - 9 = 6 * x`` the last is not "27 - 9 = 6", and in
-    ``5 - 1 - 1/2 = 3 1/2`` the result is a mixed number.
-    """
-    found = []
-    for start, end, segments in _chains(text):
-        pairs = list(zip(segments, segments[1:]))
-        before = text[max(0, start - 200) : start].rstrip()[-6:]
-        if _LEFT_JOIN.search(before) or (_AND_BEFORE.search(before) and _FRACTION_FIRST.match(segments[0])):
-            pairs = pairs[1:]
-        if _RIGHT_JOIN.match(text, end):
-            pairs = pairs[:-1]
-        for left, right in pairs:
-            if (claim := _claim(left, right)) is not None:
-                found.append((offset + start, offset + end, claim))
-    return found
-
-
-def arithmetic_claims(text: str) -> list[Claim]:
-    """Every checkable ``expr = number`` claim in ``text``, in order of appearance.
-
-    GSM8K's calculator annotations count too: ``48/2 = <<48/2=24>>24`` is one claim
-    (the annotation repeats the visible one), ``<<48/2=25>>24`` two. Claims that
-    need words are skipped: ``20% of 50 = 10`` has no operator before the "=".
-
-    >>> [(c.text, c.holds) for c in arithmetic_claims("So 60 / 1.5 = 45 km/h, and 3 x 4 = 12.")]
-    [('60 / 1.5 = 45', False), ('3 x 4 = 12', True)]
-    """
-    annotations = []
-    for match in _CALCULATOR.finditer(text):
-        annotations += _chain_claims(match.group(1), offset=match.start(1))
-    # Blank the annotations (same length, so positions stay) and read the visible text.
-    visible = _chain_claims(_CALCULATOR.sub(lambda m: " " * len(m.group()), text))
-    duplicate = {
-        i
-        for i, (start, _, claim) in enumerate(annotations)
-        for v_start, v_end, seen in visible
-        if v_start <= start < v_end
-        and math.isclose(claim.actual, seen.actual, rel_tol=REL_TOL)
-        and math.isclose(claim.claimed, seen.claimed, rel_tol=REL_TOL)
-    }
-    kept = [a for i, a in enumerate(annotations) if i not in duplicate]
-    return [claim for _, _, claim in sorted(kept + visible, key=lambda found: found[0])]
 
 
 # ----------------------------------------------------------------- the evidence
@@ -483,21 +131,6 @@ def _format_problem(completion: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ units
-
-# (factor, the units it converts between, words of which the question or the
-# completion must hold one each for the factor to count). GSM8K's units: time,
-# money, metric prefixes and the calendar; a factor whose units are nowhere near is
-# more likely a coincidence (84 vs 7 in a problem about apples).
-UNIT_FACTORS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (60, "minutes/hours or seconds/minutes", (r"minute|hour|\bseconds?\b|\bmins?\b|\bhrs?\b",)),
-    (100, "cents/dollars or percent", (r"cent|dollar|\$|%|meter|metre",)),
-    (1000, "e.g. grams/kilograms or meters/kilometers", (r"gram|kilo|\bkg\b|\bkm\b|meter|metre|lit(?:er|re)|\bml\b|thousand",)),
-    (3600, "seconds/hours", (r"\bseconds?\b", r"hour")),
-    (24, "hours/days", (r"hour", r"\bday")),
-    (7, "days/weeks", (r"\bday", r"\bweek")),
-    (12, "months/years, inches/feet or dozens", (r"month|inch|feet|foot|dozen",)),
-    (52, "weeks/years", (r"\bweek", r"\byear")),
-)
 
 # Units of one dimension, canonical name -> the words that name it.
 UNIT_WORDS: dict[str, dict[str, str]] = {
@@ -613,10 +246,10 @@ def _intermediate_results(solution: str, reference: float) -> dict[float, int]:
     "=". Lines are counted as ``solution_steps`` counts them: those with visible text.
     """
     found: dict[float, int] = {}
-    lines = [line for line in solution.partition("####")[0].splitlines() if _CALCULATOR.sub("", line).strip()]
+    lines = [line for line in solution.partition("####")[0].splitlines() if CALCULATOR.sub("", line).strip()]
     for step, line in enumerate(lines, start=1):
-        results = [value for inner in _CALCULATOR.findall(line) for value in find_numbers(inner.rpartition("=")[2])[:1]]
-        visible = _CALCULATOR.sub("", line)
+        results = [value for inner in CALCULATOR.findall(line) for value in find_numbers(inner.rpartition("=")[2])[:1]]
+        visible = CALCULATOR.sub("", line)
         if "=" in visible:
             results += find_numbers(visible.rpartition("=")[2])[:1]
         for value in results:

@@ -8,7 +8,7 @@ two share one backbone in memory. tracetune adds around it:
 * the step as values: every engine's rollout becomes one ``rollout.StepRollout``
   (texts, tokens, temperature-1 log-probs, finish reasons), which the learner
   scores and hands to the run's metrics as one ``StepFacts``;
-* the composite reward R = w_c * correctness + w_t * trace + w_k * confidence,
+* the composite reward R = sum_k w_k * component_k over rewards.REWARDS (weights: config.RewardWeights),
   the weights from config, applied in ``rewards.combine`` only, with each
   component kept for the logs; the confidence term reads the rollout's
   temperature-1 log-probs, as evaluation scores it;
@@ -52,14 +52,16 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, RewardWeights
-from tracetune.data import Example, load_examples
+from tracetune.data import Example, load_examples, split_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
-from tracetune.lora import export_run, lora_on_mesh, use_adapter_step
+from tracetune.evaluate import generate_and_score
+from tracetune.generate import Generator
+from tracetune.lora import BestAdapters, lora_on_mesh, merged_tree, use_adapter_step
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
-from tracetune.rewards import combine, make_composite_reward, reward_components
+from tracetune.rewards import REWARDS, combine, make_composite_reward, reward_components
 from tracetune.rollout import StepRollout, TracetuneRollout, TunixEngineRollout
 from tracetune.runs import (CompileClock, FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
@@ -71,39 +73,105 @@ Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
 
 @dataclass(frozen=True)
-class StepFacts:
-    """What one GRPO step's rollout and scoring produced, handed to the run's
-    metrics as one value: the rollout, each reward component and the composite
-    per completion, the widths the update trains on, the rollout seed, and the
-    seconds of each phase the learner ran (the update's come from the cluster)."""
+class Scored:
+    """A rollout with its batch columns (repeated G times, as Tunix lays them out),
+    each reward component and the composite, per completion."""
 
     rollout: StepRollout
+    columns: dict[str, list]
     components: dict[str, list[float]]
-    rewards: list[float]
-    references: list[str]
+    rewards: np.ndarray  # [B]
+
+    def take(self, rows: Sequence[int]) -> Scored:
+        return Scored(self.rollout.take(rows), {k: [v[i] for i in rows] for k, v in self.columns.items()},
+                      {k: [v[i] for i in rows] for k, v in self.components.items()}, self.rewards[list(rows)])
+
+    @staticmethod
+    def concat(parts: Sequence[Scored], pad_id: int) -> Scored:
+        return Scored(StepRollout.concat([p.rollout for p in parts], pad_id),
+                      # Tunix's own columns (trajectory_ids, ...) come with the step's batch only
+                      {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns
+                       if all(k in p.columns for p in parts)},
+                      {k: [x for p in parts for x in p.components[k]] for k in parts[0].components},
+                      np.concatenate([p.rewards for p in parts]))
+
+    def spread(self, on: str, G: int) -> np.ndarray:
+        """[groups] whether a group's G values of ``on`` ("reward": the composite, or
+        a component) differ: a group without spread has zero advantage."""
+        values = self.rewards if on in ("reward", "off") else np.asarray(self.components[on], np.float64)
+        return np.ptp(np.asarray(values).reshape(-1, G), axis=1) > 0  # [B / G]
+
+
+def fill_with_spread(first: Scored, sample: Callable[[int], Scored], on: str, G: int, rounds: int, pad_id: int) -> tuple[Scored, Scored]:
+    """DAPO's dynamic sampling (Yu et al., 2025): a step's groups whose G values of
+    ``on`` are all equal carry no gradient; they are replaced by groups with spread
+    from ``sample(round)`` (a fresh rollout of a whole step's prompts: a full batch
+    decodes fastest), for up to ``rounds`` rounds. Groups still missing after the cap
+    are the first rollout's, trained as sampled. Returns (trained, everything sampled):
+    the trained step has as many groups as ``first``, those with spread first."""
+    wanted = len(first.rewards) // G
+
+    def groups(scored: Scored, keep: np.ndarray) -> list[Scored]:
+        return [scored.take(range(g * G, (g + 1) * G)) for g in np.flatnonzero(keep)]
+
+    spread = first.spread(on, G)
+    kept, spare, sampled = groups(first, spread), groups(first, ~spread), [first]
+    for round in range(1, rounds + 1):
+        if len(kept) >= wanted:
+            break
+        extra = sample(round)
+        sampled.append(extra)
+        kept += groups(extra, extra.spread(on, G))
+    if len(sampled) == 1:
+        return first, first
+    return Scored.concat((kept + spare)[:wanted], pad_id), Scored.concat(sampled, pad_id)
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    """What one GRPO step's rollout and scoring produced, handed to the run's
+    metrics as one value: the trained rollout, each reward component and the
+    composite per trained completion, the widths the update trains on, the rollout
+    seed, and the seconds of each phase the learner ran (the update's come from the
+    cluster). ``sampled`` is everything the step sampled, the completions the
+    dynamic-sampling filter set aside included (the policy's own rewards), and
+    ``spread_on`` the signal whose spread the filter asks for."""
+
+    trained: Scored
+    sampled: Scored
     widths: tuple[int, int]  # [prompt, completion] columns of the TrainExample
     seed: int
     seconds: dict[str, float]
     num_generations: int
+    spread_on: str = "reward"
+
+    @property
+    def rollout(self) -> StepRollout:
+        return self.trained.rollout
 
     def record(self) -> dict:
-        """The step's entries of metrics.jsonl (means over its completions)."""
-        groups = np.asarray(self.rewards).reshape(-1, self.num_generations)  # [prompts, G]
+        """The step's entries of metrics.jsonl: rewards are means over every sampled
+        completion; ``groups_with_spread`` is the share of trained groups with spread,
+        ``filter_rollouts`` the completions the filter sampled beyond the step's own."""
+        G, sampled, trained = self.num_generations, self.sampled, self.trained
         return {
-            "reward/composite": float(np.mean(self.rewards)),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in self.components.items()},
-            "zero_spread": float(np.mean(groups.std(axis=1) == 0)),
-            "truncated": float(np.mean(self.rollout.truncated)),
-            "completion_length": float(np.mean(self.rollout.lengths)),
+            "reward/composite": float(np.mean(sampled.rewards)),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in sampled.components.items()},
+            "zero_spread": float(np.mean(~sampled.spread(self.spread_on, G))),
+            "groups_with_spread": float(np.mean(trained.spread(self.spread_on, G))),
+            "filter_rollouts": len(sampled.rewards) - len(trained.rewards) if sampled is not trained else 0,
+            "truncated": float(np.mean(trained.rollout.truncated)),
+            "completion_length": float(np.mean(trained.rollout.lengths)),
             "padded_widths": [list(self.widths)],
             "rollout_seeds": [self.seed],
         }
 
     def samples(self) -> list[dict]:
-        rollout = self.rollout
-        return [{"prompt": p, "completion": c, "reward": float(r), "reference": ref, "finish_reason": why,
-                 **{k: float(v[i]) for k, v in self.components.items()}}
-                for i, (p, c, r, ref, why) in enumerate(zip(rollout.prompts, rollout.texts, self.rewards, self.references,
+        rollout, trained = self.trained.rollout, self.trained
+        references = trained.columns.get("reference", [""] * len(rollout.prompts))
+        return [{"prompt": p, "completion": c, "reward": float(r), "reference": str(ref), "finish_reason": why,
+                 **{k: float(v[i]) for k, v in trained.components.items()}}
+                for i, (p, c, r, ref, why) in enumerate(zip(rollout.prompts, rollout.texts, trained.rewards, references,
                                                             rollout.finish_reasons))]
 
 
@@ -187,31 +255,61 @@ class Learner(grpo_learner.GRPOLearner):
     ``combine``, the same arithmetic as the reward function Tunix holds), and a
     ``StepFacts`` handed to ``on_step`` for the run's metrics."""
 
-    def __init__(self, *args, seed: int, weights: RewardWeights, on_step: Callable[[StepFacts], None], **kwargs):
+    def __init__(self, *args, seed: int, weights: RewardWeights, on_step: Callable[[StepFacts], None],
+                 refill: Callable[[int, int], dict[str, np.ndarray]] | None = None, spread_on: str = "off",
+                 max_filter_rounds: int = 0, mask_truncated: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self._seed = seed
         self._weights = weights
         self._on_step = on_step
+        self._refill = refill  # (step, round) -> a fresh batch of prompts, for the dynamic-sampling filter
+        self._spread_on = spread_on
+        self._max_filter_rounds = max_filter_rounds
+        self._mask_truncated = mask_truncated
 
-    def _rollout_seed(self, mode) -> int:
+    def _rollout_step(self, mode) -> int:
         # _iter_steps counts micro-batches and is restored on resume, so a resumed run
         # draws the same samples. The rollout of a step comes with its last
         # micro-batch: dividing gives the step, whatever the micro-batching.
         config = self._training_config
         per_step = config.mini_batch_size // (config.train_micro_batch_size or config.mini_batch_size)
-        counter = self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
-        return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
+        return self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
+
+    def _rollout_seed(self, mode, round: int = 0) -> int:
+        counter = self._rollout_step(mode)
+        return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL) + 7_919 * round) % (2**31 - 1)
+
+    def _sample(self, batch: dict[str, list], mode, round: int = 0) -> Scored:
+        """Roll out ``batch`` (prompts repeated G times) and score every completion."""
+        self.rl_cluster.get_rollout_config(mode).seed = self._rollout_seed(mode, round)
+        prompts = [str(p) for p in batch["prompts"]]
+        rollout = self.rl_cluster.rollout_step(prompts, mode)
+        if not rollout.finite:
+            raise self._diverged()
+        columns = {k: list(v) for k, v in batch.items() if k != "prompts"}
+        components = reward_components(prompts, rollout.texts, self._weights, **columns, **rollout.reward_columns())
+        return Scored(rollout, columns, components, np.asarray(combine(components, self._weights), np.float32))
+
+    def _with_spread(self, first: Scored, mode) -> tuple[Scored, Scored]:
+        G = self.algo_config.num_generations
+
+        def sample(round: int) -> Scored:
+            fresh = self._refill(self._rollout_step(mode), round)
+            return self._sample({k: np.repeat(np.asarray(v), G) for k, v in fresh.items()}, mode, round)
+
+        return fill_with_spread(first, sample, self._spread_on, G, self._max_filter_rounds, self.rl_cluster.rollout.pad_id())
 
     def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
         cluster, algo = self.rl_cluster, self.algo_config
         G = algo.num_generations
         config = cluster.get_rollout_config(mode)
-        config.seed = seed = self._rollout_seed(mode)
-        prompts = list(training_input["prompts"])
-        rollout = cluster.rollout_step(prompts, mode)
-        seconds = {"rollout": rollout.seconds}
-        if not rollout.finite:
-            raise self._diverged()
+        seed = self._rollout_seed(mode)
+        start = time.perf_counter()
+        trained = sampled = self._sample({k: list(v) for k, v in training_input.items()}, mode)
+        if mode == Mode.TRAIN and self._spread_on != "off" and self._refill is not None:
+            trained, sampled = self._with_spread(trained, mode)
+        rollout = trained.rollout
+        seconds = {"rollout": sampled.rollout.seconds, "reward": time.perf_counter() - start - sampled.rollout.seconds}
         pad = cluster.rollout.pad_id()
         # Tunix pads prompts to max_prompt_tokens and completions to max_new_tokens;
         # the chunked path trains on the step's own longest, rounded up to a bucket.
@@ -232,21 +330,19 @@ class Learner(grpo_learner.GRPOLearner):
                 prompt_tokens=prompt_ids, completion_tokens=completion_ids,
                 micro_batch_size=self._compute_logps_micro_batch_size * G))
             seconds["old_policy"] = time.perf_counter() - start
-        start = time.perf_counter()
-        columns = {k: v for k, v in training_input.items() if k != "prompts"}
-        components = reward_components(prompts, rollout.texts, self._weights, **columns, **rollout.reward_columns())
-        rewards = np.asarray(combine(components, self._weights), np.float32)  # [B]
+        rewards = trained.rewards  # [B]
         advantages = function_registry.get_advantage_estimator(algo.advantage_estimator)(rewards=rewards, num_generations=G)
-        seconds["reward"] = time.perf_counter() - start
-        cluster.buffer_metrics({"rewards/score/mean": (np.mean(rewards), np.mean),
+        completion_mask = completion_ids != pad  # [B, C]
+        if self._mask_truncated:  # DAPO's overlong filtering: a cut completion trains nothing
+            completion_mask = completion_mask & ~jnp.asarray(rollout.truncated)[:, None]
+        cluster.buffer_metrics({"rewards/score/mean": (np.mean(sampled.rewards), np.mean),
                                 "completions/mean_length": (np.mean(rollout.lengths), np.mean)}, mode=mode)
         if mode == Mode.TRAIN:
-            references = [str(r) for r in columns.get("reference", [""] * len(prompts))]
-            self._on_step(StepFacts(rollout, components, rewards.tolist(), references,
-                                    (int(prompt_ids.shape[1]), int(completion_ids.shape[1])), seed, seconds, G))
+            self._on_step(StepFacts(trained, sampled, (int(prompt_ids.shape[1]), int(completion_ids.shape[1])), seed,
+                                    seconds, G, "reward" if self._spread_on == "off" else self._spread_on))
         return grpo_learner.TrainExample(
             prompt_ids=prompt_ids, prompt_mask=prompt_ids != pad,
-            completion_ids=completion_ids, completion_mask=completion_ids != pad,
+            completion_ids=completion_ids, completion_mask=completion_mask,
             ref_per_token_logps=reference, old_per_token_logps=old, advantages=jax.device_put(advantages))
 
     def _diverged(self) -> TrainingError:
@@ -316,40 +412,80 @@ def check_shared_backbone(cluster: rl_cluster_lib.RLCluster) -> None:
 # ------------------------------------------------------------------------ data
 
 
-def prompt_examples(config: Config, tokenizer: Tokenizer) -> list[Example]:
-    """Training problems whose prompt fits the budget, in file order."""
+def prompt_examples(config: Config, tokenizer: Tokenizer) -> tuple[list[Example], list[Example]]:
+    """(training problems whose prompt fits the budget, validation problems), in file
+    order. The validation problems are the ones SFT holds out (``split_examples``
+    with ``data.val_fraction`` and ``data.seed``): GRPO never trains on them, so they
+    can choose its checkpoint."""
     data, grpo = config.data, config.grpo
     examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
                              skip_invalid=data.skip_invalid).examples
-    fitting = [e for e in examples if len(tokenizer.encode(build_prompt(e.question, data.prompt_style))) <= grpo.max_prompt_tokens]
-    return fitting[: grpo.train_examples or None]
+    train, validation = split_examples(examples, data.val_fraction, data.seed)
+    fitting = [e for e in train if len(tokenizer.encode(build_prompt(e.question, data.prompt_style))) <= grpo.max_prompt_tokens]
+    return fitting[: grpo.train_examples or None], validation
+
+
+def reference_steps(example: Example) -> int:
+    """The reference solution's number of steps (GSM8K: its lines), the curriculum's
+    difficulty; a problem without a solution counts as the hardest."""
+    lines = [line for line in example.solution.splitlines() if line.strip()]
+    return len(lines) if lines else 1 << 20
 
 
 @dataclass
 class PromptBatches:
-    """{'prompts', 'reference'} batches (np.arrays, as Tunix needs) in an order fixed by
-    the seed; Tunix resumes by re-reading and skipping, and ``stop`` ends the stream."""
+    """{'prompts', 'reference', 'question', 'solution'} batches (np.arrays, as Tunix
+    needs) in an order fixed by the seed; Tunix resumes by re-reading and skipping,
+    and ``stop`` ends the stream. ``curriculum="steps"`` orders each epoch from the
+    fewest reference steps to the most (a seeded shuffle within a step count)."""
 
     examples: list[Example]
     per_step: int
     seed: int
     prompt_style: str
     stop: StopFlag
+    curriculum: str = "none"
+
+    def order(self, epoch: int) -> np.ndarray:
+        shuffled = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        if self.curriculum == "steps":
+            difficulty = np.array([reference_steps(self.examples[i]) for i in shuffled])
+            return shuffled[np.argsort(difficulty, kind="stable")]
+        return shuffled
+
+    def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        # Every host walks the same global order and keeps its own share.
+        rows = [self.examples[i] for i in mesh_lib.host_share(np.asarray(indices))]
+        return {
+            "prompts": np.array([build_prompt(r.question, self.prompt_style) for r in rows]),
+            "reference": np.array([r.reference for r in rows]),
+            "question": np.array([r.question for r in rows]),
+            "solution": np.array([r.solution for r in rows]),
+        }
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         epoch = 0
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            order = self.order(epoch)
             for start in range(0, len(order) - self.per_step + 1, self.per_step):
                 if self.stop.signum is not None:
                     return
-                # Every host walks the same global order and keeps its own share.
-                rows = [self.examples[i] for i in mesh_lib.host_share(order[start : start + self.per_step])]
-                yield {
-                    "prompts": np.array([build_prompt(r.question, self.prompt_style) for r in rows]),
-                    "reference": np.array([r.reference for r in rows]),
-                }
+                yield self.batch(order[start : start + self.per_step])
             epoch += 1
+
+    def refill(self, step: int, round: int) -> dict[str, np.ndarray]:
+        """Fresh prompts for the dynamic-sampling filter's ``round`` in ``step``: a
+        seeded draw fixed by (seed, step, round), so a resumed run refills the same
+        way. Under the curriculum, only problems no harder than the step's own."""
+        rng = np.random.default_rng([self.seed, 1 << 20, step, round])
+        candidates = np.arange(len(self.examples))
+        if self.curriculum == "steps":
+            position = step * self.per_step
+            order = self.order(position // len(self.examples))
+            hardest = reference_steps(self.examples[order[(position + self.per_step - 1) % len(order)]])
+            candidates = np.array([i for i in candidates if reference_steps(self.examples[i]) <= hardest])
+        picked = rng.choice(candidates, min(self.per_step, len(candidates)), replace=False)
+        return self.batch(picked)
 
 
 # -------------------------------------------------------------------- warnings
@@ -461,7 +597,10 @@ class GRPORun:
         })
         self.history.append(record)
         self._append(self.metrics_path, record)
-        for key in ("zero_spread", "truncated", "reward/correctness", "reward/trace", "reward/confidence"):
+        every = self.config.grpo.val_every_steps
+        if every and (step % every == 0 or step == self.steps):
+            self.validate(step)
+        for key in ("zero_spread", "truncated", *(k for k in record if k.startswith("reward/"))):
             if key in record:
                 logger.log("tracetune", key, record[key], tunix_metrics.Mode.TRAIN, step)
         every = self.config.grpo.sample_every_steps
@@ -477,6 +616,38 @@ class GRPORun:
             parts = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/"))
             print(f"step {step}/{self.steps} {parts} zero-spread {record['zero_spread']:.0%} "
                   f"truncated {record['truncated']:.0%}", file=sys.stderr)
+
+    def validate(self, step: int) -> dict | None:
+        """Greedy completions of the validation problems under the evaluation
+        harness (its prompt, budget and scoring), from the live policy with its
+        adapters folded in; the record goes to metrics.jsonl, and with
+        ``select=best`` a step better than the best so far (accuracy, then
+        composite) saves its adapters to best/."""
+        grpo = self.config.grpo
+        if not self.validation:
+            return None
+        if getattr(self, "_validator", None) is None:
+            self._validator = Generator(self.actor, self.loaded.tokenizer, max_batch=min(32, len(self.validation)),
+                                        with_weights=False)
+        self._validator.set_params(merged_tree(self.actor, grpo.lora))
+        try:
+            scored = generate_and_score(self._validator, self.validation,
+                                        max_new_tokens=grpo.val_max_new_tokens or self.config.eval.max_new_tokens,
+                                        prompt_style=self.config.data.prompt_style, weights=self.config.rewards)
+        finally:
+            self._validator.drop_params()
+        scores = [score for score, _ in scored]
+        result = {"step": step, "val/accuracy": float(np.mean([s.correct for s in scores])),
+                  "val/format_rate": float(np.mean([s.well_formed for s in scores])),
+                  "val/trace": float(np.mean([s.trace for s in scores])),
+                  "val/composite": float(np.mean([s.composite for s in scores])),
+                  "val/examples": len(scores), "val/seconds": round(self._validator.stats.seconds, 3)}
+        self.validations.append(result)
+        self._append(self.metrics_path, result)
+        better = self.best.offer(result, self.actor, self.loaded, grpo.lora, "grpo")
+        print(f"step {step}: validation accuracy {result['val/accuracy']:.1%}, format rate {result['val/format_rate']:.0%} "
+              f"on {len(scores)} problems{' (best so far)' if better else ''}", file=sys.stderr)
+        return result
 
     def _init_model(self) -> LoadedModel:
         if self.init is not None:
@@ -496,7 +667,15 @@ class GRPORun:
         claim_directory(self.run_dir, self.config, ("data", "rewards", "grpo"))
         loaded = self._init_model()
         tokenizer = loaded.tokenizer
-        examples = prompt_examples(self.config, tokenizer)
+        examples, self.validation = prompt_examples(self.config, tokenizer)
+        self.validation = self.validation[: grpo.val_examples] if grpo.val_every_steps else []
+        spread_on = grpo.dynamic_sampling
+        if spread_on not in ("off", "reward") and spread_on not in REWARDS:
+            raise ConfigError(f"grpo.dynamic_sampling must be 'off', 'reward' or a reward component "
+                              f"({', '.join(REWARDS)}), got {spread_on!r}")
+        if grpo.select == "best" and not self.validation:
+            raise ConfigError(f"grpo.select=best: no validation problems in {self.config.data.source!r} "
+                              f"(data.val_fraction={self.config.data.val_fraction})")
         if len(examples) < grpo.prompts_per_step:
             raise TrainingError(f"only {len(examples)} training problems fit grpo.max_prompt_tokens={grpo.max_prompt_tokens}")
         self.steps = grpo.max_steps
@@ -553,33 +732,39 @@ class GRPORun:
         self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
                                logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
         check_shared_backbone(self.cluster)
-        algorithm = grpo_learner.GRPOConfig(num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon,
-                                            # logprobs.py registers "tracetune": Tunix's GRPO loss on the chunked path
-                                            policy_loss_fn="tracetune" if grpo.logprobs == "chunked" else "grpo")
+        algorithm = algorithm_config(grpo)
+        self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum)
         # Tunix holds the composite as its reward function; the learner scores with the
         # same arithmetic itself, to keep each component (see Learner).
         self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm,
                                reward_fns=[make_composite_reward(self.config.rewards)],
-                               seed=grpo.seed, weights=self.config.rewards, on_step=self._on_step)
+                               seed=grpo.seed, weights=self.config.rewards, on_step=self._on_step,
+                               refill=self.data.refill, spread_on=spread_on, max_filter_rounds=grpo.max_filter_rounds,
+                               mask_truncated=grpo.mask_truncated)
+        self.actor, self.loaded = actor, loaded
         resumed = self.cluster.actor_trainer.train_steps
         # The forced final save carries no step metadata: count steps from the trainer.
         self.cluster.global_steps = resumed
-        self.history = truncate_metrics(self.metrics_path, resumed)
+        kept = truncate_metrics(self.metrics_path, resumed)
+        self.history = [r for r in kept if "reward/composite" in r]
+        self.validations = [r for r in kept if "val/accuracy" in r]
+        self.best = BestAdapters(self.run_dir / "best", "val/", grpo.select == "best", self.validations)
         truncate_metrics(self.run_dir / "samples.jsonl", resumed)  # redone steps write their samples again
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         self.cluster.with_external_metrics_logger(self._on_metrics)
-        w = self.config.rewards
+        formula = str(self.config.rewards)
         print(f"grpo: {len(examples)} problems, {self.steps} updates of {batch} prompts x G={grpo.num_generations}, "
-              f"R = {w.correctness} correctness + {w.trace} trace + {w.confidence} confidence, "
+              f"R = {formula}, "
               f"from {loaded.source}, {grpo.rollout_engine} rollouts, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
-        with StopFlag() as stop:
-            data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, stop)
+        with self.data.stop as stop:
             try:
                 if resumed < self.steps:
                     with mesh_lib.active(mesh):
-                        self.learner.train(data)
+                        if not resumed:
+                            self.validate(0)  # the start: select=best may keep it
+                        self.learner.train(self.data)
                 check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
             except BaseException as error:
                 failure = failed_run(error, self.run_dir / "checkpoints" / "actor", self.cluster.actor_trainer.checkpoint_manager.close)
@@ -589,10 +774,14 @@ class GRPORun:
         step = self.cluster.actor_trainer.train_steps
         if stop.signum is not None:
             raise Interrupted(stop.signum, step, self.run_dir)
-        adapter_dir, merged_dir = export_run(actor, loaded, grpo.lora, self.run_dir, stage="grpo", step=step)
+        adapter_dir, merged_dir, exported = self.best.export(actor, loaded, grpo.lora, self.run_dir, stage="grpo", step=step)
         quarter = max(1, len(self.history) // 4)
         summary = {
             "steps": step,
+            "exported_step": exported,
+            "select": grpo.select,
+            "best": self.best.record,
+            "validations": self.validations,
             "reward_weights": self.config.rewards.as_dict(),
             "first_quarter": _means(self.history[:quarter]),
             "last_quarter": _means(self.history[-quarter:]),
@@ -603,6 +792,27 @@ class GRPORun:
             with atomic_path(self.run_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return GRPOResult(self.run_dir, step, self.history, merged_dir, adapter_dir, summary["seconds"])
+
+
+class AlgorithmConfig(grpo_learner.GRPOConfig):
+    """Tunix's GRPOConfig with the fields its losses read when present:
+    ``epsilon_high`` (clip-higher) and ``loss_norm`` (the constant of
+    "sequence-mean-token-scale": the token budget, not the trimmed batch's width)."""
+
+    def __init__(self, *, epsilon_high: float, loss_norm: int, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon_high = epsilon_high
+        self.loss_norm = loss_norm
+
+
+def algorithm_config(grpo: GRPOConfig) -> AlgorithmConfig:
+    return AlgorithmConfig(
+        num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high or grpo.epsilon, loss_norm=grpo.max_new_tokens,
+        advantage_estimator=grpo.advantage_estimator, loss_agg_mode=grpo.loss_agg_mode,
+        kl_loss_mode=grpo.kl_loss_mode, loss_algo=grpo.loss_algo,
+        # logprobs.py registers "tracetune": Tunix's GRPO loss on the chunked path
+        policy_loss_fn="tracetune" if grpo.logprobs == "chunked" else "grpo")
 
 
 def _means(records: Sequence[dict]) -> dict[str, float]:

@@ -246,21 +246,25 @@ def tracetune_grpo_loss(model, train_example, algo_config, pad_id, eos_id, **kwa
     weights = getattr(train_example, "sampler_is_weights", None)
     if weights is not None:
         per_token = per_token * weights.astype(jnp.float32)
-    loss = common.aggregate_loss(per_token, mask, mode)
+    # "sequence-mean-token-scale" divides by a constant: the token budget (loss_norm),
+    # not the width of a batch whose padding was trimmed (Tunix's default).
+    scale = mode == "sequence-mean-token-scale" and getattr(algo_config, "loss_norm", None)
+    norm = {"norm": algo_config.loss_norm} if scale else {}
+    loss = common.aggregate_loss(per_token, mask, mode, **norm)
     aux = {
         "kl": 0.0,
         "kl_loss": 0.0,
         "pg_loss": loss,
         "pg_clipfrac": algo_core.masked_mean(jnp.greater(clipped, unclipped), mask),
-        "pg_clipfrac_lower": common.aggregate_loss(lower, mask, mode),
+        "pg_clipfrac_lower": common.aggregate_loss(lower, mask, mode, **norm),
         "ppo_kl": ppo_kl,
-        "entropy": common.aggregate_loss(entropy, mask, mode),
+        "entropy": common.aggregate_loss(entropy, mask, mode, **norm),
     }
     if train_example.ref_per_token_logps is not None:
         kl = common.compute_kl_divergence(logps, train_example.ref_per_token_logps, algo_config.kl_loss_mode,
                                           clamp_value=getattr(algo_config, "kl_clamp_value", None))  # [B, C]
         aux["kl"] = ((kl * mask).sum() / jnp.clip(mask.sum(), min=1)).astype(jnp.float32)
-        aux["kl_loss"] = common.aggregate_loss(kl, mask, mode)
+        aux["kl_loss"] = common.aggregate_loss(kl, mask, mode, **norm)
         if algo_config.beta:
             loss = loss + algo_config.beta * aux["kl_loss"]
     return loss, aux

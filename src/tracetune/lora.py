@@ -10,6 +10,8 @@ base weights (GRPO's actor, reference and rollout hold one backbone).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -120,6 +122,27 @@ def lora_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {k: mesh_lib.host_array(v) for k, v in flatten(state).items()}
 
 
+def set_lora_params(model: nnx.Module, flat: dict[str, np.ndarray]) -> None:
+    """Put adapters saved by ``lora_params`` back into ``model``, each on its array's
+    own sharding (GRPO's export of the best validated step)."""
+    state = nnx.state(model, nnx.LoRAParam)
+    live = flatten(nnx.to_pure_dict(state))
+    if set(live) != set(flat):
+        raise ValueError(f"the saved adapters do not fit this model: {len(set(live) ^ set(flat))} names differ, "
+                         f"e.g. {sorted(set(live) ^ set(flat))[:3]}")
+    nnx.replace_by_pure_dict(state, unflatten({k: jax.device_put(np.asarray(flat[k], v.dtype), v.sharding) for k, v in live.items()}))
+    nnx.update(model, state)
+
+
+def save_adapter(adapters: dict[str, np.ndarray], loaded: LoadedModel, lora: LoraConfig, out_dir: Path, **facts) -> Path:
+    """``out_dir/adapter.safetensors`` + ``adapter.json`` (base, rank, alpha, targets, and ``facts``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(adapters, out_dir / "adapter.safetensors")
+    write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
+                "targets": lora.targets, **facts}, out_dir / "adapter.json")
+    return out_dir
+
+
 def merged_tree(model: nnx.Module, lora: LoraConfig) -> dict:
     """The LoRA model as a plain Gemma 3 parameter tree (no adapters), with
     W + (alpha / rank) * A @ B folded in, in float32 on the device: no host copy,
@@ -139,24 +162,72 @@ def merged_params(model: nnx.Module, lora: LoraConfig) -> dict[str, np.ndarray]:
     return {k: mesh_lib.host_array(v) for k, v in flatten(merged_tree(model, lora)).items()}
 
 
-def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int) -> tuple[Path, Path]:
+def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str, step: int,
+               **facts) -> tuple[Path, Path]:
     """``run_dir/export/adapter`` (LoRA weights + adapter.json) and ``run_dir/export/merged``
     (merged weights in the Hugging Face layout, loadable with ``load_model(run_dir)``).
-    Every host gathers the weights; only the first writes them."""
+    ``facts`` (e.g. how the step was chosen) go into both. Every host gathers the
+    weights; only the first writes them."""
     adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
     adapter, merged = lora_params(model), merged_params(model, lora)
     if not is_primary():
         return adapter_dir, merged_dir
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(adapter, adapter_dir / "adapter.safetensors")
-    write_json({"base": loaded.name, "base_source": loaded.source, "rank": lora.rank, "alpha": lora.alpha,
-                "targets": lora.targets, "stage": stage, "step": step}, adapter_dir / "adapter.json")
+    save_adapter(adapter, loaded, lora, adapter_dir, stage=stage, step=step, **facts)
     merged_dir = save_checkpoint(
         merged, loaded.config, loaded.tokenizer, merged_dir,
-        base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir)},
+        base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir), **facts},
     )
     return adapter_dir, merged_dir
 
 
 def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:
     return build_model(loaded.config, merged_params(model, lora), f"{loaded.name} + LoRA")
+
+
+class BestAdapters:
+    """The adapters of the best validated step so far, in ``folder`` (adapter.safetensors,
+    adapter.json, best.json), for a run that exports its best step instead of its last.
+
+    Steps compare by ``record[prefix + "accuracy"]``, ties by ``prefix + "composite"``
+    (SFT's held-out records use "eval/", GRPO's "val/"). A resumed run reads the best
+    back; a best step past the resumed one stays, since the redone steps reproduce
+    its weights.
+    """
+
+    def __init__(self, folder: Path, prefix: str, enabled: bool, records: list[dict] = ()):
+        self.folder, self.prefix, self.enabled = folder, prefix, enabled
+        path = folder / "best.json"
+        scored = [r for r in records if prefix + "accuracy" in r]
+        self.record: dict | None = json.loads(path.read_text()) if path.exists() else max(scored, key=self.key, default=None)
+
+    def key(self, record: dict) -> tuple[float, float]:
+        return record[self.prefix + "accuracy"], record.get(self.prefix + "composite", 0.0)
+
+    def offer(self, record: dict, model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, stage: str) -> bool:
+        """Keep ``record``'s step if it beats the best so far; True if it does."""
+        if self.record is not None and self.key(record) <= self.key(self.record):
+            return False
+        self.record = record
+        if self.enabled and is_primary():
+            save_adapter(lora_params(model), loaded, lora, self.folder, stage=stage, step=record["step"])
+            write_json(record, self.folder / "best.json")
+        return True
+
+    def export(self, model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir: Path, *, stage: str,
+               step: int) -> tuple[Path, Path, int]:
+        """export/ with the best step's weights (the last step's adapters kept in
+        export/last_adapter), or the last step's when selection is off or it is the best.
+        Returns (adapter dir, merged dir, exported step). Leaves ``model`` at the exported weights."""
+        if not self.enabled or self.record is None or self.record["step"] == step:
+            selected = "best validation accuracy" if self.enabled else "last step"
+            return (*export_run(model, loaded, lora, run_dir, stage=stage, step=step, selected=selected), step)
+        from safetensors.numpy import load_file
+
+        if is_primary():
+            save_adapter(lora_params(model), loaded, lora, run_dir / "export" / "last_adapter", stage=stage, step=step)
+        set_lora_params(model, load_file(self.folder / "adapter.safetensors"))
+        best = self.record["step"]
+        print(f"{stage}: exporting step {best} ({self.prefix}accuracy {self.record[self.prefix + 'accuracy']:.1%}, the best "
+              f"validated step); step {step}'s adapters are in export/last_adapter", file=sys.stderr)
+        return (*export_run(model, loaded, lora, run_dir, stage=stage, step=best, selected="best validation accuracy",
+                            last_step=step), best)

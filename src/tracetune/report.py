@@ -5,11 +5,15 @@ variant (zero-shot, SFT-only, SFT+GRPO, an ablation, ...), and every training
 run (an SFT or GRPO ``metrics.jsonl``) gives curves. The report is Markdown with
 PNG plots beside it:
 
-    report.md        results table (the recipe's columns, 95% CIs), failure table,
-                     judge scores, training summary, sample outputs
+    report.md        results table (the recipe's columns, 95% CIs), paired comparisons
+                     of each variant with the one before it (compare.py), failure
+                     table, judge scores, training summary with every run's reward
+                     weights, sample outputs
     variants.png     the main metrics per variant with their intervals
     sft_loss.png     SFT training loss (and held-out format rate) over updates
-    grpo_rewards.png GRPO reward components over updates (one panel per run)
+    grpo_rewards.png GRPO curves, one row per run: every reward component, validation
+                     accuracy, share of groups with spread, rollouts spent by the
+                     dynamic-sampling filter (a panel whose keys a run lacks is left out)
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracetune.compare import RESAMPLES, SEED, SIGNIFICANCE, Comparison, McNemar, MeanDifference, NoSharedProblems, compare
 from tracetune.evaluate import EvalResult, load_result
 from tracetune.failures import CATEGORIES, CATEGORY_LABELS, markdown_cell
 from tracetune.files import atomic_path
-from tracetune.scoring import METRIC_LABELS, PROPORTIONS, Estimate
+from tracetune.scoring import METRIC_LABELS, METRICS, PROPORTIONS, Estimate
 
 # The results table's columns, in the recipe's order.
-COLUMNS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "composite")
+COLUMNS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "arithmetic", "composite")
 # Known variants first, in pipeline order; anything else after, by name.
 VARIANT_ORDER = ("zero-shot", "sft", "grpo")
 VARIANT_LABELS = {"zero-shot": "Zero-shot", "sft": "SFT only", "grpo": "SFT + GRPO"}
+# The rates the paired comparison tests (McNemar); every mean metric present is compared too.
+PAIRED_RATES = ("accuracy", "format_rate")
 
 
 @dataclass
@@ -135,6 +142,116 @@ def results_table(variants: Sequence[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def weights_text(weights: dict[str, float] | None) -> str:
+    """``"correctness=0.6, trace=0.25, confidence=0.15"``: every name the mapping has,
+    so a component added later shows without a change here."""
+    if not weights:
+        return "not recorded"
+    return ", ".join(f"{name}={value:g}" for name, value in weights.items())
+
+
+def eval_weights_text(variants: Sequence[Variant]) -> str:
+    """The composite's weights each evaluation scored with (eval.json)."""
+    weights = [v.result.settings.get("reward_weights") for v in variants]
+    if not any(weights):
+        return "The evaluations do not record their reward weights (their eval.json predates them)."
+    if all(w == weights[0] for w in weights):
+        return f"The composite reward is scored with the weights {weights_text(weights[0])} for every variant."
+    return "The composite reward is scored with different weights per variant: " + "; ".join(
+        f"{v.label}: {weights_text(w)}" for v, w in zip(variants, weights)) + "."
+
+
+# ------------------------------------------------------------ paired comparisons
+
+
+def _group(v: Variant) -> str:
+    return v.name.split("/")[0] if "/" in v.name else ""
+
+
+def comparison_pairs(variants: Sequence[Variant]) -> list[tuple[Variant, Variant]]:
+    """(before, after): each variant after the one before it in the report's order
+    (zero-shot -> SFT -> SFT + GRPO -> others), within one run directory; with several
+    directories (an ablation) also each variant against the first directory's variant
+    of the same name, since comparing across directories' pipelines is meaningless."""
+    groups: dict[str, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(_group(v), []).append(v)
+    if not groups:
+        return []
+    pairs = [(a, b) for members in groups.values() for a, b in zip(members, members[1:])]
+    first, *others = groups.values()
+    by_base = {v.result.out_dir.name: v for v in first}
+    for members in others:
+        pairs += [(by_base[v.result.out_dir.name], v) for v in members if v.result.out_dir.name in by_base]
+    return pairs
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _difference(d: MeanDifference | None) -> str:
+    if d is None or d.n == 0:
+        return "n/a"
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+
+
+def _rate_cell(test: McNemar | None) -> str:
+    if test is None:
+        return "n/a"
+    cell = f"{test.won} / {test.lost} / {_p(test.p)}"
+    return f"**{cell}**" if test.significant else cell
+
+
+def _verdict(comparison: Comparison, metric: str) -> str:
+    test = comparison.rates[metric]
+    p = "p < 0.001" if test.p < 0.001 else f"p = {test.p:.3f}"
+    counts = f"{test.won} won, {test.lost} lost, {p}"
+    if not test.significant:
+        return f"{METRIC_LABELS[metric]}: no significant difference, p >= {SIGNIFICANCE:g} ({counts})"
+    direction = "higher" if test.won > test.lost else "lower"
+    return f"{METRIC_LABELS[metric]}: **{direction} for {comparison.after}, p < {SIGNIFICANCE:g}** ({counts})"
+
+
+def comparisons_section(variants: Sequence[Variant], *, resamples: int = RESAMPLES, seed: int = SEED) -> str:
+    """The paired comparisons' table, then one plain sentence per pair."""
+    rows, bullets = [], []
+    results: list[Comparison] = []
+    pairs = comparison_pairs(variants)
+    for before, after in pairs:
+        try:
+            comparison = compare(before.result.records, after.result.records, before_name=before.label,
+                                 after_name=after.label, resamples=resamples, seed=seed)
+        except NoSharedProblems as error:
+            bullets.append(f"- **{after.label} vs {before.label}**: {error}.")
+            continue
+        results.append(comparison)
+        verdicts = "; ".join(_verdict(comparison, m) for m in PAIRED_RATES if m in comparison.rates)
+        shared = f"{comparison.shared} shared problems" + (f", {comparison.left_out} scored by only one left out" if comparison.left_out else "")
+        note = ""
+        weights = before.result.settings.get("reward_weights"), after.result.settings.get("reward_weights")
+        if weights[0] != weights[1] and "composite" in comparison.means:
+            note = f" The two composites are scored with different weights ({weights_text(weights[0])} vs {weights_text(weights[1])})."
+        bullets.append(f"- **{after.label} vs {before.label}** ({shared}): {verdicts or 'no rate to test'}.{note}")
+    means = [m for m in METRICS if m not in PROPORTIONS and any(m in c.means for c in results)]
+    head = ["Comparison", "Shared problems", *(f"{METRIC_LABELS[m]}: won / lost / p" for m in PAIRED_RATES),
+            *(f"{METRIC_LABELS[m]}: difference [95% CI]" for m in means)]
+    for c in results:
+        shared = str(c.shared) + (f" ({c.left_out} left out)" if c.left_out else "")
+        rows.append("| " + " | ".join([f"{c.after} vs {c.before}", shared, *(_rate_cell(c.rates.get(m)) for m in PAIRED_RATES),
+                                         *(_difference(c.means.get(m)) for m in means)]) + " |")
+    across = " (and, across run directories, against the first directory's variant of the same name)" if any(
+        _group(a) != _group(b) for a, b in pairs) else ""
+    intro = (f"Each variant against the one before it{across}, paired by problem on the problems both scored. Rates: problems "
+             "the later variant won (right only there) / lost (right only in the earlier one) and McNemar's exact "
+             f"two-sided p; the rest are ties; **bold**: p < {SIGNIFICANCE:g}. Means: the later variant minus the earlier, "
+             f"with a 95% paired bootstrap interval ({resamples:,} resamples of the problems, seed {seed}).\n")
+    table = ""
+    if rows:
+        table = "\n" + "\n".join(["| " + " | ".join(head) + " |", "|---|---:|" + "---|" * (len(head) - 2), *rows]) + "\n"
+    return intro + table + "\n" + "\n".join(bullets) + "\n"
+
+
 def failure_table(variants: Sequence[Variant]) -> str:
     """Counts (share of that variant's samples) per category, and one example each
     from the last variant that has one (the most trained, in pipeline order)."""
@@ -171,9 +288,32 @@ def judge_section(variants: Sequence[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _values(records: Sequence[dict[str, Any]], key: str) -> list[tuple[Any, float]]:
+    """(step, value) of the records that have a finite number under ``key``; keys
+    logged only every N steps (validation) or by newer runs only simply give fewer."""
+    return [(r.get("step"), float(r[key])) for r in records
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+
+
+def _validation_text(run: TrainingRun) -> str:
+    """GRPO's held-out validation accuracy (``val/accuracy`` records, every N updates),
+    its best step (ties: composite, as the run selects) and the step it exported."""
+    points = [r for r in run.records if _values([r], "val/accuracy")]
+    text = ""
+    if points:
+        best = max(points, key=lambda r: (r["val/accuracy"], r.get("val/composite") or 0.0))  # the first best
+        text = (f"; validation accuracy {points[0]['val/accuracy']:.1%} -> {points[-1]['val/accuracy']:.1%} "
+                f"(best {best['val/accuracy']:.1%} at step {best.get('step')})")
+    if run.summary.get("exported_step") is not None:
+        how = "best validation accuracy" if run.summary.get("select") == "best" else "last step"
+        text += f"; exported step {run.summary['exported_step']} ({how})"
+    return text
+
+
 def training_section(runs: Sequence[TrainingRun]) -> str:
     lines = []
     for run in runs:
+        weights = run.summary.get("reward_weights") or next((r["reward_weights"] for r in run.records if r.get("reward_weights")), None)
         if run.kind == "sft":
             losses = [r["loss"] for r in run.records if r.get("loss") is not None]
             evals = [r for r in run.records if "eval/format_rate" in r]
@@ -184,18 +324,22 @@ def training_section(runs: Sequence[TrainingRun]) -> str:
                 text += f", held-out format rate {evals[0]['eval/format_rate']:.0%} -> {evals[-1]['eval/format_rate']:.0%}"
             elif evals:
                 text += f", final held-out format rate {evals[-1]['eval/format_rate']:.0%}"
+            # SFT trains on the traces' token loss; weights matter only to its held-out scoring.
+            text += f"; reward weights {weights_text(weights)}" if weights else "; no reward weights (token loss)"
             if run.summary.get("seconds"):
-                text += f", {run.summary['seconds'] / 60:.1f} min"
+                text += f"; {run.summary['seconds'] / 60:.1f} min"
             lines.append(text)
         else:
             first, last = run.summary.get("first_quarter", {}), run.summary.get("last_quarter", {})
-            text = f"- **{run.name}** (GRPO): {len(run.records)} updates"
-            weights = run.summary.get("reward_weights") or (run.records[0].get("reward_weights") if run.records else None)
-            if weights:
-                text += f", weights {weights['correctness']:g} / {weights['trace']:g} / {weights['confidence']:g}"
+            updates = sum(1 for r in run.records if "reward/composite" in r)
+            text = f"- **{run.name}** (GRPO): {updates} updates; reward weights {weights_text(weights)}"
             if first and last:
                 parts = ", ".join(f"{k.split('/')[-1]} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k.startswith("reward/") and k in last)
                 text += f"; first -> last quarter: {parts}"
+            text += _validation_text(run)
+            spent = _values(run.records, "filter_rollouts")
+            if spent:
+                text += f"; the dynamic-sampling filter sampled {sum(v for _, v in spent):g} completions beyond the steps' own"
             if run.summary.get("seconds"):
                 text += f"; {run.summary['seconds'] / 60:.1f} min"
             lines.append(text)
@@ -244,14 +388,17 @@ def _save(fig, path: Path) -> Path:
 
 def plot_variants(variants: Sequence[Variant], path: Path) -> Path:
     plt = _pyplot()
-    metrics = [m for m in ("accuracy", "format_rate", "trace", "composite") if any(v.result.metrics[m].n for v in variants)]
+    metrics = [m for m in ("accuracy", "format_rate", "trace", "arithmetic", "composite") if any(v.result.metrics[m].n for v in variants)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics) * max(1, len(variants)) / 2), 4))
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(metrics))]
         est = [v.result.metrics[m] for m in metrics]
         means = [0 if math.isnan(e.mean) else e.mean for e in est]
-        errors = [[0 if math.isnan(e.mean) else e.mean - e.low for e in est], [0 if math.isnan(e.mean) else e.high - e.mean for e in est]]
+        # Clamped at 0: Wilson's bound at 0 of n (or n of n) can miss the mean by an ulp
+        # (1e-17 at n = 20 or 250), and matplotlib refuses a negative error bar.
+        errors = [[0 if math.isnan(e.mean) else max(0.0, e.mean - e.low) for e in est],
+                  [0 if math.isnan(e.mean) else max(0.0, e.high - e.mean) for e in est]]
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=v.label)
     ax.set_xticks(range(len(metrics)), [METRIC_LABELS[m] for m in metrics])
     ax.set_ylim(0, 1.05)
@@ -286,19 +433,57 @@ def plot_sft(runs: Sequence[TrainingRun], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _reward_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Every ``reward/<name>`` key the run logged, composite first, then as first seen."""
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update((k, None) for k in r if k.startswith("reward/"))
+    return sorted(keys, key=lambda k: k != "reward/composite")
+
+
+def grpo_panels(run: TrainingRun) -> list[tuple[str, str, list[tuple[str, list[tuple[Any, float]]]]]]:
+    """(title, y label, [(line label, (step, value) points)]) per panel the run has data
+    for: reward components, validation, groups with spread, filter rollouts."""
+    records = [r for r in run.records if "step" in r]
+    panels = []
+    rewards = [(k.split("/", 1)[1], _values(records, k)) for k in _reward_keys(records)]
+    panels.append(("rewards", "mean reward", [(name, points) for name, points in rewards if points]))
+    validation = [(k.split("/", 1)[1], _values(records, k)) for k in ("val/accuracy", "val/format_rate")]
+    panels.append(("validation (held out)", "share of problems", [(name, points) for name, points in validation if points]))
+    # A group whose G rewards are all equal carries no gradient; older runs log the opposite share.
+    spread = _values(records, "groups_with_spread")
+    label = "groups with spread"
+    if not spread:
+        spread = [(step, 1.0 - value) for step, value in _values(records, "zero_spread")]
+        label = "1 - zero_spread"
+    panels.append(("groups with spread", "share of groups", [(label, spread)] if spread else []))
+    spent = _values(records, "filter_rollouts")
+    panels.append(("dynamic-sampling filter", "rollouts spent", [("filter rollouts", spent)] if spent else []))
+    return [panel for panel in panels if panel[2]]
+
+
 def plot_grpo(runs: Sequence[TrainingRun], path: Path) -> Path:
+    """One row per run, one panel per kind of curve the run logged."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4), squeeze=False)
-    for ax, run in zip(axes[0], runs):
-        for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence"):
-            points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), label=key.split("/")[1])
-        ax.set_xlabel("update")
-        ax.set_ylabel("mean reward")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"GRPO rewards: {run.name}")
-        ax.legend(fontsize=8)
+    panels = [grpo_panels(run) for run in runs]
+    columns = max(1, *(len(p) for p in panels))
+    fig, axes = plt.subplots(len(runs), columns, figsize=(5 * columns, 3.6 * len(runs)), squeeze=False)
+    for row, run, run_panels in zip(axes, runs, panels):
+        for ax in row[len(run_panels):]:
+            ax.axis("off")
+        for ax, (title, ylabel, lines) in zip(row, run_panels):
+            sparse = title.startswith("validation")  # every N updates: show the points
+            for label, points in lines:
+                ax.plot(*zip(*points), "o-" if sparse or len(points) == 1 else "-", label=label)
+            top = max(value for _, points in lines for _, value in points)
+            if title == "dynamic-sampling filter":  # a count
+                ax.set_ylim(bottom=0)
+            else:  # rewards and shares live in [0, 1] (a composite may pass 1: weights may sum past 1)
+                ax.set_ylim(-0.05, max(1.05, top + 0.05))
+            ax.set_xlabel("update")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{run.name}: {title}", fontsize=10)
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -316,10 +501,13 @@ def write_report(paths: Sequence[Path], out_dir: Path, *, title: str = "tracetun
         first = variants[0].result.settings
         sections.append(f"Every variant is scored by the same harness: {first['source']} {first['split']} "
                         f"({len(variants[0].result.records)} problems), greedy decoding, {first['max_new_tokens']} new tokens, "
-                        f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means).\n")
+                        f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means). "
+                        + eval_weights_text(variants) + "\n")
         sections.append("## Results\n\n" + results_table(variants))
         plot_variants(variants, out_dir / "variants.png")
         sections.append("![Metrics per variant](variants.png)\n")
+        if len(variants) > 1:
+            sections.append("## Paired comparisons\n\n" + comparisons_section(variants))
         sections.append("## Failure analysis\n\nEvery wrong or malformed answer gets one category with its evidence.\n\n" + failure_table(variants))
         sections.append("## LLM judge\n\n" + judge_section(variants))
     sections.append("## Training\n\n" + training_section(runs))
@@ -330,7 +518,7 @@ def write_report(paths: Sequence[Path], out_dir: Path, *, title: str = "tracetun
         sections.append("![SFT loss](sft_loss.png)\n")
     if grpo_runs:
         plot_grpo(grpo_runs, out_dir / "grpo_rewards.png")
-        sections.append("![GRPO rewards](grpo_rewards.png)\n")
+        sections.append("![GRPO training curves](grpo_rewards.png)\n")
     if variants:
         sections.append("## Sample outputs\n\n" + samples_section(variants))
     report = out_dir / "report.md"

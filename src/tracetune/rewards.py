@@ -2,29 +2,48 @@
 
 The composite reward, declared once::
 
-    R = w_c * correctness + w_t * trace + w_k * confidence
-      with correctness in {0, 1}, trace in [0, 1], confidence in [0, 1],
-      and (w_c, w_t, w_k) = RewardWeights(), by default (0.6, 0.25, 0.15).
+    R = sum over the registered components k of  w_k * component_k
+
+      component    range     what it pays for                                    w_k
+      correctness  {0, 1}    the number in <answer> equals the reference          0.6
+      trace        [0, 1]    a structured trace (rubric: trace_breakdown)         0.25
+      confidence   [0, 1]    calibration of the answer tokens' probability        0.15
+      arithmetic   [0, 1]    true "a op b = c" claims grounded in the problem     0
+                             (rubric: arithmetic_breakdown)
+
+    with (w_k) = RewardWeights(): the seed recipe's 0.6 / 0.25 / 0.15, and 0 for
+    arithmetic, which the recipe does not have.
 
 Each reward has a per-sample helper (``correctness``, ``trace_structure``,
-``confidence``) and a batch form ``fn(prompts, completions, **columns) -> list[float]``,
-the signature Tunix's GRPOLearner and TRL's GRPOTrainer call. Batch columns:
-``reference`` (the reference answer, str or number), and for confidence
+``confidence``, ``arithmetic``) and a batch form ``fn(prompts, completions,
+**columns) -> list[float]``, the signature Tunix's GRPOLearner and TRL's
+GRPOTrainer call. Batch columns: ``reference`` (the reference answer, str or
+number); for arithmetic ``question`` (the problem's text) and optionally
+``solution`` (GSM8K's worked solution, "" when unknown); for confidence
 ``token_texts`` / ``token_logprobs`` (the completion's tokens as text, which must
-concatenate to the completion, and their log-probabilities under the policy).
-Unknown columns (Tunix also passes ``mode``, ``trajectory_ids``...) are ignored.
+concatenate to the completion, and their log-probabilities under the policy) or
+``answer_logprobs`` (those of the answer's tokens, already selected). Unknown
+columns (Tunix also passes ``mode``, ``trajectory_ids``...) are ignored.
+
+The registry ``REWARDS`` (name -> component) is the one list of components: the
+weights (``config.RewardWeights`` and ``--reward-weights``), the composite, the
+evaluation's metrics (``scoring``) and GRPO's ``reward/<name>`` metric keys all read
+it, so adding a component is one ``@register(...)`` on its batch form.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from tracetune.arithmetic import Claim, arithmetic_claims, calculator_annotations, problem_numbers, shows_calculation
 from tracetune.config import RewardWeights
 from tracetune.format import numbers_match, parse_completion, parse_number
 
@@ -71,12 +90,6 @@ CONCLUSION_CUES = re.compile(
 # it, not glued to a previous word, is checked in Python.
 _STEP_TAIL = re.compile(r"tep[ \t]*[0-9]+[ \t]*[:.)]")
 _NUMBERED_LINE = re.compile(r"\n[ \t]*[0-9]+[.)](?=[ \t])")
-# A shown calculation: "48 / 2", "0.2 x 50", "3*4", "3 times 4", or "= 24".
-_EQUALS_NUMBER = re.compile(r"=[ \t]*\$?-?[0-9.]")
-_OPERATION = re.compile(
-    r"[0-9][ \t]*[-+*/xX\u00d7\u00f7\u2212\u2013][ \t]*\$?[0-9.]"
-    r"|[0-9] (?:plus|minus|times|divided by|multiplied by) \$?[0-9]"
-)
 _SENTENCE_ENDS = (". ", "! ", "? ", "\n")
 
 # Rubric weights (they sum to 1) and bounds. GSM8K reference solutions have 2 to 11
@@ -87,11 +100,17 @@ FULL_CREDIT_CALCULATIONS = 2
 FULL_CREDIT_TRANSITIONS = 2
 MAX_STEPS = 12
 OUTSIDE_TEXT_FACTOR = 0.5
-
-
-def _shows_calculation(text: str) -> bool:
-    """``48 / 2``, ``0.2 x 50``, ``3 times 4`` or ``= 24`` (the "=" test is cheap, so first)."""
-    return ("=" in text and _EQUALS_NUMBER.search(text) is not None) or _OPERATION.search(text) is not None
+# A step whose words, numbers aside, are an earlier step's is a repeat when at
+# least this many words are left. Honest steps that share a sentence frame differ
+# in their words ("He buys 3 apples at 2 each" / "She buys 4 pears at 5 each"); a
+# frame of 4+ words repeated with other numbers is a loop ("She makes $2 per egg
+# for 2 eggs" / "She makes $3 per egg for 4 eggs"). Shorter frames are bare
+# arithmetic ("Then 48 + 24 = 72." / "Then 72 - 10 = 62."), which honest traces
+# repeat all the time: only their verbatim repeats count. Measured on GSM8K's own
+# solutions as SFT targets: 1.2% (train) and 1.7% (test) hold such a frame twice,
+# parallel steps such as "5 tables have 3 chairs each ..." / "4 tables have 6
+# chairs each ...", and lose a share of their trace score for it.
+TEMPLATE_MIN_WORDS = 4
 
 
 # Words for comparing steps: ASCII letters and digits, lowercased. A bytes
@@ -111,6 +130,17 @@ def _words(text: str) -> list[bytes]:
 def _is_substantive(words: list[bytes]) -> bool:
     """A step with content: at least 3 words, at least 2 of them not transition words."""
     return len(words) >= 3 and len(words) - sum(map(_TRANSITION_BYTES.__contains__, words)) >= 2
+
+
+def _template(key: bytes) -> bytes | None:
+    """A step's wording (its ``_words`` joined) without its numbers, or None when
+    fewer than TEMPLATE_MIN_WORDS words are left to compare. Three C-level calls:
+    the trace term runs on every rollout.
+
+    ``b"she sold 48 2 24 clips in may"`` -> ``b"she sold clips in may"``.
+    """
+    rest = key.translate(None, b"0123456789").split()
+    return b" ".join(rest) if len(rest) >= TEMPLATE_MIN_WORDS else None
 
 
 def split_steps(reasoning: str) -> tuple[list[str], int]:
@@ -140,7 +170,7 @@ def split_steps(reasoning: str) -> tuple[list[str], int]:
 def trace_breakdown(completion: str) -> dict[str, float]:
     """The rubric's parts for one completion, each in [0, 1], and the total.
 
-    Rubric (weights sum to 1, then multiplied by two penalty factors)::
+    Rubric (weights sum to 1, then multiplied by three penalty factors)::
 
         0.35 steps         distinct substantive marked steps, full credit at 2
         0.25 calculations  distinct steps that show a calculation, full credit at 2
@@ -151,12 +181,17 @@ def trace_breakdown(completion: str) -> dict[str, float]:
                            thus, hence, in total, the answer is) followed by the
                            answer's number (0.5 if there is no parseable answer
                            and a number follows)
+        x repetition       distinct steps / (distinct + repeated) substantive steps
         x padding          1 up to 12 step markers, then falls linearly to 0 at 24
         x outside          0.5 if there is non-whitespace text outside the tags
 
-    The conclusion is cut from the final step before steps are compared. Not
-    gameable by repetition: repeated and empty steps are not distinct substantive
-    steps, so they add nothing, and they still count as padding.
+    A repeated step is one whose words (case, punctuation and spacing aside) are an
+    earlier step's, or whose words without their numbers are an earlier step's
+    (``TEMPLATE_MIN_WORDS``). The conclusion is cut from the final
+    step before steps are compared. Repetition costs: a repeat is no distinct step,
+    so it adds nothing, and it lowers the total through the repetition factor
+    (a trace of 3 distinct steps and 1 repeat keeps 3/4). Empty steps add nothing
+    and count as padding.
     """
     parsed = parse_completion(completion)
     # With no reasoning block the whole completion is judged as reasoning, at the
@@ -186,12 +221,22 @@ def trace_breakdown(completion: str) -> dict[str, float]:
                 conclusion = 1.0 if numbers_match(stated, answer) else 0.0
 
     # Normalised step text -> (shows a calculation, uses a transition word), first
-    # occurrence of each distinct substantive step only.
+    # occurrence of each distinct substantive step only; the number-free wordings
+    # seen, to catch a step repeated with other numbers.
     distinct: dict[bytes, tuple[bool, bool]] = {}
+    templates: set[bytes] = set()
+    n_repeats = 0
     for segment in segments:
         words = _words(segment)
-        if _is_substantive(words) and (key := b" ".join(words)) not in distinct:
-            distinct[key] = (_shows_calculation(segment), not _TRANSITION_BYTES.isdisjoint(words))
+        if not _is_substantive(words):
+            continue
+        key = b" ".join(words)
+        if key in distinct or (template := _template(key)) in templates:
+            n_repeats += 1
+            continue
+        distinct[key] = (shows_calculation(segment), not _TRANSITION_BYTES.isdisjoint(words))
+        if template is not None:
+            templates.add(template)
 
     n_steps = len(distinct) if n_markers else 0
     n_calculations = sum(calc for calc, _ in distinct.values())
@@ -203,10 +248,12 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         "transitions": min(n_transitions, FULL_CREDIT_TRANSITIONS) / FULL_CREDIT_TRANSITIONS,
         "conclusion": conclusion,
     }
+    repetition = len(distinct) / (len(distinct) + n_repeats) if n_repeats else 1.0
     padding = 1.0 if n_markers <= MAX_STEPS else max(0.0, 1.0 - (n_markers - MAX_STEPS) / MAX_STEPS)
     outside = OUTSIDE_TEXT_FACTOR if parsed.outside.strip() else 1.0
-    total = sum(TRACE_RUBRIC[k] * v for k, v in parts.items()) * padding * outside
-    return {**parts, "padding": padding, "outside": outside, "n_steps": float(n_steps), "total": total}
+    total = sum(TRACE_RUBRIC[k] * v for k, v in parts.items()) * repetition * padding * outside
+    return {**parts, "repetition": repetition, "padding": padding, "outside": outside,
+            "n_steps": float(n_steps), "n_repeats": float(n_repeats), "total": total}
 
 
 def trace_structure(completion: str) -> float:
@@ -285,25 +332,229 @@ def confidence(
     return confidence_score(completion, reference, answer_token_logprobs(completion, token_texts, token_logprobs))
 
 
+# ---------------------------------------------------------------------- arithmetic
+
+# With no reference solution to count steps in (or one without annotations, 1% of
+# GSM8K's train split), one grounded true claim is enough.
+NEEDED_WITHOUT_SOLUTION = 1
+# Claims past max(WALL_FACTOR x needed, WALL_MIN) are a wall and each costs as a
+# false one. GSM8K's train solutions need 1 to 9 calculations (2 to 4 for 77% of
+# them); three times that leaves room for another route and a check (WALL_MIN for
+# short problems), not for padding.
+WALL_FACTOR, WALL_MIN = 3, 6
+# A reasoning with more claims than this (repeats included) is a wall that scores
+# 0; reading stops there, so the work per completion is bounded.
+SCAN_LIMIT = 100
+# Constants a claim may use beside the problem's numbers, as it may use the factors
+# the problem's words imply: 1 ("1 + 4 animals", "1 - 0.2", "108 * (1/2)") and 2
+# (halving, doubling, pairs). A claim needs one operand that is a quantity of the
+# problem (or a result) besides them, so "1 + 1 = 2" pays nothing, nor "2 + 2 = 4"
+# in a problem that says "half".
+FREE_CONSTANTS = (1.0, 2.0)
+_TOL = 1e-6
+
+
+def _claim_key(claim: Claim) -> tuple[tuple[float, ...], str, float]:
+    """What makes two claims the same: their numbers and operators in any order, and
+    the value claimed ("3 * 4 = 12", "4 x 3 = 12" and "<<3*4=12>>" are one claim)."""
+    return tuple(sorted(round(o.value, 6) for o in claim.operands)), "".join(sorted(claim.operators)), round(claim.claimed, 6)
+
+
+@functools.lru_cache(maxsize=4096)  # the G completions of a prompt share its problem
+def _problem(question: str, solution: str) -> tuple[tuple[float, ...], tuple[float, ...], frozenset[tuple], int]:
+    """(anchors, supports, the question's own claims, the calculations needed).
+
+    Anchors are the question's quantities and the reference solution's results (a
+    model that computed one correctly, in words or in its head, may use it);
+    supports are the factors the question's words imply and FREE_CONSTANTS.
+    """
+    numbers = problem_numbers(question)
+    annotations = calculator_annotations(solution)
+    results = [claim.claimed for a in annotations for claim in arithmetic_claims(a)]
+    anchors = tuple(sorted({*numbers.quantities, *results}))
+    supports = tuple(sorted({*numbers.factors, *FREE_CONSTANTS}))
+    copied = frozenset(map(_claim_key, arithmetic_claims(question, limit=SCAN_LIMIT)))
+    return anchors, supports, copied, len(annotations) or NEEDED_WITHOUT_SOLUTION
+
+
+def _among(value: float, ulp: float, numbers: Sequence[float]) -> bool:
+    """``value``, written to ``ulp``, is one of the sorted ``numbers``, or one of
+    them rounded ("3.33" for 10 / 3; a whole number only for an exact match)."""
+    slack = max(_TOL * abs(value), 1e-9, ulp / 2 if ulp < 1 else 0.0)
+    i = bisect.bisect_left(numbers, value - slack)
+    return i < len(numbers) and numbers[i] <= value + slack
+
+
+def _trivial(claim: Claim) -> bool:
+    """True and no work: the result is an operand, the others all 0 or 1 (x * 1, x + 0)."""
+    values = [o.value for o in claim.operands]
+    return claim.holds and any(
+        math.isclose(claim.claimed, v, rel_tol=_TOL, abs_tol=1e-9) and all(u in (0.0, 1.0) for u in values[:i] + values[i + 1 :])
+        for i, v in enumerate(values)
+    )
+
+
+def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> dict[str, float]:
+    """The arithmetic rubric's counts for one completion, and its total in [0, 1].
+
+    The claims are the checkable ``expr = number`` claims of the ``<reasoning>``
+    block (``arithmetic.arithmetic_claims``, the failure analysis's own), in order.
+    Claims elsewhere (the answer, text outside the tags) are not read.
+
+    * dropped, paying and costing nothing: a claim made earlier (numbers and
+      operators in any order, same value: counted once), a claim the question
+      itself makes, and a trivial one (``x * 1 = x``, ``x + 0 = x``);
+    * grounded: every operand is an anchor (a quantity the question gives, a
+      result of its reference solution, the result of an earlier grounded claim)
+      or a support (a factor the question's words imply, ``FREE_CONSTANTS``), and
+      one at least is an anchor (``arithmetic.problem_numbers``);
+    * needed: the reference solution's calculator annotations (GSM8K writes one
+      ``<<a*b=c>>`` per calculation), NEEDED_WITHOUT_SOLUTION without one;
+    * a wall: every claim past max(WALL_FACTOR x needed, WALL_MIN) counts as false,
+      and a reasoning with more than SCAN_LIMIT claims scores 0.
+
+    With T grounded true claims, at most ``needed`` of them paid (more true claims
+    cannot dilute a false one), and F false claims, grounded or not::
+
+        T' = min(T, needed)
+        total = (T' / needed) * (T' / (T' + F))        0 when T' = 0
+                 coverage       share of true claims
+
+    A false claim costs more than a missing one (1 true of 2 needed: 0.5; with one
+    false beside it: 0.25): the component pays for arithmetic that is right, not
+    for writing more of it. Ungrounded true claims pay nothing and cost nothing.
+    What it cannot see: a calculation with words between its numbers ("5
+    snakes/jaguar * 6 jaguars = 30") is no claim, so it neither pays nor costs (on
+    GSM8K's train solutions, curated as SFT targets, 16% hold no claim it reads);
+    and a grounded true claim pays whether or not the problem needs it
+    (correctness judges the plan).
+
+    Worked example. "Natalia sold clips to 48 of her friends in April, and then she
+    sold half as many clips in May. How many clips did Natalia sell altogether?",
+    whose solution has 2 annotations (needed = 2). The reasoning "48 / 2 = 24.
+    1 + 1 = 2. 48 + 24 = 73. 24 + 48 = 73." has: 48 / 2 = 24 grounded (48 and 2)
+    and true; 1 + 1 = 2 true but of free constants only (ungrounded); 48 + 24 = 73
+    grounded (24 is the first claim's result) and false; 24 + 48 = 73 the same
+    claim again (dropped). T' = 1, F = 1: total = (1/2) * (1/2) = 0.25. Written
+    right, 48 + 24 = 72, it is (2/2) * (2/2) = 1.
+    """
+    counts = {"true": 0.0, "false": 0.0, "ungrounded": 0.0, "dropped": 0.0, "wall": 0.0}
+    reasoning = parse_completion(completion).reasoning
+    anchors, supports, copied, needed = _problem(question, solution)
+    claims = arithmetic_claims(reasoning, limit=SCAN_LIMIT + 1) if reasoning is not None else []
+    if len(claims) > SCAN_LIMIT:
+        counts["wall"] = float(len(claims))
+        return {**counts, "needed": float(needed), "total": 0.0}
+    known = list(anchors)  # grows by each grounded claim's result
+    seen: set[tuple] = set()
+    cap = max(WALL_FACTOR * needed, WALL_MIN)
+    counted = 0
+    for claim in claims:
+        key = _claim_key(claim)
+        if key in seen or key in copied or _trivial(claim):
+            counts["dropped"] += 1
+            continue
+        seen.add(key)
+        counted += 1
+        if counted > cap:
+            counts["wall"] += 1
+            counts["false"] += 1
+            continue
+        anchored = [_among(o.value, o.ulp, known) for o in claim.operands]
+        grounded = any(anchored) and all(a or _among(o.value, o.ulp, supports) for a, o in zip(anchored, claim.operands))
+        if grounded:
+            bisect.insort(known, claim.claimed)
+        if not claim.holds:
+            counts["false"] += 1
+        elif grounded:
+            counts["true"] += 1
+        else:
+            counts["ungrounded"] += 1
+    paid = min(counts["true"], needed)
+    total = (paid / needed) * (paid / (paid + counts["false"])) if paid else 0.0
+    return {**counts, "needed": float(needed), "total": total}
+
+
+def arithmetic(completion: str, question: str, solution: str = "") -> float:
+    """The arithmetic rubric's total in [0, 1]; see ``arithmetic_breakdown`` for the rubric."""
+    return arithmetic_breakdown(completion, question, solution)["total"]
+
+
+# ---------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A registered component of the composite: its batch form and what it needs.
+
+    ``columns`` are the batch columns it reads, as alternatives (any one set is
+    enough); ``default_weight`` is its weight in ``RewardWeights()``; ``label``
+    names its evaluation metric (``scoring``).
+    """
+
+    name: str
+    fn: Callable[..., list[float]]
+    columns: tuple[tuple[str, ...], ...]
+    default_weight: float
+    label: str
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        if not self.available(columns):
+            raise ValueError(f"the {self.name} reward needs the columns {self.needs()}")
+        return self.fn(prompts, completions, **columns)
+
+    def available(self, columns: Mapping[str, Any]) -> bool:
+        return any(all(columns.get(name) is not None for name in group) for group in self.columns)
+
+    def needs(self) -> str:
+        """``"'token_texts' and 'token_logprobs', or 'answer_logprobs'"``."""
+        return ", or ".join(" and ".join(f"'{name}'" for name in group) for group in self.columns)
+
+
+# Metric keys are "reward/<name>" (tracetune's one name per concept); the order of
+# registration is the order of the positional --reward-weights form.
+REWARDS: dict[str, Reward] = {}
+
+
+def register(name: str, *, columns: tuple[tuple[str, ...], ...] = ((),), default_weight: float = 0.0,
+             label: str) -> Callable[[Callable[..., list[float]]], Callable[..., list[float]]]:
+    """Register a batch reward as a component of the composite (see the module docstring)."""
+
+    def add(fn: Callable[..., list[float]]) -> Callable[..., list[float]]:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = Reward(name, fn, columns, default_weight, label)
+        return fn
+
+    return add
+
+
 # ------------------------------------------------------------------- batch forms
 
 
+@register("correctness", columns=(("reference",),), default_weight=0.6, label="GSM8K accuracy")
 def correctness_reward(prompts: Sequence[str], completions: Sequence[str], reference: Sequence[Any], **_: Any) -> list[float]:
     return [correctness(c, r) for c, r in zip(completions, reference, strict=True)]
 
 
+@register("trace", default_weight=0.25, label="Avg trace score")
 def trace_reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
     return [trace_structure(c) for c in completions]
 
 
+@register("confidence", columns=(("reference", "token_texts", "token_logprobs"), ("reference", "answer_logprobs")),
+          default_weight=0.15, label="Avg confidence reward")
 def confidence_reward(
     prompts: Sequence[str],
     completions: Sequence[str],
     reference: Sequence[Any],
     token_texts: Sequence[Sequence[str]] | None = None,
     token_logprobs: Sequence[Sequence[float]] | None = None,
+    answer_logprobs: Sequence[Sequence[float] | None] | None = None,
     **_: Any,
 ) -> list[float]:
+    if answer_logprobs is not None:  # already selected (the evaluation harness)
+        return [confidence_score(c, r, lp) for c, r, lp in zip(completions, reference, answer_logprobs, strict=True)]
     if token_texts is None or token_logprobs is None:
         raise ValueError(
             "the confidence reward needs the 'token_texts' and 'token_logprobs' columns "
@@ -315,53 +566,77 @@ def confidence_reward(
     ]
 
 
-# Metric keys are "reward/<name>" (tracetune's one name per concept).
-REWARDS: dict[str, Callable[..., list[float]]] = {
-    "correctness": correctness_reward,
-    "trace": trace_reward,
-    "confidence": confidence_reward,
-}
+@register("arithmetic", columns=(("question",),), label="Avg arithmetic reward")
+def arithmetic_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    question: Sequence[str],
+    solution: Sequence[str] | None = None,
+    **_: Any,
+) -> list[float]:
+    solutions = solution if solution is not None else [""] * len(completions)
+    return [arithmetic(c, q, s or "") for c, q, s in zip(completions, question, solutions, strict=True)]
+
+
+# Components are computed a chunk of completions at a time: every component parses
+# each completion, and the parse caches (format.parse_completion, 8192 entries) only
+# help while a chunk's completions are all still in them. Component by component
+# over a 20,000-completion batch, each parse missed (bench/rewards.py: 25% slower).
+CHUNK = 1024
+
+
+def available_components(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> dict[str, list[float]]:
+    """Every registered component whose columns are given, by name (the evaluation's
+    metrics: it has no weights to decide by). A column as long as the batch (and
+    not a string) is per completion and is cut into chunks with it; any other
+    (Tunix's ``mode``) is passed whole."""
+    rewards = [reward for reward in REWARDS.values() if reward.available(columns)]
+    n = len(completions)
+    per_completion = {k for k, v in columns.items() if not isinstance(v, str) and hasattr(v, "__len__") and len(v) == n}
+    out: dict[str, list[float]] = {reward.name: [] for reward in rewards}
+    for start in range(0, n, CHUNK):
+        cut = slice(start, start + CHUNK)
+        chunk = {k: v[cut] if k in per_completion else v for k, v in columns.items()}
+        for reward in rewards:
+            out[reward.name] += reward(prompts[cut], completions[cut], **chunk)
+    return out
 
 
 def reward_components(
     prompts: Sequence[str],
     completions: Sequence[str],
-    weights: RewardWeights = RewardWeights(),
+    weights: RewardWeights | None = None,
     **columns: Any,
 ) -> dict[str, list[float]]:
     """Every component the weights need, plus any other the columns allow (for logging).
 
-    Equal to calling each batch reward in REWARDS, in one pass per completion (the
-    correctness is shared with the confidence term). A component with weight 0 is
-    skipped when its columns are missing: the no-confidence ablation runs without
-    log-probabilities.
+    Equal to calling each batch reward in REWARDS. A component with weight 0 is
+    skipped when its columns are missing (the no-confidence ablation runs without
+    log-probabilities); one with a weight and without its columns is an error.
     """
-    reference = columns["reference"]
-    texts, logprobs = columns.get("token_texts"), columns.get("token_logprobs")
-    with_confidence = not (weights.confidence == 0 and logprobs is None)
-    if with_confidence and (texts is None or logprobs is None):
-        confidence_reward(prompts, completions, reference)  # raises the one explanatory error
-    out: dict[str, list[float]] = {"correctness": [], "trace": [], **({"confidence": []} if with_confidence else {})}
-    for i, completion in enumerate(completions):
-        correct = correctness(completion, reference[i])
-        out["correctness"].append(correct)
-        out["trace"].append(trace_structure(completion))
-        if with_confidence:
-            answer_logprobs = answer_token_logprobs(completion, texts[i], logprobs[i])
-            out["confidence"].append(confidence_score(completion, reference[i], answer_logprobs, correct=correct))
-    return out
+    w = (weights if weights is not None else RewardWeights()).as_dict()
+    if missing := [reward for name, reward in REWARDS.items() if w[name] and not reward.available(columns)]:
+        raise ValueError("; ".join(f"the {r.name} reward (weight {w[r.name]:g}) needs the columns {r.needs()}" for r in missing))
+    return available_components(prompts, completions, **columns)
 
 
 def combine(components: Mapping[str, Sequence[float]], weights: RewardWeights) -> list[float]:
-    """R = sum_k w_k * component_k: the one place where the weights are applied."""
+    """R = sum_k w_k * component_k: the one place where the weights are applied.
+
+    Components with weight 0 may be given (they are logged, not paid); a weighted one
+    that is missing is an error, not a silent 0.
+    """
     w = weights.as_dict()
+    if missing := [name for name, weight in w.items() if weight and name not in components]:
+        raise ValueError(f"the composite needs the components {missing} (weights {weights})")
     n = len(next(iter(components.values())))
-    return [math.fsum(w[k] * components[k][i] for k in components if w[k]) for i in range(n)]
+    return [math.fsum(w[k] * components[k][i] for k in components if w.get(k)) for i in range(n)]
 
 
-def make_composite_reward(weights: RewardWeights = RewardWeights()) -> Callable[..., list[float]]:
+def make_composite_reward(weights: RewardWeights | None = None) -> Callable[..., list[float]]:
     """The composite reward as one batch function, for trainers that sum reward
     functions without weights (Tunix: ``np.nansum``)."""
+    weights = weights if weights is not None else RewardWeights()
 
     def composite(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
         return combine(reward_components(prompts, completions, weights, **columns), weights)

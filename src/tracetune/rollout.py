@@ -76,6 +76,29 @@ class StepRollout:
         """[B, width] right-padded completion ids."""
         return right_padded(self.tokens, pad_id, width)
 
+    def take(self, rows: Sequence[int]) -> StepRollout:
+        """The rollout of ``rows`` only, in that order (seconds stay the whole rollout's)."""
+        return StepRollout(
+            prompts=[self.prompts[i] for i in rows], prompt_tokens=self.prompt_tokens[list(rows)],
+            tokens=[self.tokens[i] for i in rows], texts=[self.texts[i] for i in rows],
+            token_texts=[self.token_texts[i] for i in rows], logprobs=[self.logprobs[i] for i in rows],
+            finish_reasons=[self.finish_reasons[i] for i in rows], finite=self.finite, seconds=self.seconds)
+
+    @staticmethod
+    def concat(parts: Sequence[StepRollout], pad_id: int) -> StepRollout:
+        """One rollout of several (a step that sampled more than once), prompts
+        left-padded to the widest part; seconds add up."""
+        width = max(p.prompt_tokens.shape[1] for p in parts)
+        prompt_tokens = np.concatenate([
+            np.pad(p.prompt_tokens, ((0, 0), (width - p.prompt_tokens.shape[1], 0)), constant_values=pad_id)
+            for p in parts])  # [sum B, width]
+        return StepRollout(
+            prompts=[x for p in parts for x in p.prompts], prompt_tokens=prompt_tokens,
+            tokens=[x for p in parts for x in p.tokens], texts=[x for p in parts for x in p.texts],
+            token_texts=[x for p in parts for x in p.token_texts], logprobs=[x for p in parts for x in p.logprobs],
+            finish_reasons=[x for p in parts for x in p.finish_reasons], finite=all(p.finite for p in parts),
+            seconds=sum(p.seconds for p in parts))
+
     def reward_columns(self) -> dict[str, list]:
         """The columns the reward functions read beside the batch's own."""
         return {"token_texts": self.token_texts, "token_logprobs": [[float(x) for x in lp] for lp in self.logprobs]}

@@ -6,11 +6,17 @@ reward functions that GRPO trains on.
 
 Metrics (each with a 95% confidence interval):
     accuracy          strict GSM8K accuracy: the number in <answer> equals the reference
+                      (the correctness reward)
     lenient_accuracy  the last number anywhere equals the reference (reporting only)
     format_rate       share of completions in the strict trace format
-    trace             mean trace_structure score
+    trace             mean trace reward (trace_structure)
     confidence        mean calibration reward (when answer log-probabilities are given)
+    arithmetic        mean arithmetic reward (true claims grounded in the problem)
     composite         mean composite reward (when every weighted component is known)
+
+The reward metrics (trace, confidence, arithmetic, ...) are the registered reward
+components but correctness (``rewards.REWARDS``, each in [0, 1]): a new component is
+scored, aggregated and labelled here without an edit.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -27,26 +33,33 @@ from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
 from tracetune.files import atomic_path, json_safe
 from tracetune.format import lenient_number, numbers_match, parse_completion, parse_number
-from tracetune.rewards import answer_token_logprobs, combine, confidence_score, correctness, parse_reference, trace_structure
+from tracetune.rewards import REWARDS, answer_token_logprobs, available_components, combine, parse_reference
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
-METRICS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "confidence", "composite")
+# Every registered reward is a metric; correctness is the accuracy.
+REWARD_METRICS = tuple(name for name in REWARDS if name != "correctness")
+METRICS = ("accuracy", "lenient_accuracy", "format_rate", *REWARD_METRICS, "composite")
 METRIC_LABELS = {
-    "accuracy": "GSM8K accuracy",
+    "accuracy": REWARDS["correctness"].label,
     "lenient_accuracy": "Lenient accuracy",
     "format_rate": "Format rate",
-    "trace": "Avg trace score",
-    "confidence": "Avg confidence reward",
+    **{name: REWARDS[name].label for name in REWARD_METRICS},
     "composite": "Avg composite reward",
 }
-UNIT = (0.0, 1.0)  # the trace and confidence scores lie in [0, 1]
+UNIT = (0.0, 1.0)  # the reward components lie in [0, 1]
 PROPORTIONS = {"accuracy", "lenient_accuracy", "format_rate"}
 
 
 @dataclass(frozen=True)
 class SampleScore:
-    """Everything the harness knows about one completion."""
+    """Everything the harness knows about one completion.
+
+    ``rewards`` holds each reward metric by name (``REWARD_METRICS``: trace,
+    confidence, arithmetic, ...), None where the sample lacked its columns (no
+    answer log-probabilities: no confidence). They read as attributes too
+    (``score.trace``), and ``record()`` writes them as top-level keys.
+    """
 
     id: str
     question: str
@@ -58,9 +71,26 @@ class SampleScore:
     correct: bool
     lenient_correct: bool
     well_formed: bool
-    trace: float
-    confidence: float | None
+    rewards: dict[str, float | None]
     composite: float | None
+
+    def __getattr__(self, name: str) -> float | None:
+        rewards = self.__dict__.get("rewards", {})
+        if name in rewards:
+            return rewards[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def record(self) -> dict[str, Any]:
+        """The flat per-sample record (samples.jsonl): every field, the rewards by name."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rewards", "composite")}
+        return {**out, **self.rewards, "composite": self.composite}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SampleScore:
+        """Back from ``record()``; a reward the record lacks (scored before it was
+        registered) is None."""
+        names = [f.name for f in fields(cls) if f.name != "rewards"]
+        return cls(**{k: record[k] for k in names}, rewards={name: record.get(name) for name in REWARD_METRICS})
 
 
 def score_sample(
@@ -69,21 +99,25 @@ def score_sample(
     completion: str,
     answer_logprobs: Sequence[float] | None = None,
     *,
-    weights: RewardWeights = RewardWeights(),
+    weights: RewardWeights | None = None,
     id: str = "",
+    solution: str = "",
 ) -> SampleScore:
-    """Score one completion. Without answer log-probabilities there is no confidence
-    term, and then no composite unless the confidence weight is 0."""
+    """Score one completion with every registered reward its inputs allow.
+
+    Without answer log-probabilities there is no confidence term, and then no
+    composite unless the confidence weight is 0. ``solution`` (GSM8K's worked
+    solution) tells the arithmetic reward how many calculations the problem needs.
+    """
+    weights = weights if weights is not None else RewardWeights()
     parsed = parse_completion(completion)
     ref = parse_reference(reference)
     lenient = lenient_number(completion)
-    correct = correctness(completion, reference)
-    trace = trace_structure(completion)
-    conf = confidence_score(completion, reference, answer_logprobs) if answer_logprobs is not None else None
-    components = {"correctness": [correct], "trace": [trace]}
-    if conf is not None:
-        components["confidence"] = [conf]
-    composite = combine(components, weights)[0] if conf is not None or weights.confidence == 0 else None
+    columns: dict[str, list[Any]] = {"reference": [reference], "question": [question], "solution": [solution]}
+    if answer_logprobs is not None:
+        columns["answer_logprobs"] = [answer_logprobs]
+    components = available_components([question], [completion], **columns)
+    weighted = all(name in components for name, w in weights.as_dict().items() if w)
     return SampleScore(
         id=id,
         question=question,
@@ -92,12 +126,11 @@ def score_sample(
         answer=parsed.answer,
         predicted=parse_number(parsed.answer),
         lenient_predicted=lenient,
-        correct=correct == 1.0,
+        correct=components["correctness"][0] == 1.0,
         lenient_correct=numbers_match(lenient, ref),
         well_formed=parsed.strict,
-        trace=trace,
-        confidence=conf,
-        composite=composite,
+        rewards={name: components[name][0] if name in components else None for name in REWARD_METRICS},
+        composite=combine(components, weights)[0] if weighted else None,
     )
 
 
@@ -138,15 +171,15 @@ def mean_ci(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, m
 
 
 def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
-    """The results table's metrics. Confidence and composite are over the samples
-    that have them (their n says how many)."""
+    """The results table's metrics. A reward metric (confidence without
+    log-probabilities) and the composite are over the samples that have them (their
+    n says how many)."""
     n = len(scores)
     return {
         "accuracy": proportion_ci(sum(s.correct for s in scores), n),
         "lenient_accuracy": proportion_ci(sum(s.lenient_correct for s in scores), n),
         "format_rate": proportion_ci(sum(s.well_formed for s in scores), n),
-        "trace": mean_ci([s.trace for s in scores], UNIT),
-        "confidence": mean_ci([s.confidence for s in scores if s.confidence is not None], UNIT),
+        **{name: mean_ci([v for s in scores if (v := s.rewards.get(name)) is not None], UNIT) for name in REWARD_METRICS},
         "composite": mean_ci([s.composite for s in scores if s.composite is not None]),  # weights may sum past 1
     }
 
@@ -179,7 +212,7 @@ def write_scores(scores: Iterable[SampleScore], metrics: dict[str, Estimate], ou
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"samples": out_dir / "samples.jsonl", "metrics": out_dir / "metrics.json", "table": out_dir / "metrics.md"}
     contents = {
-        "samples": "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in scores),
+        "samples": "".join(json.dumps(s.record(), ensure_ascii=False) + "\n" for s in scores),
         "metrics": json.dumps(json_safe(metrics_json(metrics)), indent=2, allow_nan=False) + "\n",
         "table": markdown_table(metrics),
     }

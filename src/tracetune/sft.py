@@ -47,7 +47,7 @@ from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
-from tracetune.lora import export_run, lora_on_mesh, merged_model, use_adapter_step
+from tracetune.lora import BestAdapters, lora_on_mesh, merged_model, use_adapter_step
 from tracetune.models.params import write_json
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
@@ -448,6 +448,7 @@ class SFTRun:
             "step": step,
             "eval/format_rate": sum(s.well_formed for s in scores) / len(scores),
             "eval/accuracy": sum(s.correct for s in scores) / len(scores),
+            "eval/composite": sum(s.composite for s in scores) / len(scores),
             "eval/examples": len(scores),
             "eval/seconds": generator.stats.seconds,
         }
@@ -457,8 +458,9 @@ class SFTRun:
             for key in ("eval/format_rate", "eval/accuracy"):
                 self.metrics_logger.log("", key, result[key], tunix_metrics.Mode.TRAIN, step)
         self.evals.append(result)
+        better = self.best.offer(result, lora_model, self.loaded, sft.lora, "sft")
         print(f"step {step}: format rate {result['eval/format_rate']:.0%}, accuracy {result['eval/accuracy']:.0%} "
-              f"on {len(scores)} held-out traces", file=sys.stderr)
+              f"on {len(scores)} held-out traces{' (best so far)' if better and step else ''}", file=sys.stderr)
         return result
 
     def _write_samples(self, step: int, held_out, outputs, scores) -> None:
@@ -520,7 +522,8 @@ class SFTRun:
         trainer.with_gen_model_input_fn(lambda batch: model_inputs(batch, pad_id=pad_id))
         trainer.with_training_hooks(RunHooks(self))
         resumed = trainer.train_steps
-        truncate_metrics(self.metrics_path, resumed)
+        kept = truncate_metrics(self.metrics_path, resumed)
+        self.best = BestAdapters(self.run_dir / "best", "eval/", sft.select == "best", kept)
         if resumed:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         elif sft.eval_every_steps:
@@ -548,7 +551,8 @@ class SFTRun:
     def _finish(self, model: nnx.Module, trainer: Trainer) -> SFTResult:
         sft = self.config.sft
         evaluation = self.evaluate(trainer.train_steps, model) if sft.eval_examples else {}
-        adapter_dir, merged_dir = export_run(model, self.loaded, sft.lora, self.run_dir, stage="sft", step=trainer.train_steps)
+        adapter_dir, merged_dir, exported = self.best.export(model, self.loaded, sft.lora, self.run_dir, stage="sft",
+                                                             step=trainer.train_steps)
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
         losses = [json.loads(line) for line in lines if line.strip()]
         losses = [r["loss"] for r in losses if "loss" in r]
@@ -560,6 +564,8 @@ class SFTRun:
         )
         if is_primary():
             write_json({"steps": result.steps, "final_loss": result.final_loss, "final_eval": evaluation,
+                        "exported_step": exported, "select": sft.select, "best": self.best.record,
+                        "reward_weights": self.config.rewards.as_dict(),
                         "seconds": result.seconds, "padding_share": result.padding_share}, self.run_dir / "summary.json")
         return result
 
