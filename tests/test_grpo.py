@@ -145,6 +145,17 @@ def sft_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def shortcut_sft(tmp_path_factory) -> Path:
+    """SFT on traces that stop early half the time (noisy labels): a policy that is
+    right, and writes its calculation, only part of the time. Shared by the learning tests."""
+    from tracetune.sft import train_sft
+
+    out = tmp_path_factory.mktemp("shortcut") / "sft"
+    return train_sft(load_config("tiny", ["data.source=addition-shortcut", "sft.max_steps=800", "sft.eval_every_steps=0",
+                                          "sft.eval_examples=0", "sft.checkpoint_steps=0"]), out).merged_dir
+
+
 def held_out_scores(model_dir: Path, count: int = 128) -> dict[str, float]:
     """The fixed harness on the clean addition test split at the tiny preset's
     evaluation budget."""
@@ -153,22 +164,18 @@ def held_out_scores(model_dir: Path, count: int = 128) -> dict[str, float]:
 
     config = load_config("tiny", ["data.source=addition", f"eval.limit={count}"])
     result = evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / "eval", config)
-    return {"accuracy": result.metrics["accuracy"].mean, "format_rate": result.metrics["format_rate"].mean}
+    return {name: result.metrics[name].mean for name in ("accuracy", "format_rate", "arithmetic")}
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_accuracy_over_the_sft_start(tmp_path):
-    """SFT on traces that stop early half the time (noisy labels) leaves a policy
-    that is right only part of the time; GRPO, rewarded against the true answers,
-    must raise greedy accuracy on held-out problems by 10+ points, format intact."""
+def test_grpo_raises_held_out_accuracy_over_the_sft_start(tmp_path, shortcut_sft):
+    """GRPO from the shortcut SFT policy, rewarded against the true answers, must
+    raise greedy accuracy on held-out problems by 10+ points, format intact."""
     from tracetune.grpo import train_grpo
-    from tracetune.sft import train_sft
 
-    sft = train_sft(load_config("tiny", ["data.source=addition-shortcut", "sft.max_steps=800", "sft.eval_every_steps=0",
-                                         "sft.eval_examples=0", "sft.checkpoint_steps=0"]), tmp_path / "sft")
-    before = held_out_scores(sft.merged_dir)
+    before = held_out_scores(shortcut_sft)
     grpo = train_grpo(load_config("tiny", ["data.source=addition", "grpo.checkpoint_steps=0",
-                                           f"grpo.init={sft.merged_dir}"]), tmp_path / "grpo")
+                                           f"grpo.init={shortcut_sft}"]), tmp_path / "grpo")
     after = held_out_scores(grpo.merged_dir)
     assert after["accuracy"] >= before["accuracy"] + 0.10, (before, after)
     assert after["format_rate"] >= before["format_rate"], (before, after)
@@ -177,8 +184,26 @@ def test_grpo_raises_held_out_accuracy_over_the_sft_start(tmp_path):
     assert summary["last_quarter"]["reward/correctness"] > summary["first_quarter"]["reward/correctness"], summary
 
 
+@pytest.mark.slow
+def test_the_arithmetic_reward_alone_moves_the_policy(tmp_path, shortcut_sft):
+    """GRPO rewarded by the arithmetic component alone (no correctness, no trace)
+    raises the held-out arithmetic score (true, grounded claims for the problem's
+    steps) over its SFT start: the component moves the policy, not just the metric."""
+    from tracetune.grpo import train_grpo
+
+    before = held_out_scores(shortcut_sft)
+    grpo = train_grpo(load_config("tiny", ["data.source=addition", "grpo.checkpoint_steps=0", "grpo.max_steps=30",
+                                           "rewards.correctness=0", "rewards.trace=0", "rewards.confidence=0",
+                                           "rewards.arithmetic=1", f"grpo.init={shortcut_sft}"]), tmp_path / "grpo")
+    after = held_out_scores(grpo.merged_dir)
+    assert after["arithmetic"] >= before["arithmetic"] + 0.10, (before, after)
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["reward_weights"]["arithmetic"] == 1 and summary["reward_weights"]["correctness"] == 0
+    assert summary["last_quarter"]["reward/arithmetic"] > summary["first_quarter"]["reward/arithmetic"], summary
+
+
 def grpo_process(run_dir: Path, init: Path, *overrides: str) -> subprocess.Popen:
-    settings = ["grpo.max_steps=12", "grpo.checkpoint_steps=4", "grpo.temperature=0.6", "grpo.top_k=8", *overrides]
+    settings = ["grpo.max_steps=8", "grpo.checkpoint_steps=4", "grpo.temperature=0.6", "grpo.top_k=8", *overrides]
     return start_tracetune("grpo", run_dir, "--preset", "tiny", "--init", str(init), settings=settings)
 
 
@@ -221,7 +246,7 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert all(r["compiles"]["count"] >= 0 for r in records)
     seeds = [s for r in records for s in r["rollout_seeds"]]
     assert len(set(seeds)) == len(seeds)  # a new rollout key every step
-    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15}
+    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0}
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "correctness", "trace", "confidence"} <= set(samples[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -252,7 +277,7 @@ def test_a_killed_or_stopped_grpo_run_resumes_to_the_same_weights(tmp_path, sft_
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert "checkpoint saved" in result.stderr and "Traceback" not in result.stderr
     saved = max(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "actor").iterdir() if p.name.isdigit())
-    assert 4 <= saved < 12
+    assert 4 <= saved < 8
     assert finish_grpo(grpo_process(tmp_path / "stopped", sft_run)).returncode == 0
     expected = adapter_weights(tmp_path / "straight")
     for run in ("killed", "stopped"):
