@@ -153,7 +153,7 @@ def proportion_ci(successes: int, n: int) -> Estimate:
     denom = 1 + Z95**2 / n
     centre = (p + Z95**2 / (2 * n)) / denom
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    return Estimate(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n)  # never past p by an ulp
 
 
 def mean_ci(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
