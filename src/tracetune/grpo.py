@@ -63,6 +63,7 @@ from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.rewards import REWARDS, combine, make_composite_reward, reward_components
 from tracetune.rollout import StepRollout, TracetuneRollout, TunixEngineRollout
+from tracetune.scoring import aggregate
 from tracetune.runs import (CompileClock, FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
                             is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
 
@@ -637,10 +638,8 @@ class GRPORun:
         finally:
             self._validator.drop_params()
         scores = [score for score, _ in scored]
-        result = {"step": step, "val/accuracy": float(np.mean([s.correct for s in scores])),
-                  "val/format_rate": float(np.mean([s.well_formed for s in scores])),
-                  "val/trace": float(np.mean([s.trace for s in scores])),
-                  "val/composite": float(np.mean([s.composite for s in scores])),
+        metrics = aggregate(scores)  # the harness's own aggregation, as `tracetune eval` reports it
+        result = {"step": step, **{f"val/{m}": metrics[m].mean for m in ("accuracy", "format_rate", "trace", "composite")},
                   "val/examples": len(scores), "val/seconds": round(self._validator.stats.seconds, 3)}
         self.validations.append(result)
         self._append(self.metrics_path, result)

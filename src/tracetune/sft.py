@@ -49,6 +49,7 @@ from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
 from tracetune.lora import BestAdapters, lora_on_mesh, merged_model, use_adapter_step
 from tracetune.models.params import write_json
+from tracetune.scoring import aggregate
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
@@ -444,11 +445,10 @@ class SFTRun:
                                     max_new_tokens=sft.eval_max_new_tokens, prompt_style=self.config.data.prompt_style,
                                     weights=self.config.rewards)
         scores, outputs = [s for s, _ in scored], [o for _, o in scored]
+        metrics = aggregate(scores)  # the harness's own aggregation, as `tracetune eval` reports it
         result = {
             "step": step,
-            "eval/format_rate": sum(s.well_formed for s in scores) / len(scores),
-            "eval/accuracy": sum(s.correct for s in scores) / len(scores),
-            "eval/composite": sum(s.composite for s in scores) / len(scores),
+            **{f"eval/{m}": metrics[m].mean for m in ("format_rate", "accuracy", "composite")},
             "eval/examples": len(scores),
             "eval/seconds": generator.stats.seconds,
         }
