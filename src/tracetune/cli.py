@@ -20,7 +20,7 @@ from rich.table import Table
 from tracetune import data as data_mod
 from tracetune import files, scoring
 from tracetune.files import atomic_path
-from tracetune.errors import DamagedFile, DiskFull, Interrupted, TimeLimitReached, TrainingError
+from tracetune.errors import DamagedFile, DiskFull, ExportError, Interrupted, TimeLimitReached, TrainingError
 from tracetune.models.errors import ModelError
 from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, reward_defaults, save_config
 
@@ -255,7 +255,7 @@ def score(
 @app.command()
 def generate(
     question: Annotated[Optional[str], typer.Argument(help="A question to answer (or use --input).")] = None,
-    model: Annotated[str, typer.Option(help="Model name (gemma3-270m, gemma3-1b-it, tiny, ...) a checkpoint path, or a finished run directory (its export/merged).")] = "gemma3-270m",
+    model: Annotated[str, typer.Option(help="Model name (gemma3-270m, gemma3-1b-it, tiny, ...), a checkpoint path, a finished run directory (its export/merged), a Gemma 3 .gguf, or a published export (hf:OWNER/NAME, kaggle:...).")] = "gemma3-270m",
     weights: Annotated[Optional[str], typer.Option(help="For Hugging Face models: a local safetensors directory, hf:REPO or kaggle:HANDLE.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", help="JSONL with a 'question' per row; every row's fields are kept in the output.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="JSONL to write, one row per input row (with --input).")] = None,
@@ -344,7 +344,7 @@ def _judge(cfg: Config, result) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="Model to evaluate: a name (gemma3-270m, gemma3-1b-it, tiny, ...) or a checkpoint path.")] = "gemma3-270m",
+    model: Annotated[str, typer.Option(help="Model to evaluate: a name (gemma3-270m, gemma3-1b-it, tiny, ...), a checkpoint path, a Gemma 3 .gguf, or a published export (hf:OWNER/NAME, kaggle:...).")] = "gemma3-270m",
     checkpoint: Annotated[Optional[Path], typer.Option(help="A finished SFT or GRPO run directory: evaluates its merged export instead of --model.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of data.source to score. Default: the preset's eval.split (test).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Score the first N problems (0 = all). Default: the preset's eval.limit.")] = None,
@@ -453,7 +453,7 @@ def grpo(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Model to serve: a name (gemma3-270m, tiny, ...), a checkpoint path, or a finished run directory.")] = "gemma3-270m",
+    model: Annotated[str, typer.Option(help="Model to serve: a name (gemma3-270m, tiny, ...), a checkpoint path, a finished run directory, a Gemma 3 .gguf, or a published export (hf:OWNER/NAME, kaggle:...).")] = "gemma3-270m",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).", min=1, max=65535)] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name reported by the API. Default: --model.")] = None,
@@ -485,6 +485,68 @@ def report(
 
     path = write_report(runs, out or runs[0] / "report", title=title)
     console.print(f"wrote {path} (and its plots beside it)")
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="A finished SFT or GRPO run directory (its export/merged), or a merged model directory.")],
+    format: Annotated[str, typer.Option("--format", help="What to write: 'gguf' (llama.cpp, LM Studio, Ollama).")] = "gguf",
+    type: Annotated[str, typer.Option("--type", help="GGUF tensor type of the matrices: f32 (exact), f16 (half the size) or q8_0 (a quarter); norms stay f32.")] = "f16",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory. Default: RUN/export/gguf.")] = None,
+    check: Annotated[int, typer.Option(help="Read the GGUF back with tracetune and compare its weights and greedy tokens with the merged model's on this many GSM8K training questions (0: no check).")] = 0,
+    check_tokens: Annotated[int, typer.Option(help="Greedy tokens per question for --check.")] = 128,
+) -> None:
+    """Export a trained model as a GGUF with an Ollama Modelfile and a model card
+    (`ollama create NAME -f RUN/export/gguf/Modelfile`)."""
+    from tracetune import export
+    from tracetune.models.params import write_json
+
+    if format != "gguf":
+        raise ConfigError(f"--format must be 'gguf', got {format!r} (merged safetensors and LoRA adapters are already in RUN/export)")
+    result = export.export_gguf(run, type, out)
+    console.print(f"wrote {result.file} ({result.bytes / 2**20:.0f} MiB, {result.kind}, sha256 {result.sha256[:12]}..., "
+                  f"{result.seconds:.0f} s), {result.directory / 'Modelfile'} and {result.directory / 'README.md'}")
+    if check:
+        from tracetune.format import build_prompt
+
+        questions = [e.question for e in data_mod.load_examples("gsm8k", "train", limit=check).examples]
+        prompts = [build_prompt(q, export.prompt_style(run)) for q in questions]
+        result_check = export.check_gguf(result.file, export.merged_dir(run), prompts, check_tokens)
+        write_json(result_check.as_dict(), result.directory / "check.json")
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in result_check.max_abs_diff.items())
+        console.print(f"read back by tracetune: max |difference| {diffs}; greedy tokens identical on "
+                      f"{result_check.identical} of {result_check.prompts} questions "
+                      f"({result_check.agreeing_prefix} of {result_check.tokens} tokens before the first difference)")
+
+
+@app.command()
+def publish(
+    export: Annotated[Path, typer.Argument(help="An export directory: RUN/export/merged (Hugging Face safetensors), RUN/export/adapter (LoRA) or RUN/export/gguf.")],
+    to: Annotated[str, typer.Option("--to", help="Where: hf:OWNER/NAME (a Hugging Face model repository) or kaggle:OWNER/MODEL/FRAMEWORK/VARIATION (a Kaggle model variation; FRAMEWORK: transformers for merged, gguf for gguf, jax for adapter).")],
+    public: Annotated[bool, typer.Option("--public", help="Create a new repository or Kaggle model public. Default: private. An existing one keeps its visibility.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List each file that would be uploaded with its size, and the total; check nothing remote, need no credentials, upload nothing.")] = False,
+) -> None:
+    """Upload an export to the Hugging Face hub or Kaggle, with its model card (README.md,
+    rewritten from the run's files first). Credentials: HF_TOKEN (or `hf auth login`);
+    KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json). A name that holds anything but
+    a tracetune export of the same kind is refused; a failed upload leaves nothing behind."""
+    from tracetune.publish import Published, human_size
+    from tracetune.publish import publish as upload_export
+
+    result = upload_export(export, to, public=public, dry_run=dry_run)
+    upload = result.upload if isinstance(result, Published) else result
+    width = max(len(f"{size:,}") for _, size in upload.files)
+    for path, size in upload.files:
+        card = "  (model card, written before the upload)" if path == "README.md" and upload.card is not None else ""
+        console.print(f"{size:>{width},} B  {path}{card}", highlight=False, markup=False)
+    console.print(f"{len(upload.files)} files, {upload.total:,} B ({human_size(upload.total)}) in all", highlight=False)
+    if not isinstance(result, Published):
+        console.print(f"dry run: nothing uploaded; `tracetune publish {export} --to {to}{' --public' if public else ''}` "
+                      "uploads these files", highlight=False, markup=False)
+        return
+    visibility = {True: "private", False: "public", None: "visibility unchanged"}[result.private]
+    console.print(f"published {upload.export_dir} to {result.url} ({'new' if result.created else 'new version'}, "
+                  f"{visibility})", highlight=False, markup=False)
 
 
 @app.command()
@@ -537,7 +599,7 @@ def main() -> None:
     except Interrupted as error:  # the conventional 128 + signal number
         err_console.print(f"[yellow]stopped:[/yellow] {error}", highlight=False, soft_wrap=True)
         sys.exit(128 + error.signum)
-    except (data_mod.DataError, ConfigError, ModelError, TrainingError, DamagedFile) as error:
+    except (data_mod.DataError, ConfigError, ModelError, TrainingError, DamagedFile, ExportError) as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as error:  # a path that is a file, a missing directory: say which file

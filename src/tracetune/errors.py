@@ -31,6 +31,12 @@ class TimeLimitReached(Interrupted):
                                     "had; re-run `tracetune run` with the same options (e.g. in the next session) to continue")
 
 
+class ExportError(RuntimeError):
+    """An export directory that cannot be carded or published, or an upload that cannot
+    go ahead: one line naming the directory or target and what to do. Nothing partial
+    is left behind (``tracetune publish`` uploads all of an export or none of it)."""
+
+
 class DamagedFile(ValueError):
     """A run's own file (metrics, samples, a cache) that is damaged before its last line."""
 

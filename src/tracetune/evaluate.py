@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracetune import failures
 from tracetune.config import Config, RewardWeights
@@ -31,9 +31,11 @@ from tracetune.data import Example
 from tracetune.errors import TrainingError
 from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended
 from tracetune.format import build_prompt
-from tracetune.generate import Generation, Generator, SamplingConfig
 from tracetune.rewards import answer_token_logprobs
 from tracetune.scoring import Estimate, SampleScore, aggregate, markdown_table, metrics_json, score_sample
+
+if TYPE_CHECKING:  # generation needs JAX; reading a finished evaluation (report, model card) does not
+    from tracetune.generate import Generation, Generator
 
 # What must be equal for a resumed evaluation to add to the samples it finds.
 SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
@@ -66,6 +68,8 @@ def generate_and_score(
     progress: Callable[[int], None] | None = None,
 ) -> list[tuple[SampleScore, Generation]]:
     """Greedy completions of ``examples`` under the harness's prompt, scored."""
+    from tracetune.generate import SamplingConfig
+
     prompts = [build_prompt(e.question, prompt_style) for e in examples]
     outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens), progress=progress)
     return [(score_generation(e, o, weights), o) for e, o in zip(examples, outputs)]
@@ -167,6 +171,8 @@ def evaluate(
     todo = [e for e in examples if e.id not in done]
     start = time.perf_counter()
     if todo:
+        from tracetune.generate import Generator
+
         generator = Generator(loaded.model, loaded.tokenizer, max_batch=min(harness.batch_size, len(todo)))
         for first in range(0, len(todo), harness.batch_size):
             batch = todo[first : first + harness.batch_size]

@@ -25,6 +25,7 @@ from jax.interpreters import pxla
 
 from tracetune import mesh as mesh_lib
 from tracetune.config import ConfigError, LoraConfig
+from tracetune.errors import DiskFull
 from tracetune.models.hf import save_checkpoint
 from tracetune.models.params import build_model, flatten, save_safetensors, unflatten, write_json
 from tracetune.models.registry import LoadedModel
@@ -177,7 +178,25 @@ def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir
         merged, loaded.config, loaded.tokenizer, merged_dir,
         base=loaded.name, extra={"stage": stage, "step": step, "run": str(run_dir), **facts},
     )
+    write_cards(adapter_dir, merged_dir)
     return adapter_dir, merged_dir
+
+
+def write_cards(*export_dirs: Path) -> None:
+    """A README.md model card in each export (card.py). The card is documentation
+    written after the weights: one that cannot be written is a warning with its
+    reason, never a lost export (``tracetune publish`` writes it again). A full disk
+    still stops the run as everywhere else, since the summary after it would fail too."""
+    from tracetune.card import write_card
+
+    for directory in export_dirs:
+        try:
+            write_card(directory)
+        except DiskFull:
+            raise
+        except Exception as error:  # noqa: BLE001 - any card bug: the weights are saved, say why and go on
+            print(f"warning: no model card in {directory} ({type(error).__name__}: {error}); "
+                  "`tracetune publish` writes it again", file=sys.stderr)
 
 
 def merged_model(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig) -> nnx.Module:

@@ -161,6 +161,16 @@ def eval_weights_text(variants: Sequence[Variant]) -> str:
         f"{v.label}: {weights_text(w)}" for v, w in zip(variants, weights)) + "."
 
 
+def harness_text(variants: Sequence[Variant]) -> str:
+    """The sentence that says how every variant was scored (the first one's eval.json)
+    and with which composite weights; the report and the model card open their results with it."""
+    first = variants[0].result.settings
+    return (f"Every variant is scored by the same harness: {first['source']} {first['split']} "
+            f"({len(variants[0].result.records)} problems), greedy decoding, {first['max_new_tokens']} new tokens, "
+            f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means). "
+            + eval_weights_text(variants))
+
+
 # ------------------------------------------------------------ paired comparisons
 
 
@@ -498,11 +508,7 @@ def write_report(paths: Sequence[Path], out_dir: Path, *, title: str = "tracetun
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = [f"# {title}\n"]
     if variants:
-        first = variants[0].result.settings
-        sections.append(f"Every variant is scored by the same harness: {first['source']} {first['split']} "
-                        f"({len(variants[0].result.records)} problems), greedy decoding, {first['max_new_tokens']} new tokens, "
-                        f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means). "
-                        + eval_weights_text(variants) + "\n")
+        sections.append(harness_text(variants) + "\n")
         sections.append("## Results\n\n" + results_table(variants))
         plot_variants(variants, out_dir / "variants.png")
         sections.append("![Metrics per variant](variants.png)\n")

@@ -137,6 +137,28 @@ def download_kaggle(handle: str) -> Path:
         ) from None
 
 
+def published_dir(name: str) -> Path:
+    """The directory of a tracetune export that ``tracetune publish`` put on a hub:
+    ``hf:OWNER/NAME`` (Hugging Face) or ``kaggle:OWNER/MODEL/FRAMEWORK/VARIATION``,
+    downloaded (and cached) by the hub's own client. Only a merged export loads."""
+    from tracetune.errors import ExportError
+    from tracetune.publish import HF, parse_target
+
+    try:
+        target = parse_target(name, "--model")
+    except ExportError as error:
+        raise ModelError(str(error)) from None
+    fetch = download_hf if target.hub == HF else download_kaggle
+    try:
+        directory = fetch(target.name)
+    except ModelError as error:
+        raise ModelError(f"{name}: tried to download it as a published tracetune export: {error}") from None
+    if not is_hf_dir(directory):
+        raise ModelError(f"{name}: the download ({directory}) has no config.json and *.safetensors: not a merged "
+                         "tracetune export (a GGUF runs in llama.cpp or Ollama, an adapter beside its merged export)")
+    return directory
+
+
 def save_checkpoint(flat, config: ModelConfig, tokenizer: Tokenizer, out_dir: Path, *, base: str, extra: dict | None = None) -> Path:
     """Write a tracetune checkpoint: Hugging Face safetensors + config.json +
     tokenizer.model + tracetune.json. Written file by file atomically."""

@@ -152,6 +152,25 @@ def to_hf(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndar
     return {key: np.ascontiguousarray(value) for key, value in out.items()}
 
 
+def from_hf(hf: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The Hugging Face layout -> Tunix's: the inverse of ``to_hf``, for readers whose
+    tensors arrive as ``(out, in)`` matrices under Hugging Face names (the GGUF reader)."""
+    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
+    out = {"embedder.input_embedding": hf["model.embed_tokens.weight"], "final_norm.scale": hf["model.norm.weight"]}
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        out[dst + "attn.q_einsum.w"] = hf[src + "self_attn.q_proj.weight"].reshape(n, h, d).transpose(0, 2, 1)  # [N, D, H]
+        out[dst + "attn.kv_einsum.w"] = np.stack(  # [2, K, D, H]
+            [hf[src + f"self_attn.{p}_proj.weight"].reshape(k, h, d).transpose(0, 2, 1) for p in "kv"]
+        )
+        out[dst + "attn.attn_vec_einsum.w"] = hf[src + "self_attn.o_proj.weight"].T.reshape(n, h, d)  # [N, H, D]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[dst + f"mlp.{proj}.kernel"] = hf[src + f"mlp.{proj}.weight"].T  # [in, out]
+        for tunix_name, hf_name in _HF_NORMS.items():
+            out[dst + tunix_name] = hf[src + hf_name]
+    return {key: np.ascontiguousarray(value) for key, value in out.items()}
+
+
 def hf_config(config: ModelConfig) -> dict[str, Any]:
     """A ``config.json`` for the Hugging Face layout (Gemma3TextConfig fields)."""
     return {

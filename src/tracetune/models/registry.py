@@ -6,7 +6,9 @@
                            the hub (hf:google/gemma-3-1b-it, token from HF_TOKEN) or
                            Kaggle (kaggle:HANDLE, credentials from KAGGLE_USERNAME/KEY)
     tiny                   a small random Gemma 3 for tests
-    PATH                   a checkpoint tracetune wrote, a safetensors directory, or a .gguf
+    PATH                   a checkpoint tracetune wrote, a safetensors directory, or a Gemma 3 .gguf
+    hf:OWNER/NAME, kaggle:OWNER/MODEL/FRAMEWORK/VARIATION
+                           a merged export that `tracetune publish` uploaded
 
 >>> resolve("gemma3-1b-it").hf_repo
 'google/gemma-3-1b-it'
@@ -121,6 +123,19 @@ def _load_gguf(path: Path, sha256: str | None, config: ModelConfig, dtype: str, 
     return build_model(config, flat, str(path)), Tokenizer(proto)
 
 
+def _read_gguf(path: Path, dtype: str) -> tuple[object, Tokenizer, ModelConfig]:
+    """Any Gemma 3 GGUF (a tracetune export, a llama.cpp conversion), its size read
+    from its metadata. Not cached: unlike the embedded model, such a file is the
+    user's, and a converted copy per file would fill ~/.cache unnoticed."""
+    reader = gguf_lib.open_gguf(path)
+    config = gguf_lib.config_from_gguf(reader, dtype)
+    proto = gguf_lib.tokenizer_proto(reader)
+    flat = gguf_lib.gguf_params(reader, config, config.param_dtype)
+    del reader
+    gc.collect()
+    return build_model(config, flat, str(path)), Tokenizer(proto), config
+
+
 def _hf_source(spec: ModelSpec, weights: str | None) -> Path:
     """The directory of safetensors for a named model: --weights, else hub, else Kaggle."""
     if weights:
@@ -157,7 +172,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
     start = time.perf_counter()
     path = Path(name)
     chat = False
-    if name in MODELS:
+    if name.startswith(("hf:", "kaggle:")):  # a merged export that `tracetune publish` put on a hub
+        directory = hf.published_dir(name)
+        model, tokenizer, config = hf.load_dir(directory, dtype)
+        source = str(directory)
+    elif name in MODELS:
         spec = resolve(name)
         chat = spec.chat
         if spec.source == "tiny":
@@ -176,8 +195,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", weights: st
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        config = with_dtype(ModelConfig.gemma3_270m(), dtype)  # the only GGUF size mapped so far
-        model, tokenizer = _load_gguf(path, None, config, dtype, path.stem)
+        model, tokenizer, config = _read_gguf(path, dtype)
         source = str(path)
     elif path.is_dir() and hf.is_hf_dir(path):
         model, tokenizer, config = hf.load_dir(path, dtype)
