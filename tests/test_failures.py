@@ -148,7 +148,8 @@ def test_the_first_category_in_precedence_order_wins(question, reference, comple
 
 def test_categories_are_in_precedence_order_and_labelled():
     assert CATEGORIES == (
-        "format_failure", "calculation_error", "unit_confusion", "premature_conclusion", "verbose_reasoning", "other",
+        "format_failure", "calculation_error", "unit_confusion", "premature_conclusion", "verbose_reasoning",
+        "wrong_answer", "other",  # wrong_answer: choice and text rows (tests/test_kinds.py)
     )
     assert list(CATEGORY_LABELS) == list(CATEGORIES)
     assert CATEGORY_LABELS["calculation_error"] == "Calculation error"

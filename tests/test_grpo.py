@@ -109,7 +109,8 @@ def test_the_curriculum_starts_with_the_fewest_reference_steps_and_refills_no_ha
     assert steps == sorted(steps) and sorted(order) == list(range(40))
     assert not np.array_equal(order, batches.order(1))  # a new shuffle within a step count each epoch
     first = next(iter(batches))
-    assert set(first) == {"prompts", "reference", "question", "solution"}
+    assert set(first) == {"prompts", "reference", "question", "solution", "kind", "choices"}
+    assert first["kind"].tolist() == ["numeric"] * 4 and first["choices"].tolist() == [{}] * 4  # per row, for the rewards
     extra = batches.refill(step=0, round=1)
     assert extra["reference"].tolist() == batches.refill(step=0, round=1)["reference"].tolist()  # fixed by the seed
     assert all(reference_steps(examples[int(r)]) == 1 for r in extra["reference"])  # step 0 trains 1-step problems

@@ -97,7 +97,7 @@ def _report_skipped(skipped: list[Exception]) -> None:
 def _load(cfg: DataConfig, split: str, skip_invalid: bool) -> data_mod.LoadResult:
     loaded = data_mod.load_examples(
         cfg.source, split, question_field=cfg.question_field, answer_field=cfg.answer_field,
-        skip_invalid=skip_invalid or cfg.skip_invalid,
+        skip_invalid=skip_invalid or cfg.skip_invalid, kind=cfg.kind,
     )
     _report_skipped(loaded.skipped)
     return loaded
@@ -112,12 +112,13 @@ def _metrics_table(title: str, metrics: dict[str, scoring.Estimate]) -> Table:
     return table
 
 
-def _score_all(rows: list[tuple[str, str, str, str, list[float] | None]], weights: RewardWeights) -> list[scoring.SampleScore]:
+def _score_all(rows: list[scoring.CompletionRow], weights: RewardWeights) -> list[scoring.SampleScore]:
     scores = []
     with _progress() as progress:
         task = progress.add_task("scoring", total=len(rows))
-        for row_id, question, reference, completion, answer_logprobs in rows:
-            scores.append(scoring.score_sample(question, reference, completion, answer_logprobs, weights=weights, id=row_id))
+        for r in rows:
+            scores.append(scoring.score_sample(r.question, r.reference, r.completion, r.answer_logprobs, weights=weights,
+                                               id=r.id, kind=r.kind, choices=r.choices))
             progress.advance(task)
     return scores
 
@@ -205,7 +206,7 @@ def validate(
     loaded = _load(cfg, split, skip_invalid)
     # Every example is a target here: no validation hold-out.
     curated = data_mod.curate(loaded.examples, val_fraction=0.0, seed=cfg.seed, prompt_style=cfg.prompt_style)
-    rows = [(t.id, t.question, t.reference, t.completion, None) for t in curated.train]
+    rows = [scoring.CompletionRow(t.id, t.question, t.reference, t.completion, kind=t.kind, choices=t.choices) for t in curated.train]
     scores = _score_all(rows, config.rewards)
     metrics = scoring.aggregate(scores)
     console.print(_metrics_table(f"Curated targets of {cfg.source} ({split}) scored as completions", metrics))
@@ -243,7 +244,7 @@ def score(
     weights = RewardWeights.parse(reward_weights) if reward_weights else config.rewards
     rows, skipped = scoring.read_completions(completions, skip_invalid=skip_invalid)
     _report_skipped(skipped)
-    scores = _score_all([(r.id, r.question, r.reference, r.completion, r.answer_logprobs) for r in rows], weights)
+    scores = _score_all(rows, weights)
     metrics = scoring.aggregate(scores)
     out = out or completions.with_suffix(".scores")
     paths = scoring.write_scores(scores, metrics, out)

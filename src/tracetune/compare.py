@@ -172,8 +172,10 @@ def compare(
     for metric in METRICS:
         field = _field(metric)
         if metric in PROPORTIONS:
+            # over the pairs both have a rate for (an open row has no accuracy: None)
             if all(field in b and field in a for b, a in pairs):
-                rates[metric] = mcnemar(metric, [bool(b[field]) for b, _ in pairs], [bool(a[field]) for _, a in pairs])
+                known = [(b[field], a[field]) for b, a in pairs if b[field] is not None and a[field] is not None]
+                rates[metric] = mcnemar(metric, [bool(b) for b, _ in known], [bool(a) for _, a in known])
             continue
         known = [(b[field], a[field]) for b, a in pairs if b.get(field) is not None and a.get(field) is not None]
         if known:

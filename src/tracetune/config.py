@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from tracetune.format import KINDS
+
 
 class ConfigError(ValueError):
     """A preset, config file or override that cannot be applied."""
@@ -147,12 +149,15 @@ class DataConfig:
 
     source: "gsm8k" (shipped with tracetune), a path to a JSONL file, or a Hugging
       Face dataset id (needs network).
+    kind: the source's task kind (numeric, choice, text, open; ``format.KINDS``),
+      for rows without a ``kind`` field of their own.
     val_fraction: share of the train split held out for validation (seeded split).
     max_tokens: traces longer than this (prompt + completion) are dropped once a
       tokenizer is available; the recipe's sequence budget.
     """
 
     source: str = "gsm8k"
+    kind: str = "numeric"
     question_field: str = "question"
     answer_field: str = "answer"
     val_fraction: float = 0.05
@@ -166,6 +171,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.prompt_style not in ("plain", "chat"):
             raise ConfigError(f"data.prompt_style must be 'plain' or 'chat', got {self.prompt_style!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 LORA_TARGETS = "q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"  # Gemma 3's attention and MLP projections

@@ -1,9 +1,25 @@
 """Examples from GSM8K-shaped sources, and their curation into SFT traces.
 
 Sources: ``gsm8k`` (train/test shipped inside tracetune, MIT licence, OpenAI 2021),
+``open`` (an evaluation set of open-ended prompts written for tracetune, CC0-1.0),
 a local JSONL file, or a Hugging Face dataset id / local dataset folder read with
-``datasets``. A row has a question and an answer; the reference is the number after
-``#### `` (GSM8K's convention), or the whole answer when it is just a number.
+``datasets``. A row has a question and an answer; the reference is the text after
+``#### `` (GSM8K's convention), or the whole answer when there is no marker.
+
+Each row has a task kind (``format.KINDS``): the source's (``load_examples(kind=)``,
+config ``data.kind``, numeric by default), or the row's own ``kind`` field. The kind
+says what the reference must be::
+
+    numeric  {"question": ..., "answer": "... #### 72"}                  a number
+    choice   {"question": ..., "choices": {"A": ..., "B": ...}, "answer": "B"}
+             (or "choices": [..., ...], lettered A, B, ... in order)    one of the letters
+    text     {"question": ..., "answer": "Paris"}                        non-empty text
+    open     {"question": ...}                                           none (judged only;
+                                                                         one given is kept)
+
+A choice row's options are rendered into its question (``format.render_choices``),
+so every prompt, SFT target and judge sees them the same way. A row's ``id`` field,
+when given, names the example; otherwise it is ``<file stem>-<line>``.
 
 Curation turns a GSM8K solution into the trace format::
 
@@ -26,9 +42,20 @@ from typing import Any
 
 from tracetune.arithmetic import CALCULATOR  # GSM8K's "<<48/2=24>>" annotations
 from tracetune.files import atomic_path
-from tracetune.format import REASONING_OPEN, TAGS, build_prompt, format_completion, numbered_steps, parse_number, step_text
+from tracetune.format import (
+    KINDS,
+    REASONING_OPEN,
+    TAGS,
+    build_prompt,
+    format_completion,
+    normalize_text,
+    numbered_steps,
+    parse_number,
+    render_choices,
+    step_text,
+)
 
-SHIPPED = {"gsm8k": ("train", "test")}
+SHIPPED = {"gsm8k": ("train", "test"), "open": ("eval",)}
 SYNTHETIC = {  # name -> split -> (seed, count)
     "arithmetic": {"train": (0, 2000), "test": (1, 200)},
     "addition": {"train": (2, 2000), "test": (3, 200)},
@@ -51,12 +78,18 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One problem. ``reference`` is the canonical number string ("1200", "0.5", "-3")."""
+    """One problem of a task ``kind``. ``reference`` is, by kind: the canonical
+    number string ("1200", "0.5", "-3"), the option's letter ("B"), the answer text
+    ("Paris"), or for an open row "" (or a model answer, kept for judges, never
+    checked). ``choices`` are a choice row's (letter, option) pairs, already
+    rendered into ``question``."""
 
     id: str
     question: str
     reference: str
     solution: str = ""
+    kind: str = "numeric"
+    choices: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -70,16 +103,59 @@ def canonical_number(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-def example_from_row(row: Any, source: str, line: int, question_field: str = "question", answer_field: str = "answer") -> Example:
-    """Validate one row; raise DataError naming the field at fault."""
+def row_kind(row: dict[str, Any], source: str, line: int, default: str = "numeric") -> str:
+    """The row's ``kind`` field, else (absent or null, as a table column is where
+    unset) the source's ``default``; DataError if unknown."""
+    kind = row.get("kind")
+    kind = default if kind is None else kind
+    if kind not in KINDS:
+        raise DataError(source, line, "kind", f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def parse_choices(value: Any, source: str, line: int) -> tuple[tuple[str, str], ...]:
+    """A choice row's options as (letter, text) pairs in letter order: from a list
+    (lettered A, B, ... in order) or an object letter -> text (letters any case)."""
+    if value is None:
+        raise DataError(source, line, "choices", "missing: a choice row needs its options")
+    if isinstance(value, list):
+        if len(value) > len(LETTERS):
+            raise DataError(source, line, "choices", f"{len(value)} options; at most {len(LETTERS)}")
+        pairs = list(zip(LETTERS, value))
+    elif isinstance(value, dict):
+        pairs = [(str(key).strip().upper(), text) for key, text in value.items()]
+        if bad := [key for key in value if str(key).strip().upper() not in LETTERS or len(str(key).strip()) != 1]:
+            raise DataError(source, line, "choices", f"option keys must be single letters A-Z, got {bad[0]!r}")
+        if len({letter for letter, _ in pairs}) < len(pairs):
+            raise DataError(source, line, "choices", "a letter is given twice (keys differ only in case)")
+    else:
+        raise DataError(source, line, "choices", f"must be a list of options or an object letter -> option, got {type(value).__name__}")
+    if len(pairs) < 2:
+        raise DataError(source, line, "choices", f"a choice row needs at least 2 options, got {len(pairs)}")
+    for letter, text in pairs:
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(source, line, "choices", f"option {letter} must be a non-empty string")
+    return tuple(sorted((letter, text.strip()) for letter, text in pairs))
+
+
+def example_from_row(row: Any, source: str, line: int, question_field: str = "question", answer_field: str = "answer",
+                     kind: str = "numeric") -> Example:
+    """Validate one row of the source's ``kind`` (a row's ``kind`` field overrides
+    it); raise DataError naming the field at fault."""
     if not isinstance(row, dict):
         raise DataError(source, line, None, f"expected a JSON object, got {type(row).__name__}")
-    for name in (question_field, answer_field):
+    kind = row_kind(row, source, line, kind)
+    for name in (question_field, answer_field) if kind != "open" else (question_field,):
         if name not in row:
             raise DataError(source, line, name, "missing")
-    question, answer = row[question_field], row[answer_field]
+    question, answer = row[question_field], row.get(answer_field)
     if not isinstance(question, str) or not question.strip():
         raise DataError(source, line, question_field, "must be a non-empty string")
+    if kind == "open" and answer is None:  # no reference: judged only
+        answer = ""
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
@@ -87,14 +163,35 @@ def example_from_row(row: Any, source: str, line: int, question_field: str = "qu
     solution, marker, final = answer.rpartition("####")
     if not marker:
         solution, final = "", answer
-    reference = parse_number(final) if re.fullmatch(r"\s*[-\u2212$]?\s*[0-9][0-9,./]*\s*", final) else None
-    if reference is None:
-        raise DataError(source, line, answer_field, f"reference {final.strip()!r} is not a number (expected '#### <number>')")
+    choices: tuple[tuple[str, str], ...] = ()
+    if kind == "numeric":
+        number = parse_number(final) if re.fullmatch(r"\s*[-\u2212$]?\s*[0-9][0-9,./]*\s*", final) else None
+        if number is None:
+            raise DataError(source, line, answer_field, f"reference {final.strip()!r} is not a number (expected '#### <number>')")
+        reference = canonical_number(number)
+    elif kind == "choice":
+        choices = parse_choices(row.get("choices"), source, line)
+        reference = final.strip().upper()
+        if reference not in dict(choices):
+            raise DataError(source, line, answer_field,
+                            f"reference {final.strip()!r} is not one of the options' letters ({', '.join(l for l, _ in choices)})")
+        question = render_choices(question, choices)
+    elif kind == "text":
+        reference = final.strip()
+        if not normalize_text(reference):
+            raise DataError(source, line, answer_field, f"a text row needs a reference with words, got {final.strip()!r}")
+    else:
+        reference = final.strip()
+    row_id = row.get("id")
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or not str(row_id).strip()):
+        raise DataError(source, line, "id", f"must be a non-empty string or an integer, got {row_id!r}")
     return Example(
-        id=f"{Path(source).stem}-{line}",
+        id=str(row_id).strip() if row_id is not None else f"{Path(source).stem}-{line}",
         question=question.strip(),
-        reference=canonical_number(reference),
+        reference=reference,
         solution=solution.strip(),
+        kind=kind,
+        choices=choices,
     )
 
 
@@ -237,10 +334,16 @@ def load_examples(
     answer_field: str = "answer",
     skip_invalid: bool = False,
     limit: int | None = None,
+    kind: str = "numeric",
 ) -> LoadResult:
     """Load and validate examples. Invalid rows raise DataError, or with
-    ``skip_invalid`` are skipped and returned in ``LoadResult.skipped``."""
+    ``skip_invalid`` are skipped and returned in ``LoadResult.skipped``. ``kind``
+    is the source's task kind, for rows without a ``kind`` field of their own."""
+    if kind not in KINDS:
+        raise DataError(source, None, "kind", f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
     if source in SYNTHETIC:
+        if kind != "numeric":
+            raise DataError(source, None, "kind", f"the synthetic source {source!r} is numeric, not {kind!r}")
         examples = arithmetic_examples(split, source)
         return LoadResult(examples=examples[:limit] if limit is not None else examples)
     if source in SHIPPED:
@@ -253,13 +356,16 @@ def load_examples(
         name, rows = source, _hf_rows(source, split)
 
     result = LoadResult(examples=[])
+    lines: dict[str, int] = {}  # id -> its line: evaluations are keyed and resumed by id
     for line, row in rows:
         if limit is not None and len(result.examples) >= limit:
             break
         try:
             if isinstance(row, DataError):
                 raise row
-            example = example_from_row(row, name, line, question_field, answer_field)
+            example = example_from_row(row, name, line, question_field, answer_field, kind)
+            if (first := lines.setdefault(example.id, line)) != line:
+                raise DataError(name, line, "id", f"{example.id!r} is already the id of line {first}")
         except DataError as error:
             if not skip_invalid:
                 raise
@@ -287,6 +393,12 @@ class Trace:
     completion: str
     n_steps: int
     n_tokens: int | None = None
+    kind: str = "numeric"
+    choices: tuple[tuple[str, str], ...] = ()
+
+    def example(self) -> Example:
+        """The problem this trace answers (to score generations against it)."""
+        return Example(self.id, self.question, self.reference, kind=self.kind, choices=self.choices)
 
 
 def solution_steps(solution: str) -> list[str]:
@@ -382,19 +494,22 @@ def curate(
 
     With ``count_tokens`` (a tokenizer), traces whose prompt + completion exceed
     ``max_tokens`` are dropped as "too long"; without one there is no length filter.
+    An open row has no reference answer to end a target with: dropped, with its reason.
     """
     train, validation = split_examples(examples, val_fraction, seed)
     result = CurationResult(train=[], validation=[])
     for part, out in ((train, result.train), (validation, result.validation)):
         for example in part:
             try:
+                if example.kind == "open":
+                    raise CurationError("an open row has no reference answer to train on")
                 steps = solution_steps(example.solution)
             except CurationError as error:
                 result.dropped[str(error)] += 1
                 result.dropped_ids.setdefault(str(error), []).append(example.id)
                 continue
             completion = target_completion(steps, example.reference)
-            prompt = build_prompt(example.question, prompt_style)
+            prompt = build_prompt(example.question, prompt_style, example.kind)
             n_tokens = count_tokens(prompt + completion) if count_tokens else None
             if n_tokens is not None and n_tokens > max_tokens:
                 reason = f"longer than {max_tokens} tokens"
@@ -410,6 +525,8 @@ def curate(
                     completion=completion,
                     n_steps=len(steps),
                     n_tokens=n_tokens,
+                    kind=example.kind,
+                    choices=example.choices,
                 )
             )
     return result

@@ -7,8 +7,8 @@ benchmarks call ``generate_and_score``; ``tracetune eval`` calls ``evaluate``,
 which adds the evaluation directory:
 
     eval.json       what was evaluated and how (a resumed evaluation must match)
-    samples.jsonl   one record per problem: question, reference, completion, parsed
-                    answer, every metric, finish reason, failure category + evidence
+    samples.jsonl   one record per problem: question, task kind, reference, completion,
+                    parsed answer, every metric, finish reason, failure category + evidence
     metrics.json    the aggregate metrics with 95% confidence intervals
     metrics.md      the same as a Markdown table, then the failure table
 
@@ -55,7 +55,7 @@ def score_generation(example: Example, generation: Generation, weights: RewardWe
     except ValueError:  # token texts that do not rebuild the text: no confidence term
         answer_logprobs = None
     return score_sample(example.question, example.reference, generation.text, answer_logprobs, weights=weights,
-                        id=example.id, solution=example.solution)
+                        id=example.id, solution=example.solution, kind=example.kind, choices=example.choices)
 
 
 def generate_and_score(
@@ -70,7 +70,7 @@ def generate_and_score(
     """Greedy completions of ``examples`` under the harness's prompt, scored."""
     from tracetune.generate import SamplingConfig
 
-    prompts = [build_prompt(e.question, prompt_style) for e in examples]
+    prompts = [build_prompt(e.question, prompt_style, e.kind) for e in examples]
     outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens), progress=progress)
     return [(score_generation(e, o, weights), o) for e, o in zip(examples, outputs)]
 
@@ -83,7 +83,8 @@ def sample_record(score: SampleScore, generation: Generation, example: Example) 
     record["completion_tokens"] = len(generation.token_ids)
     record["failure"] = None
     if failures.is_failure(score.correct, score.well_formed):
-        failure = failures.categorize(example.question, example.reference, generation.text, example.solution)
+        failure = failures.categorize(example.question, example.reference, generation.text, example.solution,
+                                      example.kind, example.choices)
         record["failure"] = {"category": failure.category, "evidence": failure.evidence}
     return record
 
@@ -206,7 +207,7 @@ def problems(config: Config) -> list[Example]:
 
     limit = config.eval.limit or None
     return load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
-                         answer_field=config.data.answer_field, limit=limit).examples
+                         answer_field=config.data.answer_field, limit=limit, kind=config.data.kind).examples
 
 
 # ----------------------------------------------------------------------- judge

@@ -12,7 +12,14 @@ string quoting what was found::
     premature_conclusion  far fewer steps than the reference solution, or the answer
                           is one of the reference's intermediate results
     verbose_reasoning     far more steps than the reference, or a step repeated
+    wrong_answer          (choice and text rows) a readable answer that is not the reference
     other                 none of the above
+
+The categories between format_failure and verbose_reasoning read numbers: they
+apply to numeric rows only. A choice or text row that fails is a format failure
+(its <answer> also names no single option / states nothing), verbose reasoning (a
+step repeated), or else a wrong answer, with the answer and the reference as its
+evidence. An open row has no reference: it fails only on format.
 
 Why this order: the most objective evidence wins. A malformed completion cannot be
 read at all; a false ``a op b = c`` is a fact about the trace alone; a unit factor
@@ -50,8 +57,9 @@ from tracetune.format import (
     numbers_match,
     parse_completion,
     parse_number,
+    read_answer,
 )
-from tracetune.rewards import CONCLUSION_CUES, parse_reference, split_steps
+from tracetune.rewards import CONCLUSION_CUES, Choices, correctness, parse_reference, split_steps
 
 CATEGORIES: tuple[str, ...] = (
     "format_failure",
@@ -59,6 +67,7 @@ CATEGORIES: tuple[str, ...] = (
     "unit_confusion",
     "premature_conclusion",
     "verbose_reasoning",
+    "wrong_answer",
     "other",
 )
 CATEGORY_LABELS: dict[str, str] = {
@@ -67,6 +76,7 @@ CATEGORY_LABELS: dict[str, str] = {
     "unit_confusion": "Unit confusion",
     "premature_conclusion": "Premature conclusion",
     "verbose_reasoning": "Verbose reasoning",
+    "wrong_answer": "Wrong answer",
     "other": "Other",
 }
 
@@ -97,12 +107,16 @@ def _quote(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
-def _format_problem(completion: str) -> str | None:
+# What an <answer> block lacks when it states nothing its kind can read.
+_UNREADABLE = {"numeric": "holds no number", "choice": "names no single option"}
+
+
+def _format_problem(completion: str, kind: str = "numeric", choices: Choices | None = None) -> str | None:
     """What keeps ``completion`` from the strict format, or None if it is strict."""
     parsed = parse_completion(completion)
     if parsed.strict:
-        if parse_number(parsed.answer) is None:
-            return f"the <answer> block holds no number: '{_quote(parsed.answer or '')}'"
+        if read_answer(parsed.answer, kind, choices) is None:
+            return f"the <answer> block {_UNREADABLE.get(kind, 'states nothing')}: '{_quote(parsed.answer or '')}'"
         return None
     counts = {tag: completion.count(tag) for tag in TAGS}
     problems = []
@@ -286,18 +300,23 @@ def _most_repeated(steps: Sequence[str]) -> tuple[str, int] | None:
 # ------------------------------------------------------------------- categorize
 
 
-def is_failure(correct: bool, well_formed: bool) -> bool:
-    """A sample needs a category unless it is both right and in the strict format."""
-    return not (correct and well_formed)
+def is_failure(correct: bool | None, well_formed: bool) -> bool:
+    """A sample needs a category unless it is both right and in the strict format
+    (an open row, ``correct`` None, has nothing to be wrong about: format only)."""
+    return not (correct is not False and well_formed)
 
 
-def categorize(question: str, reference: str, completion: str, solution: str = "") -> Failure:
+def categorize(question: str, reference: str, completion: str, solution: str = "", kind: str = "numeric",
+               choices: Choices | None = None) -> Failure:
     """The category of a failed sample and the evidence for it (see the module docstring).
 
-    ``reference`` is the canonical number string; ``solution`` the GSM8K reference
-    solution (the text before ``####``; "" skips the step-count comparisons).
-    A sample that is right and well formed is no failure: ValueError.
+    ``reference`` is the canonical number string (a numeric row's; else the row's
+    reference of its ``kind``); ``solution`` the GSM8K reference solution (the text
+    before ``####``; "" skips the step-count comparisons). A sample that is right
+    and well formed is no failure: ValueError.
     """
+    if kind != "numeric":
+        return _categorize_other(reference, completion, kind, choices)
     ref = parse_reference(reference)
     if (problem := _format_problem(completion)) is not None:
         return Failure("format_failure", problem)
@@ -347,6 +366,22 @@ def categorize(question: str, reference: str, completion: str, solution: str = "
 
     checked = f"{_plural(len(claims), 'arithmetic claim')}, none false" if claims else "no arithmetic claims to check"
     return Failure("other", f"answer {_fmt(predicted)} vs reference {_fmt(ref)}; {checked}")
+
+
+def _categorize_other(reference: str, completion: str, kind: str, choices: Choices | None) -> Failure:
+    """``categorize`` for a choice, text or open row: format, a repeated step, or the wrong answer."""
+    if (problem := _format_problem(completion, kind, choices)) is not None:
+        return Failure("format_failure", problem)
+    if correctness(completion, reference, kind, choices) != 0.0:  # 1.0, or None: an open row has no wrong answer
+        raise ValueError(f"the sample is {'right' if kind != 'open' else 'an open row'} and well formed: not a failure")
+    parsed = parse_completion(completion)
+    if (repeated := _most_repeated(_trace_steps(parsed.reasoning or ""))) is not None:
+        step, count = repeated
+        return Failure("verbose_reasoning", f"step '{_quote(step)}' repeated {count} times")
+    answer = _quote(parsed.answer or "")
+    if kind == "choice":
+        return Failure("wrong_answer", f"answer names option {read_answer(parsed.answer, kind, choices)} ('{answer}') vs reference {reference}")
+    return Failure("wrong_answer", f"answer '{answer}' vs reference '{_quote(reference)}' (after normalising case, punctuation and articles)")
 
 
 # ------------------------------------------------------------------- the table

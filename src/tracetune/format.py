@@ -1,4 +1,4 @@
-"""The trace format: prompts, the completion parser, numbers, and the format check.
+"""The trace format: prompts, the completion parser, answers, and the format check.
 
 Every stage reads completions through this module, so training rewards and
 evaluation metrics cannot drift apart (the habit nanochat's ``tasks/gsm8k.py``
@@ -11,6 +11,11 @@ and maxtext's ``utils_rl.py`` share). A well-formed completion is::
 '4'
 >>> parse_number("$1,000.50")
 1000.5
+
+Every task kind (``KINDS``) keeps this format and its strict check; only what the
+``<answer>`` block must state differs: a number (``parse_number``), an option's
+letter (``choice_letter``), a short text (compared after ``normalize_text``), or,
+for open prompts, anything non-empty.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from __future__ import annotations
 import functools
 import math
 import re
+import string
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# What a row asks for, and so how its answer is read and checked:
+#   numeric  a number, equal to the reference within tolerance (GSM8K)
+#   choice   the letter of one of the options rendered into the question
+#   text     a short answer, equal to the reference after normalize_text (SQuAD's EM)
+#   open     no reference: the answer is judged, never checked (rewards.correctness)
+KINDS = ("numeric", "choice", "text", "open")
 
 # The recipe's prompt: no instruction, the fine-tuned model learns the format.
 PROMPT_TEMPLATE = "Q: {question}\nA:\n"
@@ -26,11 +41,17 @@ PROMPT_TEMPLATE = "Q: {question}\nA:\n"
 # For instruction-tuned checkpoints (gemma3-*-it) zero-shot: Gemma's chat turns with
 # the format spelled out, since such a model has never seen our tags. Gemma has no
 # system role, so the instruction goes into the user turn (Gemma 3 model card).
-CHAT_INSTRUCTION = (
-    "Solve the math problem. Reason step by step inside <reasoning></reasoning>, "
+_REASON = (
+    "Reason step by step inside <reasoning></reasoning>, "
     "writing each step as 'Step N: ...' and ending with 'Therefore, ...'. "
-    "Then give only the final number inside <answer></answer>."
 )
+CHAT_INSTRUCTION = "Solve the math problem. " + _REASON + "Then give only the final number inside <answer></answer>."
+CHAT_INSTRUCTIONS = {
+    "numeric": CHAT_INSTRUCTION,
+    "choice": "Answer the multiple-choice question. " + _REASON + "Then give only the letter of your choice inside <answer></answer>.",
+    "text": "Answer the question. " + _REASON + "Then give only the short final answer inside <answer></answer>.",
+    "open": "Respond to the request. " + _REASON + "Then give your full response inside <answer></answer>.",
+}
 CHAT_TEMPLATE = (
     "<start_of_turn>user\n{instruction}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
 )
@@ -60,17 +81,33 @@ _NUMBER = re.compile(
 )
 
 
-def build_prompt(question: str, style: str = "plain") -> str:
+def build_prompt(question: str, style: str = "plain", kind: str = "numeric") -> str:
     """The prompt for ``question``: the recipe's ``Q: ...\\nA:\\n`` or Gemma chat turns.
+
+    The plain prompt is the same for every kind (the fine-tuned model learns what
+    to answer from its data); the chat instruction says what the answer must be.
 
     >>> build_prompt("What is 2 + 2?")
     'Q: What is 2 + 2?\\nA:\\n'
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
     if style == "plain":
         return PROMPT_TEMPLATE.format(question=question.strip())
     if style == "chat":
-        return CHAT_TEMPLATE.format(instruction=CHAT_INSTRUCTION, question=question.strip())
+        return CHAT_TEMPLATE.format(instruction=CHAT_INSTRUCTIONS[kind], question=question.strip())
     raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+
+
+def render_choices(question: str, choices: Sequence[tuple[str, str]]) -> str:
+    """A choice row's question with its options, one per line, as every prompt shows them.
+
+    "(A)" rather than "A." so that no option line reads like the recipe's "A:" line.
+
+    >>> render_choices("Which gas do plants take in?", [("A", "Oxygen"), ("B", "Carbon dioxide")])
+    'Which gas do plants take in?\\n(A) Oxygen\\n(B) Carbon dioxide'
+    """
+    return "\n".join([question.strip(), *(f"({letter}) {text.strip()}" for letter, text in choices)])
 
 
 _STEP_LABEL = re.compile(r"^Step [0-9]+: ")
@@ -241,3 +278,104 @@ def answer_number(text: str) -> float | None:
 def lenient_number(text: str) -> float | None:
     """The last number anywhere in the text. For reporting only, never for rewards."""
     return parse_number(text)
+
+
+# ------------------------------------------------------------------ other kinds
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al., 2016, the official evaluation
+    script's ``normalize_answer``): lowercase, delete punctuation, drop the articles
+    a/an/the, collapse whitespace. Punctuation is ASCII's (``string.punctuation``,
+    as SQuAD's) and Unicode's (curly quotes, dashes), which models write too.
+
+    >>> normalize_text("  The Eiffel Tower! "), normalize_text("U.S.A."), normalize_text("“well-known”")
+    ('eiffel tower', 'usa', 'wellknown')
+    """
+    text = "".join(ch for ch in text.lower() if ch not in _ASCII_PUNCTUATION and not unicodedata.category(ch).startswith("P"))
+    return " ".join(word for word in text.split() if word not in _ARTICLES)
+
+
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+# "The answer is", "Answer:", "Option", "The correct choice is", ... before a letter.
+_CHOICE_CUE = re.compile(
+    r"(?:the\s+)?(?:(?:final|correct|right|best)\s+)?(?:answer|option|choice|letter)(?:\s+is)?\s*[:=\-]?\s*", re.IGNORECASE
+)
+# A letter at the start: "B", "(B)", "[B]", "B)", "B.", "B:", "b)"; a lowercase one
+# only with its bracket or stop (a bare "a" is an article).
+_LEADING_LETTER = re.compile(r"[(\[](?P<bracketed>[A-Za-z])[)\]]|(?P<marked>[A-Za-z])[).:](?![A-Za-z0-9])|(?P<bare>[A-Z])(?![A-Za-z0-9'\u2019])")
+# A letter named anywhere: bracketed, "b)", or a capital standing alone.
+_MENTION = re.compile(r"(?<![A-Za-z0-9'\u2019])(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])\)|([A-Z])(?![A-Za-z0-9'\u2019]))")
+_DECORATION = "*_`\"'\u201c\u201d \t\n"  # markdown emphasis and quotes around an answer
+
+
+def _mentions(text: str, letters: Mapping[str, str]) -> set[str]:
+    """The option letters ``text`` names (see _MENTION), uppercased."""
+    found = {next(g for g in m.groups() if g).upper() for m in _MENTION.finditer(text)}
+    return found & set(letters)
+
+
+def choice_letter(answer: str | None, choices: Mapping[str, str]) -> str | None:
+    """The one option an answer names, or None when it names none or more than one.
+
+    Read in this order: the answer is an option's text ("carbon dioxide"); the
+    answer starts with a letter, after a cue ("The answer is", "Option") and in any
+    usual spelling ("B", "(B)", "b)", "B. carbon dioxide"), and the rest names no
+    other letter; or the answer names exactly one letter anywhere ("I think it is
+    (B)"). "A or B", "A, B" and "B, not A" name two: None. A letter that is not
+    among ``choices`` is none.
+
+    >>> options = {"A": "Oxygen", "B": "Carbon dioxide"}
+    >>> [choice_letter(a, options) for a in ("B", "(b)", "Option B", "carbon dioxide", "A or B", "E")]
+    ['B', 'B', 'B', 'B', None, None]
+    """
+    if answer is None:
+        return None
+    text = answer.strip(_DECORATION)
+    if not text:
+        return None
+    normal = normalize_text(text)
+    by_text = [letter for letter, option in choices.items() if normal and normalize_text(option) == normal]
+    if len(by_text) == 1:
+        return by_text[0]
+    for _ in range(3):  # "Answer: option (B)" has two cues
+        cue = _CHOICE_CUE.match(text)
+        if cue is None or not cue.end():
+            break
+        text = text[cue.end() :]
+    if (lead := _LEADING_LETTER.match(text)) is not None:
+        letter, rest = next(g for g in lead.groups() if g).upper(), text[lead.end() :]
+    else:
+        letter, rest = (text.upper(), "") if len(text) == 1 else ("", text)  # a lone "b" is a letter too
+    if letter in choices:  # not "I think it is (B)": "I" is no option, so read on below
+        # The chosen option's own text may hold a capital ("Vitamin C"): not a second letter.
+        if option := choices[letter].strip():
+            rest = re.sub(re.escape(option), " ", rest, flags=re.IGNORECASE)
+        return letter if _mentions(rest, choices) <= {letter} else None
+    named = _mentions(text, choices)
+    return named.pop() if len(named) == 1 else None
+
+
+def read_answer(answer: str | None, kind: str = "numeric",
+                choices: Mapping[str, str] | Sequence[tuple[str, str]] | None = None) -> float | str | None:
+    """What an ``<answer>`` block states, read as its kind reads it, or None when it
+    states nothing readable: the number (numeric), the option's letter (choice),
+    the normalised text (text), the stripped text (open).
+
+    >>> read_answer("40 km/h"), read_answer("(B)", "choice", {"A": "x", "B": "y"}), read_answer(" The Nile. ", "text")
+    (40.0, 'B', 'nile')
+    """
+    if kind == "numeric":
+        return parse_number(answer)
+    if answer is None:
+        return None
+    if kind == "choice":
+        return choice_letter(answer, dict(choices or {}))
+    if kind == "text":
+        return normalize_text(answer) or None
+    if kind == "open":
+        return answer.strip() or None
+    raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")

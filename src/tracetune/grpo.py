@@ -99,8 +99,11 @@ class Scored:
     def spread(self, on: str, G: int) -> np.ndarray:
         """[groups] whether a group's G values of ``on`` ("reward": the composite, or
         a component) differ: a group without spread has zero advantage."""
-        values = self.rewards if on in ("reward", "off") else np.asarray(self.components[on], np.float64)
-        return np.ptp(np.asarray(values).reshape(-1, G), axis=1) > 0  # [B / G]
+        if on in ("reward", "off"):
+            values = np.asarray(self.rewards)
+        else:  # a component undefined for a row's kind (None: an open row's correctness) has no spread
+            values = np.asarray([math.nan if v is None else v for v in self.components[on]], np.float64)
+        return np.ptp(values.reshape(-1, G), axis=1) > 0  # [B / G]; a nan never compares > 0
 
 
 def fill_with_spread(first: Scored, sample: Callable[[int], Scored], on: str, G: int, rounds: int, pad_id: int) -> tuple[Scored, Scored]:
@@ -157,7 +160,9 @@ class StepFacts:
         G, sampled, trained = self.num_generations, self.sampled, self.trained
         return {
             "reward/composite": float(np.mean(sampled.rewards)),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in sampled.components.items()},
+            # over the completions a component is defined for (an open row has no correctness);
+            # a component defined for none of them is left out
+            **{f"reward/{k}": float(np.mean(d)) for k, v in sampled.components.items() if (d := [x for x in v if x is not None])},
             "zero_spread": float(np.mean(~sampled.spread(self.spread_on, G))),
             "groups_with_spread": float(np.mean(trained.spread(self.spread_on, G))),
             "filter_rollouts": len(sampled.rewards) - len(trained.rewards) if sampled is not trained else 0,
@@ -171,7 +176,7 @@ class StepFacts:
         rollout, trained = self.trained.rollout, self.trained
         references = trained.columns.get("reference", [""] * len(rollout.prompts))
         return [{"prompt": p, "completion": c, "reward": float(r), "reference": str(ref), "finish_reason": why,
-                 **{k: float(v[i]) for k, v in trained.components.items()}}
+                 **{k: None if v[i] is None else float(v[i]) for k, v in trained.components.items()}}
                 for i, (p, c, r, ref, why) in enumerate(zip(rollout.prompts, rollout.texts, trained.rewards, references,
                                                             rollout.finish_reasons))]
 
@@ -420,9 +425,9 @@ def prompt_examples(config: Config, tokenizer: Tokenizer) -> tuple[list[Example]
     can choose its checkpoint."""
     data, grpo = config.data, config.grpo
     examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
-                             skip_invalid=data.skip_invalid).examples
+                             skip_invalid=data.skip_invalid, kind=data.kind).examples
     train, validation = split_examples(examples, data.val_fraction, data.seed)
-    fitting = [e for e in train if len(tokenizer.encode(build_prompt(e.question, data.prompt_style))) <= grpo.max_prompt_tokens]
+    fitting = [e for e in train if len(tokenizer.encode(build_prompt(e.question, data.prompt_style, e.kind))) <= grpo.max_prompt_tokens]
     return fitting[: grpo.train_examples or None], validation
 
 
@@ -435,7 +440,7 @@ def reference_steps(example: Example) -> int:
 
 @dataclass
 class PromptBatches:
-    """{'prompts', 'reference', 'question', 'solution'} batches (np.arrays, as Tunix
+    """{'prompts', 'reference', 'question', 'solution', 'kind', 'choices'} batches (np.arrays, as Tunix
     needs) in an order fixed by the seed; Tunix resumes by re-reading and skipping,
     and ``stop`` ends the stream. ``curriculum="steps"`` orders each epoch from the
     fewest reference steps to the most (a seeded shuffle within a step count)."""
@@ -457,11 +462,15 @@ class PromptBatches:
     def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         # Every host walks the same global order and keeps its own share.
         rows = [self.examples[i] for i in mesh_lib.host_share(np.asarray(indices))]
+        choices = np.empty(len(rows), dtype=object)  # [B] of dicts: np.array would unpack pairs into a matrix
+        choices[:] = [dict(r.choices) for r in rows]
         return {
-            "prompts": np.array([build_prompt(r.question, self.prompt_style) for r in rows]),
+            "prompts": np.array([build_prompt(r.question, self.prompt_style, r.kind) for r in rows]),
             "reference": np.array([r.reference for r in rows]),
             "question": np.array([r.question for r in rows]),
             "solution": np.array([r.solution for r in rows]),
+            "kind": np.array([r.kind for r in rows]),
+            "choices": choices,
         }
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -508,7 +517,8 @@ def failure_warnings(history: Sequence[dict], window: int) -> dict[str, str]:
     spread = np.mean([h["zero_spread"] for h in recent])
     if spread > 0.8:
         out["zero_spread"] = (f"{spread:.0%} of groups had all G rewards equal over the last {window} steps: they carry no gradient (task too hard or too easy, or temperature too low)")
-    if len(history) >= 2 * window and "reward/trace" in recent[0] and "reward/correctness" in recent[0]:
+    # (a step of open rows only has no correctness: the check needs it in every step)
+    if len(history) >= 2 * window and all("reward/trace" in h and "reward/correctness" in h for h in history[-2 * window :]):
         before = history[-2 * window : -window]
         trace_gain = np.mean([h["reward/trace"] for h in recent]) - np.mean([h["reward/trace"] for h in before])
         correct_gain = np.mean([h["reward/correctness"] for h in recent]) - np.mean([h["reward/correctness"] for h in before])

@@ -369,7 +369,7 @@ def samples_section(variants: Sequence[Variant], count: int = 3, width: int = 70
             record = next((r for r in v.result.records if r["id"] == sample_id), None)
             if record is None:
                 continue
-            verdict = "correct" if record["correct"] else "wrong"
+            verdict = "judged only" if record["correct"] is None else "correct" if record["correct"] else "wrong"
             failure = f", {CATEGORY_LABELS[record['failure']['category']]}" if record.get("failure") else ""
             text = record["completion"] if len(record["completion"]) <= width else record["completion"][:width] + " [...]"
             fence = "````" if "```" in text else "```"

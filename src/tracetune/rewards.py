@@ -5,7 +5,7 @@ The composite reward, declared once::
     R = sum over the registered components k of  w_k * component_k
 
       component    range     what it pays for                                    w_k
-      correctness  {0, 1}    the number in <answer> equals the reference          0.6
+      correctness  {0, 1}    the <answer> states the reference (by task kind)     0.6
       trace        [0, 1]    a structured trace (rubric: trace_breakdown)         0.25
       confidence   [0, 1]    calibration of the answer tokens' probability        0.15
       arithmetic   [0, 1]    true "a op b = c" claims grounded in the problem     0
@@ -14,11 +14,28 @@ The composite reward, declared once::
     with (w_k) = RewardWeights(): the seed recipe's 0.6 / 0.25 / 0.15, and 0 for
     arithmetic, which the recipe does not have.
 
+A component may be undefined (None) for a row it cannot judge: correctness and
+confidence for an ``open`` row (no reference: it is judged, never checked), and
+arithmetic for a non-numeric row whose prompt holds no number (nothing to ground a
+claim in). The composite then renormalises over the weighted components the row
+has, so every row's R lies on the same scale [0, sum_k w_k]::
+
+    R = (sum_k w_k / sum_{k defined} w_k) * sum_{k defined} w_k * component_k
+
+which is the formula above whenever every component is defined (every numeric row:
+its R is bit for bit what it was before task kinds). Renormalising rather than
+paying 0 for the missing term keeps an open row's R comparable with a numeric
+row's in one batch and in the evaluation's mean; GRPO's advantages, normalised
+within a prompt's group (one kind), are unchanged by the rescale. A row whose
+weighted components are all undefined has no R: ValueError.
+
 Each reward has a per-sample helper (``correctness``, ``trace_structure``,
 ``confidence``, ``arithmetic``) and a batch form ``fn(prompts, completions,
 **columns) -> list[float]``, the signature Tunix's GRPOLearner and TRL's
 GRPOTrainer call. Batch columns: ``reference`` (the reference answer, str or
-number); for arithmetic ``question`` (the problem's text) and optionally
+number; "" for an open row); optionally ``kind`` (each row's task kind,
+``format.KINDS``; without it every row is numeric) and ``choices`` (a choice row's
+options, letter -> text); for arithmetic ``question`` (the problem's text) and optionally
 ``solution`` (GSM8K's worked solution, "" when unknown); for confidence
 ``token_texts`` / ``token_logprobs`` (the completion's tokens as text, which must
 concatenate to the completion, and their log-probabilities under the policy) or
@@ -45,7 +62,7 @@ from typing import Any
 
 from tracetune.arithmetic import Claim, arithmetic_claims, calculator_annotations, problem_numbers, shows_calculation
 from tracetune.config import RewardWeights
-from tracetune.format import numbers_match, parse_completion, parse_number
+from tracetune.format import KINDS, choice_letter, find_numbers, normalize_text, numbers_match, parse_completion, parse_number, read_answer
 
 # --------------------------------------------------------------------- correctness
 
@@ -64,14 +81,53 @@ def parse_reference(reference: str | float | int) -> float:
     return value
 
 
-def correctness(completion: str, reference: str | float) -> float:
-    """1.0 if the number in the single ``<answer>`` block equals the reference, else 0.0.
+Choices = Mapping[str, str] | Sequence[tuple[str, str]]  # a choice row's options, letter -> text
 
-    No answer block, two answer blocks, or no number in the answer: 0.0.
+
+def numeric_correct(answer: str | None, reference: str | float) -> float:
+    """1.0 if the answer's number (its last) equals the reference number, else 0.0."""
+    predicted = parse_number(answer)
+    return 1.0 if numbers_match(predicted, parse_reference(reference)) else 0.0
+
+
+def choice_correct(answer: str | None, reference: str, choices: Choices) -> float:
+    """1.0 if the answer names exactly the reference's option (``format.choice_letter``:
+    "B", "(B)", "Option B", "B. <its text>", ...), else 0.0 ("A or B" names two).
+    A reference that is not one of the options' letters is a data bug: ValueError."""
+    options = dict(choices)
+    letter = str(reference).strip().upper()
+    if letter not in options:
+        raise ValueError(f"reference {reference!r} is not one of the options {', '.join(options) or '(none given)'}")
+    return 1.0 if choice_letter(answer, options) == letter else 0.0
+
+
+def text_correct(answer: str | None, reference: str) -> float:
+    """1.0 if the answer equals the reference after SQuAD's normalisation (case,
+    punctuation, articles, whitespace: ``format.normalize_text``), else 0.0.
+    A reference that normalises to nothing is a data bug: ValueError."""
+    expected = normalize_text(str(reference))
+    if not expected:
+        raise ValueError(f"reference answer {reference!r} is empty once normalised")
+    return 1.0 if answer is not None and normalize_text(answer) == expected else 0.0
+
+
+def correctness(completion: str, reference: str | float, kind: str = "numeric", choices: Choices | None = None) -> float | None:
+    """1.0 if the single ``<answer>`` block states the reference, read as ``kind``
+    reads it, else 0.0; None for an ``open`` row, which has no reference to check.
+
+    No answer block, two answer blocks, or nothing readable in the answer: 0.0.
     The answer is not looked for in the reasoning: a right number there is not an answer.
     """
-    predicted = parse_number(parse_completion(completion).answer)
-    return 1.0 if numbers_match(predicted, parse_reference(reference)) else 0.0
+    answer = parse_completion(completion).answer
+    if kind == "numeric":
+        return numeric_correct(answer, reference)
+    if kind == "choice":
+        return choice_correct(answer, str(reference), choices or {})
+    if kind == "text":
+        return text_correct(answer, str(reference))
+    if kind == "open":
+        return None
+    raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
 
 
 # --------------------------------------------------------------------------- trace
@@ -111,6 +167,32 @@ OUTSIDE_TEXT_FACTOR = 0.5
 # parallel steps such as "5 tables have 3 chairs each ..." / "4 tables have 6
 # chairs each ...", and lose a share of their trace score for it.
 TEMPLATE_MIN_WORDS = 4
+# Prose kinds (every kind but numeric): a step that brings fewer than this many
+# content words the question does not already hold is hollow, neither a step nor
+# neutral: filler ("Let me think.", "This is important.": no content word at all)
+# or the question said again ("The question asks why ice floats on water."). A
+# step that shows a calculation is never hollow. Numeric rows keep the rubric they
+# were trained and reported with: GSM8K steps restate the problem's quantities by
+# design ("Natalia sold 48 clips in April"), and their scores stay bit-identical.
+MIN_NEW_WORDS = 2
+# Words that carry no content of their own in a step: articles, pronouns, auxiliaries,
+# prepositions, conjunctions, the transition words, and the vocabulary of thinking
+# aloud about the task. Small and closed on purpose: a word left out only makes a
+# filler step look like content, it never makes a real step hollow.
+FILLER_WORDS = frozenset(
+    """
+    a an the this that these those it its they them their there here i me my we us our you your he him his she her
+    is are was were be been being am do does did done have has had will would shall should can could may might must
+    of in on at to for from by with as into onto about over under than then so if or and but not no nor yes also too
+    very really quite just only even still again now well okay ok hmm wait sure yeah
+    let lets think thinking thought consider considering note noting notice important importantly interesting
+    clearly obviously basically actually simply indeed certainly surely carefully careful remember recall
+    question questions answer answers ask asks asked asking problem task prompt request step steps
+    need needs needed want wants look looking see start begin continue proceed figure out understand
+    what which who whom whose why how when where whether something anything everything nothing thing things
+    first next finally thus therefore hence
+    """.split()
+)
 
 
 # Words for comparing steps: ASCII letters and digits, lowercased. A bytes
@@ -130,6 +212,30 @@ def _words(text: str) -> list[bytes]:
 def _is_substantive(words: list[bytes]) -> bool:
     """A step with content: at least 3 words, at least 2 of them not transition words."""
     return len(words) >= 3 and len(words) - sum(map(_TRANSITION_BYTES.__contains__, words)) >= 2
+
+
+_FILLER_BYTES = frozenset(w.encode() for w in FILLER_WORDS)
+
+
+def _stem(word: bytes) -> bytes:
+    """A plural's singular, roughly ("floats" -> "float", "gas" and "glass" stay):
+    enough that a restated question cannot pass for new words by one letter."""
+    return word[:-1] if len(word) > 3 and word.endswith(b"s") and not word.endswith(b"ss") else word
+
+
+def _content(words: Sequence[bytes]) -> set[bytes]:
+    """The content words among ``words``: neither FILLER_WORDS nor single letters."""
+    return {_stem(w) for w in words if w not in _FILLER_BYTES and (len(w) > 1 or w.isdigit())}
+
+
+@functools.lru_cache(maxsize=4096)  # the G completions of a prompt share its question
+def _question_words(question: str) -> frozenset[bytes]:
+    return frozenset(_content(_words(question)))
+
+
+def _hollow(words: Sequence[bytes], question_words: frozenset[bytes]) -> bool:
+    """A prose step that adds fewer than MIN_NEW_WORDS content words to the question's."""
+    return len(_content(words) - question_words) < MIN_NEW_WORDS
 
 
 def _template(key: bytes) -> bytes | None:
@@ -167,7 +273,8 @@ def split_steps(reasoning: str) -> tuple[list[str], int]:
     return [reasoning[e:s] for e, s in zip(ends, starts)], len(markers)
 
 
-def trace_breakdown(completion: str) -> dict[str, float]:
+def trace_breakdown(completion: str, question: str | None = None, kind: str = "numeric",
+                    choices: Choices | None = None) -> dict[str, float]:
     """The rubric's parts for one completion, each in [0, 1], and the total.
 
     Rubric (weights sum to 1, then multiplied by three penalty factors)::
@@ -181,7 +288,7 @@ def trace_breakdown(completion: str) -> dict[str, float]:
                            thus, hence, in total, the answer is) followed by the
                            answer's number (0.5 if there is no parseable answer
                            and a number follows)
-        x repetition       distinct steps / (distinct + repeated) substantive steps
+        x repetition       distinct steps / (distinct + repeated + hollow) steps
         x padding          1 up to 12 step markers, then falls linearly to 0 at 24
         x outside          0.5 if there is non-whitespace text outside the tags
 
@@ -192,7 +299,27 @@ def trace_breakdown(completion: str) -> dict[str, float]:
     so it adds nothing, and it lowers the total through the repetition factor
     (a trace of 3 distinct steps and 1 repeat keeps 3/4). Empty steps add nothing
     and count as padding.
+
+    ``kind`` is the row's task kind (``format.KINDS``); a numeric row (the default)
+    is scored as above, whatever ``question`` says. The prose kinds (choice, text,
+    open) differ in three ways:
+
+    * hollow steps: a step bringing fewer than MIN_NEW_WORDS content words beyond
+      the question's (filler, or the question restated) is no step and lowers the
+      repetition factor as a repeat does (``FILLER_WORDS``);
+    * the conclusion: the cue must be followed by a statement (any word), which
+      for a choice row may not name another option than the answer does; 0.5 when
+      the answer states nothing readable (``format.read_answer``);
+    * calculations are weighed only when ``question`` holds a number (a digit); for
+      a prompt without one, the other three parts are renormalised to weigh 1
+      (steps 0.35/0.75, transitions 0.15/0.75, conclusion 0.25/0.75). The part is
+      still reported.
+
+    Without ``question`` no step is compared with it and calculations are weighed.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
+    prose = kind != "numeric"
     parsed = parse_completion(completion)
     # With no reasoning block the whole completion is judged as reasoning, at the
     # outside-text penalty: a trace without tags still earns some shaping signal.
@@ -211,8 +338,10 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         start = max((i + len(end) for end in _SENTENCE_ENDS if (i := final.rfind(end, 0, cue.start())) >= 0), default=0)
         sentence = final[start:]
         segments[-1] = final[:start]
-        stated = parse_number(final[cue.end() :])
-        if stated is not None:
+        if prose:
+            conclusion = _prose_conclusion(final[cue.end() :], parsed.answer, kind, choices)
+            concludes_with_transition = conclusion > 0 and not _TRANSITION_BYTES.isdisjoint(_words(sentence))
+        elif (stated := parse_number(final[cue.end() :])) is not None:
             concludes_with_transition = not _TRANSITION_BYTES.isdisjoint(_words(sentence))
             answer = parse_number(parsed.answer)
             if answer is None:
@@ -225,7 +354,8 @@ def trace_breakdown(completion: str) -> dict[str, float]:
     # seen, to catch a step repeated with other numbers.
     distinct: dict[bytes, tuple[bool, bool]] = {}
     templates: set[bytes] = set()
-    n_repeats = 0
+    n_repeats = n_hollow = 0
+    question_words = _question_words(question) if prose and question is not None else frozenset()
     for segment in segments:
         words = _words(segment)
         if not _is_substantive(words):
@@ -234,7 +364,11 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         if key in distinct or (template := _template(key)) in templates:
             n_repeats += 1
             continue
-        distinct[key] = (shows_calculation(segment), not _TRANSITION_BYTES.isdisjoint(words))
+        calculation = shows_calculation(segment)
+        if prose and not calculation and _hollow(words, question_words):
+            n_hollow += 1
+            continue
+        distinct[key] = (calculation, not _TRANSITION_BYTES.isdisjoint(words))
         if template is not None:
             templates.add(template)
 
@@ -248,17 +382,37 @@ def trace_breakdown(completion: str) -> dict[str, float]:
         "transitions": min(n_transitions, FULL_CREDIT_TRANSITIONS) / FULL_CREDIT_TRANSITIONS,
         "conclusion": conclusion,
     }
-    repetition = len(distinct) / (len(distinct) + n_repeats) if n_repeats else 1.0
+    repetition = len(distinct) / (len(distinct) + n_repeats + n_hollow) if n_repeats or n_hollow else 1.0
     padding = 1.0 if n_markers <= MAX_STEPS else max(0.0, 1.0 - (n_markers - MAX_STEPS) / MAX_STEPS)
     outside = OUTSIDE_TEXT_FACTOR if parsed.outside.strip() else 1.0
-    total = sum(TRACE_RUBRIC[k] * v for k, v in parts.items()) * repetition * padding * outside
+    if prose and question is not None and not find_numbers(question):
+        rubric = {k: w for k, w in TRACE_RUBRIC.items() if k != "calculations"}
+        weighed = sum(rubric[k] * parts[k] for k in rubric) / math.fsum(rubric.values())
+    else:
+        weighed = sum(TRACE_RUBRIC[k] * v for k, v in parts.items())
+    total = weighed * repetition * padding * outside
     return {**parts, "repetition": repetition, "padding": padding, "outside": outside,
-            "n_steps": float(n_steps), "n_repeats": float(n_repeats), "total": total}
+            "n_steps": float(n_steps), "n_repeats": float(n_repeats), "n_hollow": float(n_hollow), "total": total}
 
 
-def trace_structure(completion: str) -> float:
+def _prose_conclusion(statement: str, answer: str | None, kind: str, choices: Choices | None) -> float:
+    """The conclusion part of a prose kind's trace: 1.0 for a statement after the
+    cue, 0.0 for none ("So.") or a choice conclusion naming another option than the
+    answer; 0.5 for a statement when the answer states nothing readable."""
+    if not any(ch.isalnum() for ch in statement):
+        return 0.0
+    options = dict(choices or {})
+    answered = read_answer(answer, kind, options)
+    if answered is None:
+        return 0.5
+    if kind == "choice" and (stated := choice_letter(statement, options)) is not None and stated != answered:
+        return 0.0  # a conclusion that contradicts the answer is no conclusion
+    return 1.0
+
+
+def trace_structure(completion: str, question: str | None = None, kind: str = "numeric", choices: Choices | None = None) -> float:
     """The trace rubric's total in [0, 1]; see ``trace_breakdown`` for the rubric."""
-    return trace_breakdown(completion)["total"]
+    return trace_breakdown(completion, question, kind, choices)["total"]
 
 
 # ---------------------------------------------------------------------- confidence
@@ -311,14 +465,20 @@ def confidence_score(
     answer_logprobs: Sequence[float] | None,
     *,
     correct: float | None = None,
-) -> float:
+    kind: str = "numeric",
+    choices: Choices | None = None,
+) -> float | None:
     """The calibration reward given the answer tokens' log-probabilities (already
-    selected, e.g. by ``answer_token_logprobs``). An answer with no number counts as
-    none. ``correct`` may pass a correctness already computed for this completion."""
-    if parse_number(parse_completion(completion).answer) is None:
+    selected, e.g. by ``answer_token_logprobs``). An answer with nothing readable
+    (no number, for a numeric row) counts as none. ``correct`` may pass a
+    correctness already computed for this completion. None for an open row:
+    calibration needs a right or wrong."""
+    if kind == "open":
+        return None
+    if read_answer(parse_completion(completion).answer, kind, choices) is None:
         return 0.0
     if correct is None:
-        correct = correctness(completion, reference)
+        correct = correctness(completion, reference, kind, choices)
     return confidence_from_logprobs(correct == 1.0, answer_logprobs)
 
 
@@ -327,9 +487,12 @@ def confidence(
     reference: str | float,
     token_texts: Sequence[str],
     token_logprobs: Sequence[float],
-) -> float:
+    kind: str = "numeric",
+    choices: Choices | None = None,
+) -> float | None:
     """The calibration reward for one completion from its tokens and their log-probabilities."""
-    return confidence_score(completion, reference, answer_token_logprobs(completion, token_texts, token_logprobs))
+    return confidence_score(completion, reference, answer_token_logprobs(completion, token_texts, token_logprobs),
+                            kind=kind, choices=choices)
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -475,8 +638,12 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
     return {**counts, "needed": float(needed), "total": total}
 
 
-def arithmetic(completion: str, question: str, solution: str = "") -> float:
-    """The arithmetic rubric's total in [0, 1]; see ``arithmetic_breakdown`` for the rubric."""
+def arithmetic(completion: str, question: str, solution: str = "", kind: str = "numeric") -> float | None:
+    """The arithmetic rubric's total in [0, 1]; see ``arithmetic_breakdown`` for the
+    rubric. None for a non-numeric row whose question holds no number (a digit):
+    there is nothing to ground a claim in, so no claim could pay."""
+    if kind != "numeric" and not find_numbers(question):
+        return None
     return arithmetic_breakdown(completion, question, solution)["total"]
 
 
@@ -493,12 +660,12 @@ class Reward:
     """
 
     name: str
-    fn: Callable[..., list[float]]
+    fn: Callable[..., list[float | None]]
     columns: tuple[tuple[str, ...], ...]
     default_weight: float
     label: str
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
         if not self.available(columns):
             raise ValueError(f"the {self.name} reward needs the columns {self.needs()}")
         return self.fn(prompts, completions, **columns)
@@ -532,14 +699,30 @@ def register(name: str, *, columns: tuple[tuple[str, ...], ...] = ((),), default
 # ------------------------------------------------------------------- batch forms
 
 
+def _per_row(column: Sequence[Any] | None, n: int, default: Any) -> Sequence[Any]:
+    """An optional column, or ``default`` for each of the ``n`` rows without it."""
+    return column if column is not None else [default] * n
+
+
 @register("correctness", columns=(("reference",),), default_weight=0.6, label="GSM8K accuracy")
-def correctness_reward(prompts: Sequence[str], completions: Sequence[str], reference: Sequence[Any], **_: Any) -> list[float]:
-    return [correctness(c, r) for c, r in zip(completions, reference, strict=True)]
+def correctness_reward(prompts: Sequence[str], completions: Sequence[str], reference: Sequence[Any],
+                       kind: Sequence[str] | None = None, choices: Sequence[Choices | None] | None = None,
+                       **_: Any) -> list[float | None]:
+    n = len(completions)
+    return [correctness(c, r, k, o) for c, r, k, o in
+            zip(completions, reference, _per_row(kind, n, "numeric"), _per_row(choices, n, None), strict=True)]
 
 
 @register("trace", default_weight=0.25, label="Avg trace score")
-def trace_reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
-    return [trace_structure(c) for c in completions]
+def trace_reward(prompts: Sequence[str], completions: Sequence[str], question: Sequence[str] | None = None,
+                 kind: Sequence[str] | None = None, choices: Sequence[Choices | None] | None = None,
+                 **_: Any) -> list[float]:
+    # The question decides whether a prose row's calculations are weighed; without
+    # the column, the prompt (whose templates add no digit) stands in for it.
+    n = len(completions)
+    questions = question if question is not None else prompts
+    return [trace_structure(c, q, k, o) for c, q, k, o in
+            zip(completions, questions, _per_row(kind, n, "numeric"), _per_row(choices, n, None), strict=True)]
 
 
 @register("confidence", columns=(("reference", "token_texts", "token_logprobs"), ("reference", "answer_logprobs")),
@@ -551,18 +734,23 @@ def confidence_reward(
     token_texts: Sequence[Sequence[str]] | None = None,
     token_logprobs: Sequence[Sequence[float]] | None = None,
     answer_logprobs: Sequence[Sequence[float] | None] | None = None,
+    kind: Sequence[str] | None = None,
+    choices: Sequence[Choices | None] | None = None,
     **_: Any,
-) -> list[float]:
+) -> list[float | None]:
+    n = len(completions)
+    kinds, options = _per_row(kind, n, "numeric"), _per_row(choices, n, None)
     if answer_logprobs is not None:  # already selected (the evaluation harness)
-        return [confidence_score(c, r, lp) for c, r, lp in zip(completions, reference, answer_logprobs, strict=True)]
+        return [confidence_score(c, r, lp, kind=k, choices=o)
+                for c, r, lp, k, o in zip(completions, reference, answer_logprobs, kinds, options, strict=True)]
     if token_texts is None or token_logprobs is None:
         raise ValueError(
             "the confidence reward needs the 'token_texts' and 'token_logprobs' columns "
             "(the completion's tokens and their log-probabilities under the policy)"
         )
     return [
-        confidence(c, r, t, lp)
-        for c, r, t, lp in zip(completions, reference, token_texts, token_logprobs, strict=True)
+        confidence(c, r, t, lp, k, o)
+        for c, r, t, lp, k, o in zip(completions, reference, token_texts, token_logprobs, kinds, options, strict=True)
     ]
 
 
@@ -572,10 +760,12 @@ def arithmetic_reward(
     completions: Sequence[str],
     question: Sequence[str],
     solution: Sequence[str] | None = None,
+    kind: Sequence[str] | None = None,
     **_: Any,
-) -> list[float]:
-    solutions = solution if solution is not None else [""] * len(completions)
-    return [arithmetic(c, q, s or "") for c, q, s in zip(completions, question, solutions, strict=True)]
+) -> list[float | None]:
+    n = len(completions)
+    return [arithmetic(c, q, s or "", k) for c, q, s, k in
+            zip(completions, question, _per_row(solution, n, ""), _per_row(kind, n, "numeric"), strict=True)]
 
 
 # Components are computed a chunk of completions at a time: every component parses
@@ -620,17 +810,30 @@ def reward_components(
     return available_components(prompts, completions, **columns)
 
 
-def combine(components: Mapping[str, Sequence[float]], weights: RewardWeights) -> list[float]:
+def combine(components: Mapping[str, Sequence[float | None]], weights: RewardWeights) -> list[float]:
     """R = sum_k w_k * component_k: the one place where the weights are applied.
 
     Components with weight 0 may be given (they are logged, not paid); a weighted one
-    that is missing is an error, not a silent 0.
+    that is missing is an error, not a silent 0. A row where a weighted component is
+    None (undefined for its kind) is renormalised over the components it has (see the
+    module docstring); a row with none of them is an error.
     """
     w = weights.as_dict()
     if missing := [name for name, weight in w.items() if weight and name not in components]:
         raise ValueError(f"the composite needs the components {missing} (weights {weights})")
     n = len(next(iter(components.values())))
-    return [math.fsum(w[k] * components[k][i] for k in components if w.get(k)) for i in range(n)]
+    paid = [k for k in components if w.get(k)]
+    out = []
+    for i in range(n):
+        defined = [k for k in paid if components[k][i] is not None]
+        total = math.fsum(w[k] * components[k][i] for k in defined)
+        if len(defined) < len(paid):  # only then: a numeric row's R is exactly the plain sum
+            if not defined:
+                raise ValueError(f"row {i} has none of the weighted components {paid} (weights {weights}): "
+                                 "an open row needs a weighted component that judges it, such as trace")
+            total *= math.fsum(w[k] for k in paid) / math.fsum(w[k] for k in defined)
+        out.append(total)
+    return out
 
 
 def make_composite_reward(weights: RewardWeights | None = None) -> Callable[..., list[float]]:

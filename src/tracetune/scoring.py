@@ -5,9 +5,11 @@ are scored by ``score_sample`` and ``aggregate``, which call the same parsing an
 reward functions that GRPO trains on.
 
 Metrics (each with a 95% confidence interval):
-    accuracy          strict GSM8K accuracy: the number in <answer> equals the reference
-                      (the correctness reward)
-    lenient_accuracy  the last number anywhere equals the reference (reporting only)
+    accuracy          strict accuracy: the <answer> states the reference, read as the
+                      row's task kind reads it (the correctness reward); over the
+                      rows that have a reference (an open row is judged, not checked)
+    lenient_accuracy  numeric rows: the last number anywhere equals the reference
+                      (reporting only; other kinds have none)
     format_rate       share of completions in the strict trace format
     trace             mean trace reward (trace_structure)
     confidence        mean calibration reward (when answer log-probabilities are given)
@@ -33,7 +35,7 @@ from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
 from tracetune.files import atomic_path, json_safe
 from tracetune.format import lenient_number, numbers_match, parse_completion, parse_number
-from tracetune.rewards import REWARDS, answer_token_logprobs, available_components, combine, parse_reference
+from tracetune.rewards import REWARDS, Choices, answer_token_logprobs, available_components, combine, parse_reference
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
@@ -57,8 +59,13 @@ class SampleScore:
 
     ``rewards`` holds each reward metric by name (``REWARD_METRICS``: trace,
     confidence, arithmetic, ...), None where the sample lacked its columns (no
-    answer log-probabilities: no confidence). They read as attributes too
+    answer log-probabilities: no confidence) or the metric is undefined for its
+    kind (an open row's confidence). They read as attributes too
     (``score.trace``), and ``record()`` writes them as top-level keys.
+
+    ``correct`` is None for an open row (nothing to check); ``predicted``,
+    ``lenient_predicted`` and ``lenient_correct`` are numbers, and so None for
+    every kind but numeric.
     """
 
     id: str
@@ -68,11 +75,12 @@ class SampleScore:
     answer: str | None
     predicted: float | None
     lenient_predicted: float | None
-    correct: bool
-    lenient_correct: bool
+    correct: bool | None
+    lenient_correct: bool | None
     well_formed: bool
     rewards: dict[str, float | None]
     composite: float | None
+    kind: str = "numeric"
 
     def __getattr__(self, name: str) -> float | None:
         rewards = self.__dict__.get("rewards", {})
@@ -89,8 +97,9 @@ class SampleScore:
     def from_record(cls, record: dict[str, Any]) -> SampleScore:
         """Back from ``record()``; a reward the record lacks (scored before it was
         registered) is None."""
-        names = [f.name for f in fields(cls) if f.name != "rewards"]
-        return cls(**{k: record[k] for k in names}, rewards={name: record.get(name) for name in REWARD_METRICS})
+        names = [f.name for f in fields(cls) if f.name not in ("rewards", "kind")]
+        return cls(**{k: record[k] for k in names}, rewards={name: record.get(name) for name in REWARD_METRICS},
+                   kind=record.get("kind", "numeric"))  # records from before task kinds are numeric
 
 
 def score_sample(
@@ -102,35 +111,42 @@ def score_sample(
     weights: RewardWeights | None = None,
     id: str = "",
     solution: str = "",
+    kind: str = "numeric",
+    choices: Choices | None = None,
 ) -> SampleScore:
     """Score one completion with every registered reward its inputs allow.
 
     Without answer log-probabilities there is no confidence term, and then no
     composite unless the confidence weight is 0. ``solution`` (GSM8K's worked
     solution) tells the arithmetic reward how many calculations the problem needs.
+    ``kind`` and ``choices`` are the row's task kind and a choice row's options.
     """
     weights = weights if weights is not None else RewardWeights()
     parsed = parse_completion(completion)
-    ref = parse_reference(reference)
-    lenient = lenient_number(completion)
-    columns: dict[str, list[Any]] = {"reference": [reference], "question": [question], "solution": [solution]}
+    numeric = kind == "numeric"
+    ref = parse_reference(reference) if numeric else None
+    lenient = lenient_number(completion) if numeric else None
+    columns: dict[str, list[Any]] = {"reference": [reference], "question": [question], "solution": [solution],
+                                     "kind": [kind], "choices": [dict(choices or {})]}
     if answer_logprobs is not None:
         columns["answer_logprobs"] = [answer_logprobs]
     components = available_components([question], [completion], **columns)
     weighted = all(name in components for name, w in weights.as_dict().items() if w)
+    correct = components["correctness"][0]
     return SampleScore(
         id=id,
         question=question,
         reference=reference,
         completion=completion,
         answer=parsed.answer,
-        predicted=parse_number(parsed.answer),
+        predicted=parse_number(parsed.answer) if numeric else None,
         lenient_predicted=lenient,
-        correct=components["correctness"][0] == 1.0,
-        lenient_correct=numbers_match(lenient, ref),
+        correct=None if correct is None else correct == 1.0,
+        lenient_correct=numbers_match(lenient, ref) if numeric else None,
         well_formed=parsed.strict,
         rewards={name: components[name][0] if name in components else None for name in REWARD_METRICS},
         composite=combine(components, weights)[0] if weighted else None,
+        kind=kind,
     )
 
 
@@ -172,13 +188,14 @@ def mean_ci(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, m
 
 def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
     """The results table's metrics. A reward metric (confidence without
-    log-probabilities) and the composite are over the samples that have them (their
-    n says how many)."""
-    n = len(scores)
+    log-probabilities) and the composite are over the samples that have them, and
+    the accuracies over those with a reference to check (their n says how many)."""
+    checked = [s.correct for s in scores if s.correct is not None]
+    lenient = [s.lenient_correct for s in scores if s.lenient_correct is not None]
     return {
-        "accuracy": proportion_ci(sum(s.correct for s in scores), n),
-        "lenient_accuracy": proportion_ci(sum(s.lenient_correct for s in scores), n),
-        "format_rate": proportion_ci(sum(s.well_formed for s in scores), n),
+        "accuracy": proportion_ci(sum(checked), len(checked)),
+        "lenient_accuracy": proportion_ci(sum(lenient), len(lenient)),
+        "format_rate": proportion_ci(sum(s.well_formed for s in scores), len(scores)),
         **{name: mean_ci([v for s in scores if (v := s.rewards.get(name)) is not None], UNIT) for name in REWARD_METRICS},
         "composite": mean_ci([s.composite for s in scores if s.composite is not None]),  # weights may sum past 1
     }
@@ -234,12 +251,16 @@ class CompletionRow:
     reference: str
     completion: str
     answer_logprobs: list[float] | None = None
+    kind: str = "numeric"
+    choices: tuple[tuple[str, str], ...] = ()
 
 
 def completion_from_row(row: Any, source: str, line: int) -> CompletionRow:
     """Validate a row with ``question``, ``reference`` (or a GSM8K ``answer``),
     ``completion`` and optionally ``answer_logprobs`` or ``token_texts`` +
-    ``token_logprobs``; DataError names the field at fault."""
+    ``token_logprobs``; DataError names the field at fault. A row of another task
+    kind says so in its ``kind`` field (with ``choices`` for a choice row; an open
+    row needs no reference), as a data row does (``data.example_from_row``)."""
     if isinstance(row, dict) and "reference" in row:
         example = example_from_row(row, source, line, "question", "reference")
     else:
@@ -272,6 +293,8 @@ def completion_from_row(row: Any, source: str, line: int) -> CompletionRow:
         reference=example.reference,
         completion=completion,
         answer_logprobs=answer_logprobs,
+        kind=example.kind,
+        choices=example.choices,
     )
 
 

@@ -42,7 +42,7 @@ from tunix.sft import utils as tunix_utils
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, SFTConfig
-from tracetune.data import Example, Trace, curate, load_examples, with_loop
+from tracetune.data import Trace, curate, load_examples, with_loop
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
@@ -424,7 +424,7 @@ class SFTRun:
     def _traces(self) -> tuple[list[Trace], list[Trace]]:
         data = self.config.data
         examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
-                                 skip_invalid=data.skip_invalid).examples
+                                 skip_invalid=data.skip_invalid, kind=data.kind).examples
         curated = curate(examples, val_fraction=data.val_fraction, seed=data.seed, prompt_style=data.prompt_style)
         train = curated.train[: self.config.sft.train_examples or None]
         if not train:
@@ -441,7 +441,7 @@ class SFTRun:
             return {}
         plain = merged_model(lora_model, self.loaded, sft.lora)
         generator = Generator(plain, self.loaded.tokenizer, max_batch=min(32, len(held_out)))
-        scored = generate_and_score(generator, [Example(t.id, t.question, t.reference) for t in held_out],
+        scored = generate_and_score(generator, [t.example() for t in held_out],
                                     max_new_tokens=sft.eval_max_new_tokens, prompt_style=self.config.data.prompt_style,
                                     weights=self.config.rewards)
         scores, outputs = [s for s, _ in scored], [o for _, o in scored]
