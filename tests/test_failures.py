@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 import time
 
 import pytest
@@ -183,13 +184,23 @@ def test_is_failure(correct, well_formed, expected):
     assert is_failure(correct, well_formed) is expected
 
 
-def test_a_long_loop_is_categorized_quickly():
-    # ~60k characters, as a model looping to a large token budget writes
-    loop = [f"So he has {60 + i % 3} students and 3 x 4 = 12." for i in range(1500)]
-    start = time.perf_counter()
-    assert categorize("Q?", "61", trace(loop, "62"), FOUR_STEP_SOLUTION).category == "verbose_reasoning"
-    assert categorize("Q?", "61", trace(loop, "62")[:-30], FOUR_STEP_SOLUTION).category == "format_failure"
-    assert time.perf_counter() - start < 1.0
+def test_a_long_loop_is_categorized_in_linear_time():
+    """~60k characters, as a model looping to a large token budget writes: categorised
+    right, and 4x the loop costs at most about 4x the time (a ratio, best of 3, so that
+    a busy machine does not fail it)."""
+
+    def seconds(steps: int) -> float:
+        loop = [f"So he has {60 + i % 3} students and 3 x 4 = 12." for i in range(steps)]
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            assert categorize("Q?", "61", trace(loop, "62"), FOUR_STEP_SOLUTION).category == "verbose_reasoning"
+            assert categorize("Q?", "61", trace(loop, "62")[:-30], FOUR_STEP_SOLUTION).category == "format_failure"
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(375), seconds(1500)
+    assert large < 8 * small + 0.05, (small, large)
 
 
 # ------------------------------------------------------------------ the table

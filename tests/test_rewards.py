@@ -540,11 +540,19 @@ def test_arithmetic_stays_in_range_and_never_raises(text, question, solution):
         assert parts["total"] == 0.0 or parts["true"] >= 1
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.sampled_from(["48 / 2 = 24. ", "1+1=2 ", "<<48/2=24>>", "((((", "9" * 100 + " = 9 ", "48 + 24 = 73. ", "= 1 "]),
-       st.integers(2_000, 50_000))
-def test_arithmetic_work_is_bounded_on_very_long_text(piece, length):
-    completion = wrap("72", piece * (length // len(piece) + 1))
-    start = time.perf_counter()
-    assert 0.0 <= arithmetic(completion, NATALIA_Q, NATALIA_SOLUTION) <= 1.0
-    assert time.perf_counter() - start < 0.5
+@pytest.mark.parametrize("piece", ["48 / 2 = 24. ", "1+1=2 ", "<<48/2=24>>", "((((", "9" * 100 + " = 9 ", "48 + 24 = 73. ", "= 1 "])
+def test_arithmetic_work_is_bounded_on_very_long_text(piece):
+    """The reward stays in range on a wall of text, and 4x the text costs at most about
+    4x the time (a ratio, best of 3, so that a busy machine does not fail it)."""
+
+    def seconds(length: int) -> float:
+        completion = wrap("72", piece * (length // len(piece) + 1))
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            assert 0.0 <= arithmetic(completion, NATALIA_Q, NATALIA_SOLUTION) <= 1.0
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(12_500), seconds(50_000)
+    assert large < 8 * small + 0.05, (small, large)
