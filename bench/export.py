@@ -95,16 +95,6 @@ def run_llama(gguf_file: str, prompt_ids: list[list[int]], prompts: list[str], n
             "tokens_per_s": tokens / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, int]:
-    """(identical rows, tokens before the first difference, tokens compared), summed."""
-    same = prefix = total = 0
-    for x, y in zip(a, b):
-        same += x == y
-        total += max(len(x), len(y))
-        prefix += next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-    return same, prefix, total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a finished SFT or GRPO run directory")
@@ -127,7 +117,7 @@ def main() -> None:
         sides.report(run_llama(args.arg[0], data["prompt_ids"], data["prompts"], args.new_tokens))
         return
 
-    from tracetune.export import merged_dir, prompt_style
+    from tracetune.export import agreement, merged_dir, prompt_style
     from tracetune.format import build_prompt
 
     style = prompt_style(Path(args.run))

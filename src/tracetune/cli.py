@@ -511,7 +511,8 @@ def export_cmd(
         from tracetune.format import build_prompt
 
         questions = [e.question for e in data_mod.load_examples("gsm8k", "train", limit=check).examples]
-        prompts = [build_prompt(q, export.prompt_style(run)) for q in questions]
+        style = export.prompt_style(run)
+        prompts = [build_prompt(q, style) for q in questions]
         result_check = export.check_gguf(result.file, export.merged_dir(run), prompts, check_tokens)
         write_json(result_check.as_dict(), result.directory / "check.json")
         diffs = ", ".join(f"{k} {v:.2g}" for k, v in result_check.max_abs_diff.items())

@@ -179,10 +179,16 @@ def check_gguf(gguf_file: Path, merged: Path, prompts: list[str], max_new_tokens
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     left = Generator(theirs.model, theirs.tokenizer).generate(prompts, sampling)
     right = Generator(ours.model, ours.tokenizer).generate(prompts, sampling)
-    identical = tokens = prefix = 0
-    for x, y in zip(left, right):
-        identical += x.token_ids == y.token_ids
-        tokens += max(len(x.token_ids), len(y.token_ids))
-        prefix += next((i for i, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q),
-                       min(len(x.token_ids), len(y.token_ids)))
+    identical, prefix, tokens = agreement([g.token_ids for g in left], [g.token_ids for g in right])
     return GGUFCheck(diffs, len(prompts), identical, tokens, prefix)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, int]:
+    """Two readers' greedy token ids on the same prompts: (identical rows, tokens
+    before the first difference, tokens compared), summed over the rows."""
+    same = prefix = total = 0
+    for x, y in zip(a, b):
+        same += x == y
+        total += max(len(x), len(y))
+        prefix += next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    return same, prefix, total
