@@ -82,7 +82,8 @@ class Example:
     number string ("1200", "0.5", "-3"), the option's letter ("B"), the answer text
     ("Paris"), or for an open row "" (or a model answer, kept for judges, never
     checked). ``choices`` are a choice row's (letter, option) pairs, already
-    rendered into ``question``."""
+    rendered into ``question``. ``domain`` groups rows for per-domain tables (the
+    row's ``domain`` field, e.g. "science"; "" when the row has none)."""
 
     id: str
     question: str
@@ -90,6 +91,7 @@ class Example:
     solution: str = ""
     kind: str = "numeric"
     choices: tuple[tuple[str, str], ...] = ()
+    domain: str = ""
 
 
 @dataclass
@@ -182,6 +184,9 @@ def example_from_row(row: Any, source: str, line: int, question_field: str = "qu
             raise DataError(source, line, answer_field, f"a text row needs a reference with words, got {final.strip()!r}")
     else:
         reference = final.strip()
+    domain = row.get("domain")
+    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
+        raise DataError(source, line, "domain", f"must be a non-empty string, got {domain!r}")
     row_id = row.get("id")
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or not str(row_id).strip()):
         raise DataError(source, line, "id", f"must be a non-empty string or an integer, got {row_id!r}")
@@ -192,6 +197,7 @@ def example_from_row(row: Any, source: str, line: int, question_field: str = "qu
         solution=solution.strip(),
         kind=kind,
         choices=choices,
+        domain=domain.strip() if domain is not None else "",
     )
 
 
@@ -395,10 +401,11 @@ class Trace:
     n_tokens: int | None = None
     kind: str = "numeric"
     choices: tuple[tuple[str, str], ...] = ()
+    domain: str = ""
 
     def example(self) -> Example:
         """The problem this trace answers (to score generations against it)."""
-        return Example(self.id, self.question, self.reference, kind=self.kind, choices=self.choices)
+        return Example(self.id, self.question, self.reference, kind=self.kind, choices=self.choices, domain=self.domain)
 
 
 def solution_steps(solution: str) -> list[str]:
@@ -527,6 +534,7 @@ def curate(
                     n_tokens=n_tokens,
                     kind=example.kind,
                     choices=example.choices,
+                    domain=example.domain,
                 )
             )
     return result
