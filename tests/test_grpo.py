@@ -109,7 +109,7 @@ def test_the_curriculum_starts_with_the_fewest_reference_steps_and_refills_no_ha
     assert steps == sorted(steps) and sorted(order) == list(range(40))
     assert not np.array_equal(order, batches.order(1))  # a new shuffle within a step count each epoch
     first = next(iter(batches))
-    assert set(first) == {"prompts", "reference", "question", "solution", "kind", "choices"}
+    assert set(first) == {"prompts", "id", "reference", "question", "solution", "kind", "choices"}
     assert first["kind"].tolist() == ["numeric"] * 4 and first["choices"].tolist() == [{}] * 4  # per row, for the rewards
     extra = batches.refill(step=0, round=1)
     assert extra["reference"].tolist() == batches.refill(step=0, round=1)["reference"].tolist()  # fixed by the seed
@@ -247,7 +247,7 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert all(r["compiles"]["count"] >= 0 for r in records)
     seeds = [s for r in records for s in r["rollout_seeds"]]
     assert len(set(seeds)) == len(seeds)  # a new rollout key every step
-    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0}
+    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0}
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "correctness", "trace", "confidence"} <= set(samples[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

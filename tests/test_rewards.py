@@ -420,7 +420,7 @@ def test_combine_applies_weights_once():
 
 
 def test_every_registered_reward_is_named_for_its_metric_key():
-    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic"]  # the positional weights' order
+    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic", "judge"]  # the positional weights' order
     assert list(RewardWeights().as_dict()) == list(REWARDS)
     for name, reward in REWARDS.items():
         assert re.fullmatch(r"[a-z_]+", name) and reward.name == name and reward.label  # "reward/<name>" reads well
@@ -429,7 +429,7 @@ def test_every_registered_reward_is_named_for_its_metric_key():
 
 def test_the_recipe_weights_are_the_registered_defaults():
     assert {name: r.default_weight for name, r in REWARDS.items()} == {
-        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0}
+        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0}
 
 
 def test_arithmetic_joins_the_composite_by_weight():
@@ -503,12 +503,14 @@ def test_components_equal_the_registered_batch_rewards():
     toks = [tokens_of(c, c[c.index("<answer>") + 8 : c.index("</answer>")], [-0.3] * len(c[c.index("<answer>") + 8 : c.index("</answer>")]))
             if "<answer>" in c else ([c], [-0.5]) for c in completions]
     columns = {"reference": ["72"] * 5, "token_texts": [t for t, _ in toks], "token_logprobs": [lp for _, lp in toks],
-               "question": [NATALIA_Q] * 5, "solution": [NATALIA_SOLUTION] * 5}
+               "question": [NATALIA_Q] * 5, "solution": [NATALIA_SOLUTION] * 5,
+               "judge_score": [1.0, 0.25, 0.5, None, 0.0]}  # the judge's, mapped to [0, 1]; None: unscored
     prompts = ["p"] * 5
     expected = {name: fn(prompts, completions, **columns) for name, fn in REWARDS.items()}
     assert set(expected) == set(REWARDS)
     assert reward_components(prompts, completions, RewardWeights(), **columns) == expected
     assert available_components(prompts, completions, **columns) == expected
+    assert expected["judge"] == [1.0, 0.25, 0.5, None, 0.0]
     with pytest.raises(ValueError, match="token_logprobs"):
         reward_components(prompts, completions, RewardWeights(), reference=["72"] * 5)
 

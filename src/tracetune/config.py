@@ -476,6 +476,49 @@ class EvalConfig:
             raise ConfigError(f"eval.dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
+JUDGE_MODES = ("absolute", "group")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeConfig:
+    """The LLM judge's rubric and, where ``rewards.judge`` > 0, how GRPO asks it
+    for the ``judge`` reward component. The endpoint is the evaluation's
+    (``eval.judge_base_url`` / ``eval.judge_model``, else the environment, as
+    ``tracetune eval --judge``): one judge per run.
+
+    rubric: "" for the rubric tracetune ships for each task kind
+      (``tracetune/rubrics/<kind>.md``), or a file (every kind) or a directory
+      (``<kind>.md`` files; the shipped one for a kind without) replacing them:
+      ``--set judge.rubric=my_rubric.md``. Evaluation and reward read the same.
+    mode: "absolute" (each completion rated 1-5 alone: G requests per prompt) or
+      "group" (a prompt's G completions shown together and ranked: one request
+      per prompt, a comparison instead of a calibration).
+    max_unscored: the largest share of a step's completions the judge may leave
+      unscored (each is left out of its group's advantage and counted); past it
+      the run stops, saving a checkpoint, and a re-run resumes.
+    concurrency / timeout / retries: requests in flight, seconds per request, and
+      extra attempts after a malformed reply, a timeout or a 5xx.
+    guided: send vLLM's ``guided_choice`` with the allowed replies, so that any
+      model served by vLLM or ``tracetune serve`` replies in a form that parses.
+    """
+
+    rubric: str = ""
+    mode: str = "absolute"
+    max_unscored: float = 0.25
+    concurrency: int = 8
+    timeout: float = 60.0
+    retries: int = 2
+    guided: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in JUDGE_MODES:
+            raise ConfigError(f"judge.mode must be one of {', '.join(JUDGE_MODES)}, got {self.mode!r}")
+        if not 0 <= self.max_unscored <= 1:
+            raise ConfigError(f"judge.max_unscored must be in [0, 1], got {self.max_unscored}")
+        if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
+            raise ConfigError("judge.concurrency must be >= 1, judge.timeout > 0 and judge.retries >= 0")
+
+
 MESH_AXES = ("fsdp", "tp")
 
 
@@ -517,6 +560,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "rewards": self.rewards.as_dict()}  # weights by name, every component

@@ -224,7 +224,8 @@ def judge_settings(config: Config):
     if not harness.judge_base_url and not any(os.environ.get(v) for v in ENV_BASE_URL):
         return None
     return JudgeConfig.from_env(base_url=harness.judge_base_url or None, model=harness.judge_model or None,
-                                samples=harness.judge_samples, concurrency=harness.judge_concurrency)
+                                samples=harness.judge_samples, concurrency=harness.judge_concurrency,
+                                rubric=config.judge.rubric, guided=config.judge.guided)
 
 
 def judge_directory(out_dir: Path, judge, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.evaluate import generate_and_score
 from tracetune.generate import Generator
+from tracetune.judge import JudgeError, RewardJudge, RewardScores
 from tracetune.lora import BestAdapters, lora_on_mesh, merged_tree, use_adapter_step
 from tracetune.models.registry import MODELS, LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
@@ -81,11 +82,17 @@ class Scored:
     rollout: StepRollout
     columns: dict[str, list]
     components: dict[str, list[float]]
-    rewards: np.ndarray  # [B]
+    rewards: np.ndarray  # [B]; nan where excluded
+    excluded: np.ndarray | None = None  # [B] bool: the judge gave no score, so the completion has no reward and trains nothing
+
+    def __post_init__(self) -> None:
+        if self.excluded is None:
+            object.__setattr__(self, "excluded", np.zeros(len(self.rewards), bool))
 
     def take(self, rows: Sequence[int]) -> Scored:
         return Scored(self.rollout.take(rows), {k: [v[i] for i in rows] for k, v in self.columns.items()},
-                      {k: [v[i] for i in rows] for k, v in self.components.items()}, self.rewards[list(rows)])
+                      {k: [v[i] for i in rows] for k, v in self.components.items()}, self.rewards[list(rows)],
+                      self.excluded[list(rows)])
 
     @staticmethod
     def concat(parts: Sequence[Scored], pad_id: int) -> Scored:
@@ -94,16 +101,18 @@ class Scored:
                       {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns
                        if all(k in p.columns for p in parts)},
                       {k: [x for p in parts for x in p.components[k]] for k in parts[0].components},
-                      np.concatenate([p.rewards for p in parts]))
+                      np.concatenate([p.rewards for p in parts]), np.concatenate([p.excluded for p in parts]))
 
     def spread(self, on: str, G: int) -> np.ndarray:
         """[groups] whether a group's G values of ``on`` ("reward": the composite, or
         a component) differ: a group without spread has zero advantage."""
         if on in ("reward", "off"):
-            values = np.asarray(self.rewards)
+            values = np.asarray(self.rewards, np.float64)
         else:  # a component undefined for a row's kind (None: an open row's correctness) has no spread
             values = np.asarray([math.nan if v is None else v for v in self.components[on]], np.float64)
-        return np.ptp(values.reshape(-1, G), axis=1) > 0  # [B / G]; a nan never compares > 0
+        values = np.where(self.excluded, math.nan, values).reshape(-1, G)  # [B / G, G]
+        # over the completions that have a value (fmax/fmin skip nan); a nan never compares > 0
+        return np.fmax.reduce(values, axis=1) - np.fmin.reduce(values, axis=1) > 0  # [B / G]
 
 
 def fill_with_spread(first: Scored, sample: Callable[[int], Scored], on: str, G: int, rounds: int, pad_id: int) -> tuple[Scored, Scored]:
@@ -131,6 +140,28 @@ def fill_with_spread(first: Scored, sample: Callable[[int], Scored], on: str, G:
     return Scored.concat((kept + spare)[:wanted], pad_id), Scored.concat(sampled, pad_id)
 
 
+def group_advantages(rewards: np.ndarray, excluded: np.ndarray, G: int, estimator: str) -> np.ndarray:
+    """[B] advantages by Tunix's registered ``estimator``, each group of G on its
+    own. A completion without a reward (the judge gave it no score) is left out:
+    its group's advantages are the estimator's over the k completions that have
+    one (k >= 2; else the group carries no gradient), and its own is 0."""
+    estimate = function_registry.get_advantage_estimator(estimator)
+    if not excluded.any():
+        return np.asarray(estimate(rewards=rewards, num_generations=G))
+    advantages = np.zeros(len(rewards), np.float32)  # [B]
+    for start in range(0, len(rewards), G):
+        kept = start + np.flatnonzero(~excluded[start : start + G])  # [k]
+        if len(kept) >= 2:
+            advantages[kept] = np.asarray(estimate(rewards=np.asarray(rewards[kept]), num_generations=len(kept)))
+    return advantages
+
+
+class JudgeOutage(TrainingError):
+    """More of a step's completions went unscored by the judge than
+    ``judge.max_unscored`` allows: the run stops (with a checkpoint) rather than
+    train on a reward that is mostly missing."""
+
+
 @dataclass(frozen=True)
 class StepFacts:
     """What one GRPO step's rollout and scoring produced, handed to the run's
@@ -148,6 +179,7 @@ class StepFacts:
     seconds: dict[str, float]
     num_generations: int
     spread_on: str = "reward"
+    judge: RewardScores | None = None  # what the judge was asked this step (every sampled completion)
 
     @property
     def rollout(self) -> StepRollout:
@@ -159,7 +191,7 @@ class StepFacts:
         ``filter_rollouts`` the completions the filter sampled beyond the step's own."""
         G, sampled, trained = self.num_generations, self.sampled, self.trained
         return {
-            "reward/composite": float(np.mean(sampled.rewards)),
+            "reward/composite": float(np.nanmean(sampled.rewards)) if not sampled.excluded.all() else None,
             # over the completions a component is defined for (an open row has no correctness);
             # a component defined for none of them is left out
             **{f"reward/{k}": float(np.mean(d)) for k, v in sampled.components.items() if (d := [x for x in v if x is not None])},
@@ -170,12 +202,14 @@ class StepFacts:
             "completion_length": float(np.mean(trained.rollout.lengths)),
             "padded_widths": [list(self.widths)],
             "rollout_seeds": [self.seed],
+            **(self.judge.record() if self.judge is not None else {}),
         }
 
     def samples(self) -> list[dict]:
         rollout, trained = self.trained.rollout, self.trained
         references = trained.columns.get("reference", [""] * len(rollout.prompts))
-        return [{"prompt": p, "completion": c, "reward": float(r), "reference": str(ref), "finish_reason": why,
+        return [{"prompt": p, "completion": c, "reward": None if math.isnan(r) else float(r), "reference": str(ref),
+                 "finish_reason": why,
                  **{k: None if v[i] is None else float(v[i]) for k, v in trained.components.items()}}
                 for i, (p, c, r, ref, why) in enumerate(zip(rollout.prompts, rollout.texts, trained.rewards, references,
                                                             rollout.finish_reasons))]
@@ -263,8 +297,12 @@ class Learner(grpo_learner.GRPOLearner):
 
     def __init__(self, *args, seed: int, weights: RewardWeights, on_step: Callable[[StepFacts], None],
                  refill: Callable[[int, int], dict[str, np.ndarray]] | None = None, spread_on: str = "off",
-                 max_filter_rounds: int = 0, mask_truncated: bool = False, **kwargs):
+                 max_filter_rounds: int = 0, mask_truncated: bool = False, judge: RewardJudge | None = None,
+                 max_unscored: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self._judge = judge  # asked for the "judge" component's column before the pure rewards run
+        self._max_unscored = max_unscored
+        self._judged: list[RewardScores] = []  # this step's judge calls (the filter's rounds included)
         self._seed = seed
         self._weights = weights
         self._on_step = on_step
@@ -293,8 +331,29 @@ class Learner(grpo_learner.GRPOLearner):
         if not rollout.finite:
             raise self._diverged()
         columns = {k: list(v) for k, v in batch.items() if k != "prompts"}
+        excluded = np.zeros(len(prompts), bool)  # [B]
+        if self._judge is not None:
+            judged = self._ask_judge(columns, rollout.texts)
+            columns["judge_score"] = judged.scores
+            excluded = np.array([s is None for s in judged.scores])
         components = reward_components(prompts, rollout.texts, self._weights, **columns, **rollout.reward_columns())
-        return Scored(rollout, columns, components, np.asarray(combine(components, self._weights), np.float32))
+        rewards = np.full(len(prompts), np.nan, np.float32)  # [B]; an unscored completion has no reward
+        kept = np.flatnonzero(~excluded)
+        if len(kept):
+            rewards[kept] = combine({k: [v[i] for i in kept] for k, v in components.items()}, self._weights)
+        return Scored(rollout, columns, components, rewards, excluded)
+
+    def _ask_judge(self, columns: dict[str, list], texts: Sequence[str]) -> RewardScores:
+        """The judge's scores for a rollout (columns as the batch lays them out, G
+        rows per prompt); a judge that refuses us (401, 403, 404) is an outage too."""
+        rows = [{"id": i, "question": q, "reference": r, "kind": k, "completion": c}
+                for i, q, r, k, c in zip(columns["id"], columns["question"], columns["reference"], columns["kind"], texts, strict=True)]
+        try:
+            judged = self._judge.score(rows, self.algo_config.num_generations)
+        except JudgeError as error:
+            raise JudgeOutage(f"the judge refused the reward's requests: {error}") from None
+        self._judged.append(judged)
+        return judged
 
     def _with_spread(self, first: Scored, mode) -> tuple[Scored, Scored]:
         G = self.algo_config.num_generations
@@ -311,11 +370,17 @@ class Learner(grpo_learner.GRPOLearner):
         config = cluster.get_rollout_config(mode)
         seed = self._rollout_seed(mode)
         start = time.perf_counter()
+        self._judged = []
         trained = sampled = self._sample({k: list(v) for k, v in training_input.items()}, mode)
         if mode == Mode.TRAIN and self._spread_on != "off" and self._refill is not None:
             trained, sampled = self._with_spread(trained, mode)
         rollout = trained.rollout
         seconds = {"rollout": sampled.rollout.seconds, "reward": time.perf_counter() - start - sampled.rollout.seconds}
+        judged = RewardScores.total(self._judged) if self._judged else None
+        if judged is not None:
+            seconds["judge"] = judged.seconds
+            if trained.excluded.mean() > self._max_unscored:
+                raise self._outage(trained, judged)
         pad = cluster.rollout.pad_id()
         # Tunix pads prompts to max_prompt_tokens and completions to max_new_tokens;
         # the chunked path trains on the step's own longest, rounded up to a bucket.
@@ -336,20 +401,29 @@ class Learner(grpo_learner.GRPOLearner):
                 prompt_tokens=prompt_ids, completion_tokens=completion_ids,
                 micro_batch_size=self._compute_logps_micro_batch_size * G))
             seconds["old_policy"] = time.perf_counter() - start
-        rewards = trained.rewards  # [B]
-        advantages = function_registry.get_advantage_estimator(algo.advantage_estimator)(rewards=rewards, num_generations=G)
+        advantages = group_advantages(trained.rewards, trained.excluded, G, algo.advantage_estimator)  # [B]
         completion_mask = completion_ids != pad  # [B, C]
         if self._mask_truncated:  # DAPO's overlong filtering: a cut completion trains nothing
             completion_mask = completion_mask & ~jnp.asarray(rollout.truncated)[:, None]
-        cluster.buffer_metrics({"rewards/score/mean": (np.mean(sampled.rewards), np.mean),
+        if trained.excluded.any():  # unscored by the judge: no reward, so no loss either
+            completion_mask = completion_mask & ~jnp.asarray(trained.excluded)[:, None]
+        cluster.buffer_metrics({"rewards/score/mean": (np.nanmean(sampled.rewards), np.mean),
                                 "completions/mean_length": (np.mean(rollout.lengths), np.mean)}, mode=mode)
         if mode == Mode.TRAIN:
             self._on_step(StepFacts(trained, sampled, (int(prompt_ids.shape[1]), int(completion_ids.shape[1])), seed,
-                                    seconds, G, "reward" if self._spread_on == "off" else self._spread_on))
+                                    seconds, G, "reward" if self._spread_on == "off" else self._spread_on, judged))
         return grpo_learner.TrainExample(
             prompt_ids=prompt_ids, prompt_mask=prompt_ids != pad,
             completion_ids=completion_ids, completion_mask=completion_mask,
             ref_per_token_logps=reference, old_per_token_logps=old, advantages=jax.device_put(advantages))
+
+    def _outage(self, trained: Scored, judged: RewardScores) -> JudgeOutage:
+        done = self.rl_cluster.actor_trainer.train_steps
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in sorted(judged.reasons.items(), key=lambda kv: -kv[1]))
+        return JudgeOutage(
+            f"the judge left {int(trained.excluded.sum())} of step {done + 1}'s {len(trained.excluded)} completions unscored "
+            f"({trained.excluded.mean():.0%} > judge.max_unscored={self._max_unscored:g}): {reasons or 'no reason given'}. "
+            "The run stopped before training on them")
 
     def _diverged(self) -> TrainingError:
         """Stop before the step is trained or saved if the rollout's log-probs are not
@@ -370,6 +444,23 @@ class Learner(grpo_learner.GRPOLearner):
             + (f" (checkpoint {', '.join(map(str, bad))} holds the diverged weights)" if bad else "")
             + ". Lower grpo.learning_rate or grpo.max_grad_norm and start a new run directory."
         )
+
+
+def reward_judge(config: Config, run_dir: Path) -> RewardJudge | None:
+    """The judge behind the ``judge`` reward component (None at weight 0): the
+    evaluation's endpoint with the ``judge`` section's mode, rubric and limits,
+    its verdicts cached in ``run_dir/judge/cache.jsonl``."""
+    from tracetune.evaluate import judge_settings
+
+    if not config.rewards.judge:
+        return None
+    endpoint = judge_settings(config)
+    if endpoint is None:
+        raise ConfigError(f"rewards.judge={config.rewards.judge:g} needs a judge endpoint: pass --judge-url, or set "
+                          "eval.judge_base_url or TRACETUNE_JUDGE_BASE_URL (and the judge model)")
+    judge = config.judge
+    endpoint = dataclasses.replace(endpoint, concurrency=judge.concurrency, timeout=judge.timeout, retries=judge.retries)
+    return RewardJudge(endpoint, judge.mode, run_dir / "judge" / "cache.jsonl")
 
 
 def vllm_settings(grpo: GRPOConfig, loaded: LoadedModel, mesh: jax.sharding.Mesh) -> dict:
@@ -440,7 +531,7 @@ def reference_steps(example: Example) -> int:
 
 @dataclass
 class PromptBatches:
-    """{'prompts', 'reference', 'question', 'solution', 'kind', 'choices'} batches (np.arrays, as Tunix
+    """{'prompts', 'id', 'reference', 'question', 'solution', 'kind', 'choices'} batches (np.arrays, as Tunix
     needs) in an order fixed by the seed; Tunix resumes by re-reading and skipping,
     and ``stop`` ends the stream. ``curriculum="steps"`` orders each epoch from the
     fewest reference steps to the most (a seeded shuffle within a step count)."""
@@ -466,6 +557,7 @@ class PromptBatches:
         choices[:] = [dict(r.choices) for r in rows]
         return {
             "prompts": np.array([build_prompt(r.question, self.prompt_style, r.kind) for r in rows]),
+            "id": np.array([r.id for r in rows]),
             "reference": np.array([r.reference for r in rows]),
             "question": np.array([r.question for r in rows]),
             "solution": np.array([r.solution for r in rows]),
@@ -658,6 +750,23 @@ class GRPORun:
               f"on {len(scores)} problems{' (best so far)' if better else ''}", file=sys.stderr)
         return result
 
+    def _save_after_outage(self) -> str:
+        """Save every update trained so far (the judge failed in the next step's
+        rollout; the updates before it are good) and say where a re-run resumes."""
+        trainer = self.cluster.actor_trainer
+        manager = trainer.checkpoint_manager
+        step = int(trainer.train_steps)
+        saved = sorted(manager._checkpoint_manager.all_steps()) if manager._checkpoint_manager is not None else []
+        if step and step not in saved:
+            try:
+                manager.save(step, trainer.model, trainer.optimizer, save_only_lora_params=trainer._lora_enabled, force=True)
+                saved.append(step)
+            except Exception as error:  # noqa: BLE001 - the run is stopping for the judge; say what is kept
+                return (f"Saving step {step} failed ({type(error).__name__}: {error}); last good checkpoint: "
+                        f"{'step ' + str(saved[-1]) if saved else 'none'}. Re-run the same command to resume once the judge answers")
+        return (f"Checkpoint saved: step {saved[-1]}. Re-run the same command to resume from it once the judge answers"
+                if saved else "No update was trained yet. Re-run the same command once the judge answers")
+
     def _init_model(self) -> LoadedModel:
         if self.init is not None:
             return self.init
@@ -749,7 +858,8 @@ class GRPORun:
                                reward_fns=[make_composite_reward(self.config.rewards)],
                                seed=grpo.seed, weights=self.config.rewards, on_step=self._on_step,
                                refill=self.data.refill, spread_on=spread_on, max_filter_rounds=grpo.max_filter_rounds,
-                               mask_truncated=grpo.mask_truncated)
+                               mask_truncated=grpo.mask_truncated, judge=reward_judge(self.config, self.run_dir),
+                               max_unscored=self.config.judge.max_unscored)
         self.actor, self.loaded = actor, loaded
         resumed = self.cluster.actor_trainer.train_steps
         # The forced final save carries no step metadata: count steps from the trainer.
@@ -776,6 +886,8 @@ class GRPORun:
                         self.learner.train(self.data)
                 check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
             except BaseException as error:
+                if isinstance(error, JudgeOutage):
+                    error = JudgeOutage(f"{error}. {self._save_after_outage()}")
                 failure = failed_run(error, self.run_dir / "checkpoints" / "actor", self.cluster.actor_trainer.checkpoint_manager.close)
                 if failure is error:
                     raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from typing import Any
 import httpx
 
 from tracetune.errors import DamagedFile
+from tracetune.format import KINDS
 from tracetune.files import append_jsonl, read_appended, writing
 from tracetune.models.errors import ModelError
 from tracetune.scoring import mean_ci
@@ -46,42 +48,94 @@ ENV_API_KEY = ("TRACETUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 SCORES = (1, 2, 3, 4, 5)
 
-RUBRIC = """\
-Rate the QUALITY OF THE REASONING in the model's completion, from 1 to 5:
-
-5 - Every step is correct and necessary, each is clearly explained, and the
-    conclusion follows from the steps.
-4 - Correct, with minor gaps or redundancy.
-3 - Partially correct, or hard to follow.
-2 - Major errors, but some of the reasoning is relevant to the question.
-1 - No meaningful reasoning: empty, irrelevant, incoherent or looping
-    (repeating itself).
-
-Rate the steps, not only the final number: the reference answer is there to
-check them. A wrong final answer means some step is wrong, so at most 3; a
-right final answer reached through wrong steps is not correct reasoning."""
-
-SYSTEM_PROMPT = f"""\
-You grade step-by-step solutions of grade-school math problems.
-
-{RUBRIC}
-
+# One rubric per task kind (format.KINDS), shipped as text files a user can
+# replace: ``load_rubrics(path)``. The reply format is tracetune's, not the
+# rubric's: the parser depends on it.
+REPLY_FORMAT = """\
 Reply with ONLY a JSON object, no other text:
-{{"score": <an integer from 1 to 5>, "rationale": "<one or two sentences>"}}"""
+{"score": <an integer from 1 to 5>, "rationale": "<one or two sentences>"}"""
+
+GROUP_REPLY_FORMAT = """\
+You are shown {G} responses to the same task, numbered 1 to {G}. Rank them from
+best to worst by the rubric above. Reply with ONLY a JSON object, no other text:
+{{"ranking": [<the {G} response numbers, best first, each exactly once>], "rationale": "<one or two sentences>"}}"""
 
 USER_TEMPLATE = """\
 Question:
 {question}
-
-Reference answer:
 {reference}
-
 Model's completion (between the markers):
 === COMPLETION START ===
 {completion}
 === COMPLETION END ===
 
 Rate the reasoning of the completion. Reply with only the JSON object."""
+
+GROUP_TEMPLATE = """\
+Question:
+{question}
+{reference}
+{responses}
+
+Rank the {G} responses, best first. Reply with only the JSON object."""
+
+REFERENCE_TEMPLATE = "\nReference answer:\n{reference}\n"
+
+# Constrained replies (vLLM's ``guided_choice``, served by ``tracetune serve``):
+# rankings are sent as every permutation, so only small groups can ask for them.
+MAX_GUIDED_GROUP = 5
+
+
+def shipped_rubric(kind: str) -> str:
+    """The rubric tracetune ships for a task kind (``rubrics/<kind>.md``)."""
+    from importlib import resources
+
+    if kind not in KINDS:
+        raise JudgeError(f"no rubric for task kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return resources.files("tracetune.rubrics").joinpath(f"{kind}.md").read_text(encoding="utf-8").strip()
+
+
+def load_rubrics(path: str | Path = "") -> dict[str, str]:
+    """kind -> rubric text. ``path`` "" gives the shipped rubrics; a file, that
+    rubric for every kind; a directory, its ``<kind>.md`` files, the shipped
+    rubric for a kind without one. A rubric that cannot be read or is empty is a
+    JudgeError naming the file."""
+    rubrics = {kind: shipped_rubric(kind) for kind in KINDS}
+    if not str(path):
+        return rubrics
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = {kind: path / f"{kind}.md" for kind in KINDS if (path / f"{kind}.md").exists()}
+        if not files:
+            raise JudgeError(f"{path}: a rubric directory needs at least one of {', '.join(f'{k}.md' for k in KINDS)}")
+    elif path.exists():
+        files = dict.fromkeys(KINDS, path)
+    else:
+        raise JudgeError(f"{path}: no such rubric file or directory")
+    for kind, file in files.items():
+        try:
+            text = file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise JudgeError(f"{file}: cannot read the rubric: {error}") from None
+        if not text:
+            raise JudgeError(f"{file}: the rubric is empty")
+        rubrics[kind] = text
+    return rubrics
+
+
+RUBRIC = shipped_rubric("numeric")
+SYSTEM_PROMPT = f"{RUBRIC}\n\n{REPLY_FORMAT}"
+
+
+def rubric_sha256(rubric: str) -> str:
+    return hashlib.sha256(rubric.encode("utf-8")).hexdigest()[:16]
+
+
+def _reference_block(reference: Any, kind: str) -> str:
+    """The reference, for the kinds that have one (an open row is judged on its own)."""
+    text = str(reference).strip()
+    return REFERENCE_TEMPLATE.format(reference=text) if kind != "open" and text else ""
+
 
 # HTTP statuses worth retrying: the same request may well succeed later.
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -113,6 +167,11 @@ class JudgeConfig:
     retries: extra attempts per sample after a malformed reply, an HTTP error or a
       timeout; HTTP errors and timeouts wait ``backoff * 2**k`` seconds first.
     temperature, max_tokens: the judge's sampling (0: the same reply each time).
+    rubric: "" for the shipped rubric of each task kind, or a file (every kind)
+      or directory (``<kind>.md``) replacing them (``load_rubrics``).
+    guided: send vLLM's ``guided_choice`` with the allowed replies ("1".."5", or
+      every ranking "2>1>3"), so that any served model's reply parses: for
+      endpoints that support it (vLLM, ``tracetune serve``).
     """
 
     base_url: str
@@ -126,6 +185,8 @@ class JudgeConfig:
     backoff: float = 0.5
     temperature: float = 0.0
     max_tokens: int = 256
+    rubric: str = ""
+    guided: bool = False
 
     def __post_init__(self) -> None:
         if not re.match(r"https?://", self.base_url):
@@ -179,10 +240,22 @@ class Judgement:
 # ------------------------------------------------------------------- replies
 
 
-def judge_messages(question: str, reference: str, completion: str) -> list[dict[str, str]]:
-    """The chat messages asking for one rating: the rubric, then the sample."""
-    user = USER_TEMPLATE.format(question=question.strip(), reference=str(reference).strip(), completion=completion)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def judge_messages(question: str, reference: str, completion: str, kind: str = "numeric",
+                   rubric: str | None = None) -> list[dict[str, str]]:
+    """The chat messages asking for one rating: the kind's rubric, then the sample."""
+    rubric = rubric if rubric is not None else shipped_rubric(kind)
+    user = USER_TEMPLATE.format(question=question.strip(), reference=_reference_block(reference, kind), completion=completion)
+    return [{"role": "system", "content": f"{rubric}\n\n{REPLY_FORMAT}"}, {"role": "user", "content": user}]
+
+
+def group_messages(question: str, reference: str, completions: Sequence[str], kind: str = "numeric",
+                   rubric: str | None = None) -> list[dict[str, str]]:
+    """The chat messages asking to rank a prompt's G completions (group-relative mode)."""
+    rubric = rubric if rubric is not None else shipped_rubric(kind)
+    G = len(completions)
+    responses = "\n".join(f"=== RESPONSE {i} START ===\n{c}\n=== RESPONSE {i} END ===" for i, c in enumerate(completions, 1))
+    user = GROUP_TEMPLATE.format(question=question.strip(), reference=_reference_block(reference, kind), responses=responses, G=G)
+    return [{"role": "system", "content": f"{rubric}\n\n{GROUP_REPLY_FORMAT.format(G=G)}"}, {"role": "user", "content": user}]
 
 
 def parse_reply(text: str) -> tuple[int, str]:
@@ -191,7 +264,11 @@ def parse_reply(text: str) -> tuple[int, str]:
 
     >>> parse_reply('Sure. ```json\\n{"score": 4, "rationale": "ok"}\\n```')
     (4, 'ok')
+
+    A reply that is only the score ("4": a constrained reply, ``guided_choice``) is accepted.
     """
+    if re.fullmatch(r"\s*[1-5]\s*", text):
+        return int(text), ""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
@@ -201,6 +278,38 @@ def parse_reply(text: str) -> tuple[int, str]:
         if isinstance(value, dict) and "score" in value:
             return _checked(value)
     raise MalformedReply("no JSON object with a score")
+
+
+def parse_ranking(text: str, G: int) -> list[int]:
+    """The ranking of G responses (their 1-based numbers, best first) from a reply:
+    a JSON object with "ranking", or only the ranking written "2>1>4>3" (a
+    constrained reply). Each number exactly once; MalformedReply otherwise.
+
+    >>> parse_ranking('{"ranking": [2, 1, 3], "rationale": "2 is clearest"}', 3)
+    [2, 1, 3]
+    >>> parse_ranking(" 3>1>2 ", 3)
+    [3, 1, 2]
+    """
+    ranking: Any = None
+    if re.fullmatch(r"\s*\d+(\s*>\s*\d+)*\s*", text):
+        ranking = [int(part) for part in text.split(">")]
+    else:
+        decoder = json.JSONDecoder()
+        for match in re.finditer(r"\{", text):
+            try:
+                value, _ = decoder.raw_decode(text, match.start())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict) and "ranking" in value:
+                ranking = value["ranking"]
+                break
+        else:
+            raise MalformedReply("no JSON object with a ranking")
+    if not isinstance(ranking, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranking):
+        raise MalformedReply(f"ranking is not a list of response numbers: {ranking!r}")
+    if sorted(ranking) != list(range(1, G + 1)):
+        raise MalformedReply(f"ranking {ranking} is not each of the responses 1-{G} exactly once")
+    return ranking
 
 
 def _checked(value: dict) -> tuple[int, str]:
@@ -229,12 +338,14 @@ def choose_samples(samples: Sequence[dict], n: int, seed: int) -> list[dict]:
     return [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), n))]
 
 
-def _key(sample_id: str, completion: str, judge_model: str) -> tuple[str, str, str]:
-    return str(sample_id), completion_sha256(completion), judge_model
+def _key(sample_id: str, completion: str, judge_model: str, rubric: str = RUBRIC) -> tuple[str, str, str, str]:
+    """A verdict is reused only for the same completion, judge and rubric."""
+    return str(sample_id), completion_sha256(completion), judge_model, rubric_sha256(rubric)
 
 
-def read_cache(path: Path) -> dict[tuple[str, str, str], Judgement]:
-    """Cached judgements by (id, completion sha256, judge model).
+def read_cache(path: Path) -> dict[tuple[str, str, str, str], Judgement]:
+    """Cached judgements by (id, completion sha256, judge model, rubric sha256); a
+    record from before rubrics were keyed was made with the numeric rubric.
 
     The file is written a line at a time; a last line without its newline was
     cut by a kill, and is dropped from the file so that appends stay whole lines.
@@ -246,7 +357,8 @@ def read_cache(path: Path) -> dict[tuple[str, str, str], Judgement]:
         raise JudgeError(f"{error}; delete the judge cache to start over") from None
     for number, record in enumerate(records, start=1):
         try:
-            key = (record["id"], record["completion_sha256"], record["judge_model"])
+            key = (record["id"], record["completion_sha256"], record["judge_model"],
+                   record.get("rubric_sha256", rubric_sha256(RUBRIC)))
             judgement = Judgement(record["id"], record["score"], record["rationale"], record["attempts"], None, record["judge_model"])
         except (KeyError, TypeError) as error:
             raise JudgeError(f"{path}: record {number}: not a judge cache record ({error}); delete the file to start over") from None
@@ -254,9 +366,10 @@ def read_cache(path: Path) -> dict[tuple[str, str, str], Judgement]:
     return cache
 
 
-def _append(path: Path, judgement: Judgement, completion: str) -> None:
+def _append(path: Path, judgement: Judgement, completion: str, rubric: str) -> None:
     record = {k: v for k, v in asdict(judgement).items() if k != "error"}
     record["completion_sha256"] = completion_sha256(completion)
+    record["rubric_sha256"] = rubric_sha256(rubric)
     append_jsonl(path, record)  # one write per line: a kill leaves whole lines and at most one cut
 
 
@@ -279,12 +392,19 @@ class _Endpoint:
         self.client = httpx.Client(headers=headers, timeout=config.timeout)
         self.answered = threading.Event()  # some request got a non-retryable answer: the endpoint is there
         self.stopped = threading.Event()  # the run has ended: workers send nothing more
+        self.rubrics = load_rubrics(config.rubric)
+        self._lock = threading.Lock()
+        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}  # as the endpoint reports them
 
-    def ask(self, messages: list[dict[str, str]]) -> str:
+    def ask(self, messages: list[dict[str, str]], choices: Sequence[str] | None = None) -> str:
         """The reply's text; httpx.HTTPError (a timeout, a refused connection, a bad
         status) or MalformedReply (a 200 whose body is not a chat completion)."""
         payload = {"model": self.config.model, "messages": messages,
                    "temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
+        if choices is not None and self.config.guided:
+            payload["guided_choice"] = list(choices)
+        with self._lock:
+            self.usage["requests"] += 1
         response = self.client.post(self.config.url, json=payload)
         if response.status_code in FATAL_STATUSES:
             raise JudgeError(
@@ -295,26 +415,33 @@ class _Endpoint:
             self.answered.set()
         response.raise_for_status()
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            body = response.json()
+            content = body["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise MalformedReply(f"not a chat completion: {response.text[:REPLY_EXCERPT]!r}") from None
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict):
+            with self._lock:
+                for key in ("prompt_tokens", "completion_tokens"):
+                    if isinstance(usage.get(key), int):
+                        self.usage[key] += usage[key]
         if not isinstance(content, str):
             raise MalformedReply(f"message content is {content!r}")
         return content
 
-    def judge(self, sample: dict) -> _Outcome:
+    def attempt(self, messages: list[dict[str, str]], parse: Callable[[str], Any],
+                choices: Sequence[str] | None = None) -> tuple[Any, int, str | None, bool]:
+        """(parsed reply or None, attempts, why it failed, unanswered): asks again
+        after a malformed reply, an HTTP error or a timeout, up to ``retries`` times."""
         config = self.config
-        messages = judge_messages(sample["question"], sample["reference"], sample["completion"])
-        sample_id = str(sample["id"])
         failure, unanswered, attempts = "run stopped before the first attempt", False, 0
         for attempt in range(1, config.retries + 2):
             if self.stopped.is_set():
                 break
             attempts, reply = attempt, None
             try:
-                reply = self.ask(messages)
-                score, rationale = parse_reply(reply)
-                return _Outcome(Judgement(sample_id, score, rationale, attempt, None, config.model))
+                reply = self.ask(messages, choices)
+                return parse(reply), attempt, None, False
             except MalformedReply as error:
                 shown = f": {reply[:REPLY_EXCERPT]!r}" if reply is not None else ""
                 failure, unanswered = f"malformed reply after {attempt} attempts ({error}){shown}", False
@@ -326,7 +453,14 @@ class _Endpoint:
                 unanswered = True
                 if attempt <= config.retries:
                     time.sleep(config.backoff * 2 ** (attempt - 1))
-        return _Outcome(Judgement(sample_id, None, "", attempts, failure, config.model), unanswered)
+        return None, attempts, failure, unanswered
+
+    def judge(self, sample: dict) -> _Outcome:
+        kind = sample.get("kind") or "numeric"
+        messages = judge_messages(sample["question"], sample["reference"], sample["completion"], kind, self.rubrics[kind])
+        value, attempts, failure, unanswered = self.attempt(messages, parse_reply, [str(s) for s in SCORES])
+        score, rationale = value if value is not None else (None, "")
+        return _Outcome(Judgement(str(sample["id"]), score, rationale, attempts, failure, self.config.model), unanswered)
 
     def close(self) -> None:
         self.client.close()
@@ -355,7 +489,8 @@ def judge_samples(
     progress: Callable[[int], None] | None = None,
 ) -> list[Judgement]:
     """Judge ``config.samples`` of ``samples`` (chosen with ``config.seed``), in
-    their order. Each sample has ``id``, ``question``, ``reference``, ``completion``.
+    their order. Each sample has ``id``, ``question``, ``reference``, ``completion``,
+and optionally ``kind`` (its task kind, for the rubric; numeric without it).
 
     Cached verdicts are reused and new ones appended as they arrive (a killed run
     keeps them). ``progress(n)``: n more samples finished. Raises JudgeError when
@@ -366,10 +501,11 @@ def judge_samples(
     _check_samples(samples)
     chosen = choose_samples(samples, config.samples, config.seed)
     cache = read_cache(cache_path) if cache_path is not None else {}
+    rubrics = load_rubrics(config.rubric)
     results: dict[int, Judgement] = {}
     todo = []
     for index, sample in enumerate(chosen):
-        cached = cache.get(_key(sample["id"], sample["completion"], config.model))
+        cached = cache.get(_key(sample["id"], sample["completion"], config.model, rubrics[sample.get("kind") or "numeric"]))
         if cached is not None:
             results[index] = cached
         else:
@@ -392,7 +528,7 @@ def judge_samples(
                 raise JudgeError(f"judge endpoint unreachable (no request has been answered): {outcome.judgement.error}")
             results[index] = outcome.judgement
             if cache_path is not None and outcome.judgement.score is not None:
-                _append(cache_path, outcome.judgement, chosen[index]["completion"])
+                _append(cache_path, outcome.judgement, chosen[index]["completion"], rubrics[chosen[index].get("kind") or "numeric"])
             if progress:
                 progress(1)
     finally:
@@ -418,3 +554,156 @@ def summarize(judgements: Sequence[Judgement]) -> dict[str, Any]:
         "high": estimate.high if scores else None,
         "histogram": {str(s): scores.count(s) for s in SCORES},
     }
+
+
+# ------------------------------------------------------------ judge as a reward
+
+JUDGE_MODES = ("absolute", "group")
+
+
+@dataclass
+class RewardScores:
+    """The judge's reward for one batch of completions (G per prompt, consecutive).
+
+    scores: per completion, in [0, 1], or None when the judge gave none (then
+      ``reasons`` counts why). Absolute mode maps a 1-5 score s to (s - 1) / 4;
+      group mode maps the rank r (0 = best) of G to 1 - r / (G - 1).
+    requests / prompt_tokens / completion_tokens: what this batch cost, as the
+      endpoint reports its usage (tokens stay 0 where it reports none).
+    """
+
+    scores: list[float | None]
+    reasons: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def unscored(self) -> int:
+        return sum(s is None for s in self.scores)
+
+    def record(self) -> dict[str, Any]:
+        """The step's ``judge/*`` entries of metrics.jsonl."""
+        n = len(self.scores)
+        return {"judge/requests": self.requests, "judge/prompt_tokens": self.prompt_tokens,
+                "judge/completion_tokens": self.completion_tokens, "judge/cached": self.cached,
+                "judge/seconds": round(self.seconds, 3), "judge/unscored": self.unscored,
+                "judge/unscored_share": self.unscored / n if n else 0.0}
+
+    @staticmethod
+    def total(parts: Sequence[RewardScores]) -> RewardScores:
+        reasons: dict[str, int] = {}
+        for part in parts:
+            for reason, count in part.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        return RewardScores([s for p in parts for s in p.scores], reasons,
+                            *(sum(getattr(p, k) for p in parts) for k in ("requests", "prompt_tokens", "completion_tokens", "cached", "seconds")))
+
+
+def _short(reason: str) -> str:
+    """A failure's kind, to count reasons without one entry per reply text."""
+    return reason.split(":")[0].split(" (")[0][:80]
+
+
+class RewardJudge:
+    """The LLM judge as the ``judge`` component of GRPO's reward.
+
+    Absolute mode asks for each completion's 1-5 score alone (one request per
+    completion). Group mode shows a prompt's G completions together and asks for
+    their ranking (one request per group; a comparison, which a judge makes more
+    reliably than a calibrated score, and the form GRPO's group-relative
+    advantage uses anyway). Verdicts are cached in ``cache_path`` by (prompt id,
+    completion(s) sha256, judge model, rubric sha256, mode), so a resumed run
+    that redoes a step gets the same reward without asking again.
+
+    A completion the judge could not score (a malformed reply after the retries,
+    a timeout, a refused connection, a 5xx; in group mode the whole group) has
+    no score: the learner leaves it out of its group's advantage and counts it.
+    Only a judge that refuses us (401, 403, 404) raises JudgeError.
+    """
+
+    def __init__(self, config: JudgeConfig, mode: str = "absolute", cache_path: Path | None = None):
+        if mode not in JUDGE_MODES:
+            raise JudgeError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
+        self.config, self.mode, self.cache_path = config, mode, cache_path
+        self.rubrics = load_rubrics(config.rubric)
+        self._cache: dict[tuple, Any] = {}
+        if cache_path is not None and cache_path.exists():
+            try:
+                records = read_appended(cache_path)
+            except DamagedFile as error:
+                raise JudgeError(f"{error}; delete the judge cache to start over") from None
+            for record in records:
+                self._cache[tuple(record["key"])] = record["value"]
+
+    def _cache_key(self, row: dict, completions: Sequence[str]) -> tuple:
+        text = "\x00".join(completions)
+        return (self.mode, str(row["id"]), completion_sha256(text), self.config.model,
+                rubric_sha256(self.rubrics[row.get("kind") or "numeric"]))
+
+    def _remember(self, key: tuple, value: Any) -> None:
+        self._cache[key] = value
+        if self.cache_path is not None:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(self.cache_path, {"key": list(key), "value": value})
+
+    def score(self, rows: Sequence[dict], G: int) -> RewardScores:
+        """Scores for ``rows`` (dicts with id, question, reference, kind, completion;
+        each prompt's G completions consecutive)."""
+        if len(rows) % G:
+            raise ValueError(f"{len(rows)} completions are not groups of G={G}")
+        if self.mode == "group" and self.config.guided and G > MAX_GUIDED_GROUP:
+            raise JudgeError(f"a constrained (guided) group ranking lists every permutation: G={G} > {MAX_GUIDED_GROUP} is too many")
+        start = time.perf_counter()
+        units = ([(i, i + 1) for i in range(len(rows))] if self.mode == "absolute"
+                 else [(g, g + G) for g in range(0, len(rows), G)])
+        scores: list[float | None] = [None] * len(rows)
+        reasons: dict[str, int] = {}
+        todo = []
+        cached = 0
+        for lo, hi in units:
+            key = self._cache_key(rows[lo], [r["completion"] for r in rows[lo:hi]])
+            if key in self._cache:
+                scores[lo:hi] = self._cache[key]
+                cached += hi - lo
+            else:
+                todo.append((lo, hi, key))
+        endpoint = _Endpoint(self.config)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge-reward")
+        try:
+            futures = {pool.submit(self._ask, endpoint, rows[lo:hi]): (lo, hi, key) for lo, hi, key in todo}
+            for future in concurrent.futures.as_completed(futures):
+                lo, hi, key = futures[future]
+                values, failure = future.result()  # a JudgeError (401, 403, 404) ends the run
+                if values is None:
+                    reasons[_short(failure)] = reasons.get(_short(failure), 0) + (hi - lo)
+                    continue
+                scores[lo:hi] = values
+                self._remember(key, values)
+        finally:
+            endpoint.stopped.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            endpoint.close()
+        return RewardScores(scores, reasons, endpoint.usage["requests"], endpoint.usage["prompt_tokens"],
+                            endpoint.usage["completion_tokens"], cached, time.perf_counter() - start)
+
+    def _ask(self, endpoint: _Endpoint, rows: Sequence[dict]) -> tuple[list[float] | None, str | None]:
+        first = rows[0]
+        kind = first.get("kind") or "numeric"
+        rubric = self.rubrics[kind]
+        if self.mode == "absolute":
+            messages = judge_messages(first["question"], first["reference"], first["completion"], kind, rubric)
+            value, _, failure, _ = endpoint.attempt(messages, parse_reply, [str(s) for s in SCORES])
+            return ([(value[0] - 1) / (len(SCORES) - 1)] if value is not None else None), failure
+        G = len(rows)
+        messages = group_messages(first["question"], first["reference"], [r["completion"] for r in rows], kind, rubric)
+        choices = [">".join(map(str, p)) for p in itertools.permutations(range(1, G + 1))] if self.config.guided else None
+        ranking, _, failure, _ = endpoint.attempt(messages, lambda text: parse_ranking(text, G), choices)
+        if ranking is None:
+            return None, failure
+        values = [0.0] * G
+        for rank, number in enumerate(ranking):
+            values[number - 1] = 1 - rank / (G - 1)
+        return values, None

@@ -10,9 +10,11 @@ The composite reward, declared once::
       confidence   [0, 1]    calibration of the answer tokens' probability        0.15
       arithmetic   [0, 1]    true "a op b = c" claims grounded in the problem     0
                              (rubric: arithmetic_breakdown)
+      judge        [0, 1]    an LLM judge's rating by the kind's rubric           0
+                             (judge.RewardJudge; the ``judge_score`` column)
 
     with (w_k) = RewardWeights(): the seed recipe's 0.6 / 0.25 / 0.15, and 0 for
-    arithmetic, which the recipe does not have.
+    arithmetic and judge, which the recipe does not have.
 
 A component may be undefined (None) for a row it cannot judge: correctness and
 confidence for an ``open`` row (no reference: it is judged, never checked), and
@@ -766,6 +768,17 @@ def arithmetic_reward(
     n = len(completions)
     return [arithmetic(c, q, s or "", k) for c, q, s, k in
             zip(completions, question, _per_row(solution, n, ""), _per_row(kind, n, "numeric"), strict=True)]
+
+
+@register("judge", columns=(("judge_score",),), label="Avg judge reward")
+def judge_reward(prompts: Sequence[str], completions: Sequence[str], judge_score: Sequence[float | None],
+                 **_: Any) -> list[float | None]:
+    """The LLM judge's score mapped to [0, 1] (``judge.RewardJudge``: absolute
+    (s - 1) / 4 for a 1-5 score, or by rank within the group). The scores come in
+    as a column: asking the judge is I/O, done by the learner before the pure
+    rewards run. A completion the judge did not score is None here, and the
+    learner leaves it out of its group's advantage (never paid as a 0)."""
+    return [None if s is None else float(s) for s in judge_score]
 
 
 # Components are computed a chunk of completions at a time: every component parses

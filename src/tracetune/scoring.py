@@ -39,8 +39,10 @@ from tracetune.rewards import REWARDS, Choices, answer_token_logprobs, available
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
-# Every registered reward is a metric; correctness is the accuracy.
-REWARD_METRICS = tuple(name for name in REWARDS if name != "correctness")
+# Every registered reward is a metric; correctness is the accuracy. The judge is
+# not scored per sample here: the evaluation's judge (judge.json) rates a seeded
+# sample on its own 1-5 scale, and the report shows it beside these.
+REWARD_METRICS = tuple(name for name in REWARDS if name not in ("correctness", "judge"))
 METRICS = ("accuracy", "lenient_accuracy", "format_rate", *REWARD_METRICS, "composite")
 METRIC_LABELS = {
     "accuracy": REWARDS["correctness"].label,
@@ -117,7 +119,8 @@ def score_sample(
     """Score one completion with every registered reward its inputs allow.
 
     Without answer log-probabilities there is no confidence term, and then no
-    composite unless the confidence weight is 0. ``solution`` (GSM8K's worked
+    composite unless the confidence weight is 0. The judge's weight is left out
+    (the composite is that of the other weighted terms). ``solution`` (GSM8K's worked
     solution) tells the arithmetic reward how many calculations the problem needs.
     ``kind`` and ``choices`` are the row's task kind and a choice row's options.
     """
@@ -131,7 +134,11 @@ def score_sample(
     if answer_logprobs is not None:
         columns["answer_logprobs"] = [answer_logprobs]
     components = available_components([question], [completion], **columns)
-    weighted = all(name in components for name, w in weights.as_dict().items() if w)
+    # The judge term is I/O, not a per-sample score here (judge.json rates a sample
+    # apart): the harness's composite is the rest of the formula.
+    rest = {**weights.as_dict(), "judge": 0.0}
+    weights = RewardWeights(rest) if any(rest.values()) else None
+    weighted = weights is not None and all(name in components for name, w in weights.as_dict().items() if w)
     correct = components["correctness"][0]
     return SampleScore(
         id=id,

@@ -73,6 +73,8 @@ NAMES = (
     # checkpoints (runs.py, grpo.py)
     Name("tunix.sft.checkpoint_manager:CheckpointManager", "_checkpoint_manager", "attribute",
          "runs.check_saves and grpo read orbax's manager: failed async saves, the saved steps"),
+    Name("tunix.sft.peft_trainer:PeftTrainer", "_lora_enabled", "attribute",
+         "grpo.GRPORun saves after a judge outage as Tunix's own final save does (adapters only with LoRA)"),
     # the model (logprobs.py)
     Name("tunix.models.gemma3.model:Gemma3", "__call__", "method", "logprobs.hidden_states calls it with output_hidden_states=True"),
     Name("tunix.models.gemma3.model:Gemma3.__call__", "'all_hidden_states'", "source",
