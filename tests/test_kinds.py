@@ -514,22 +514,33 @@ def test_the_numeric_batch_composite_is_unchanged_with_a_kind_column():
 DOMAINS = ("creative_writing", "ideation", "summarization", "math", "coding", "science")
 
 
-def test_the_open_evaluation_set():
-    rows = [json.loads(line) for line in shipped_path("open", "eval").read_text(encoding="utf-8").splitlines()]
+def open_rows(split):
+    return [json.loads(line) for line in shipped_path("open", split).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("split, prefix", [("train", "open-train-"), ("eval", "open-")])
+def test_the_open_sets(split, prefix):
+    rows = open_rows(split)
     assert len(rows) >= 120
     assert all(set(r) == {"id", "domain", "kind", "question"} and r["kind"] == "open" for r in rows)
     per_domain = Counter(r["domain"] for r in rows)
     assert set(per_domain) == set(DOMAINS) and min(per_domain.values()) >= 20
-    assert all(re.fullmatch(rf"open-{r['domain']}-[0-9]{{2}}", r["id"]) for r in rows)
+    assert all(re.fullmatch(rf"{prefix}{r['domain']}-[0-9]{{2}}", r["id"]) for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({" ".join(r["question"].lower().split()) for r in rows}) == len(rows)
     for r in rows:  # a summarization prompt holds its text: an instruction, a blank line, 80-200 words
         if r["domain"] == "summarization":
             instruction, _, passage = r["question"].partition("\n\n")
             assert 80 <= len(passage.split()) <= 200, r["id"]
-    examples = load_examples("open", "eval").examples
+    examples = load_examples("open", split).examples
     assert [e.id for e in examples] == [r["id"] for r in rows] and {e.kind for e in examples} == {"open"}
     assert all(e.reference == "" for e in examples)
+
+
+def test_the_open_train_and_eval_splits_share_no_prompt():
+    train, held_out = ({" ".join(r["question"].lower().split()) for r in open_rows(split)} for split in ("train", "eval"))
+    assert not train & held_out
+    assert not {r["id"] for r in open_rows("train")} & {r["id"] for r in open_rows("eval")}
 
 
 def test_the_open_set_is_licensed_and_packaged():

@@ -1,7 +1,8 @@
 """Examples from GSM8K-shaped sources, and their curation into SFT traces.
 
 Sources: ``gsm8k`` (train/test shipped inside tracetune, MIT licence, OpenAI 2021),
-``open`` (an evaluation set of open-ended prompts written for tracetune, CC0-1.0),
+``open`` (open-ended prompts written for tracetune, CC0-1.0: a ``train`` split for
+GRPO and a held-out ``eval`` split, never mixed),
 a local JSONL file, or a Hugging Face dataset id / local dataset folder read with
 ``datasets``. A row has a question and an answer; the reference is the text after
 ``#### `` (GSM8K's convention), or the whole answer when there is no marker.
@@ -55,7 +56,7 @@ from tracetune.format import (
     step_text,
 )
 
-SHIPPED = {"gsm8k": ("train", "test"), "open": ("eval",)}
+SHIPPED = {"gsm8k": ("train", "test"), "open": ("train", "eval")}
 SYNTHETIC = {  # name -> split -> (seed, count)
     "arithmetic": {"train": (0, 2000), "test": (1, 200)},
     "addition": {"train": (2, 2000), "test": (3, 200)},
