@@ -7,12 +7,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from tracetune.format import CHAT_INSTRUCTION, build_prompt
 from tracetune.generate import Generator, SamplingConfig
 from tracetune.models.registry import load_model
-from tracetune.serve import ChatMessage, chat_prompt, create_app, running_server
+from tracetune.serve import (
+    ChatMessage,
+    chat_prompt,
+    choice_token_ids,
+    completion_token_logprobs,
+    create_app,
+    pick_choice,
+    running_server,
+    tokenize_choices,
+)
 
 MAX_TOKENS = 16  # one decode chunk: every request below reuses the same compiled programs
 
@@ -139,6 +152,18 @@ def test_stop_strings_cut_the_text(client):
         ("/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/completions", {"prompt": "x", "max_tokens": 10_000}, "max_tokens"),  # beyond max_context=512
         ("/completions", {"temperature": 0}, "prompt"),
+        ("/completions", {"prompt": "x", "guided_choice": []}, "guided_choice"),
+        ("/completions", {"prompt": "x", "guided_choice": ["1", ""]}, "guided_choice"),
+        ("/completions", {"prompt": "x", "guided_choice": ["1", "1"]}, "guided_choice"),  # not distinct
+        ("/completions", {"prompt": "x", "guided_choice": [str(i) for i in range(1025)]}, "guided_choice"),  # > 1024
+        ("/completions", {"prompt": "x", "guided_choice": "1"}, "guided_choice"),  # a string, not a list
+        ("/completions", {"prompt": "x", "guided_choice": ["x" * 600]}, "guided_choice"),  # beyond max_context=512
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"choice": []}},
+         "structured_outputs.choice"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "[0-9]"}},
+         "structured_outputs"),  # a constraint this server does not serve
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "guided_choice": ["1", "2"],
+                               "structured_outputs": {"choice": ["1", "3"]}}, "structured_outputs"),  # both, differing
     ],
 )
 def test_bad_requests_get_openai_errors(client, path, body, param):
@@ -180,3 +205,109 @@ def test_the_event_loop_answers_while_generating(client):
     still_generating = worker.is_alive()
     worker.join()
     assert still_generating and elapsed < 1.0
+
+
+# ------------------------------------------------------------ guided_choice
+
+JUDGE_SCORES = ["1", "2", "3", "4", "5"]  # five choices: every request below scores 8 rows, one compiled program
+REFERENCE_WIDTH = 32  # tokens of prompt + choice in choice_logprobs
+
+
+@nnx.jit
+def _plain_logprobs(model, tokens):  # tokens [B, T] -> log p(token t | tokens < t) at every t >= 1, [B, T - 1]
+    B, T = tokens.shape
+    logits, _ = model(tokens, jnp.broadcast_to(jnp.arange(T), (B, T)), None, jnp.tril(jnp.ones((B, T, T), bool)))  # [B, T, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def choice_logprobs(tiny, prompt: str, choices: list[str]) -> list[float]:
+    """log p(choice | prompt) for each choice, from Tunix's model's full logits over
+    the unpadded prompt + choice (independent of the served path's head-only-where-
+    scored log-probs). Rows are right-padded to one width: a causal model's earlier
+    positions do not see what follows."""
+    prompt_ids = tiny.tokenizer.encode(prompt)
+    rows = [prompt_ids + choice_token_ids(tiny.tokenizer, prompt, prompt_ids, c) for c in choices]
+    tokens = np.zeros((8, REFERENCE_WIDTH), np.int32)
+    for row, ids in enumerate(rows):
+        tokens[row, : len(ids)] = ids
+    logp = np.asarray(_plain_logprobs(tiny.model, jnp.asarray(tokens)))  # [8, T - 1]
+    return [float(logp[row, len(prompt_ids) - 1 : len(ids) - 1].sum()) for row, ids in enumerate(rows)]
+
+
+def test_greedy_choice_is_the_most_likely_one(client, tiny):
+    # Choices of one and of several tokens; the random model prefers one of them.
+    choices = ["2>1>4>3", "3", "yes", "no", "4>3"]
+    prompt = "Q: Rank the answers.\nA:\n"
+    expected = choice_logprobs(tiny, prompt, choices)
+    prompt_ids, choice_ids = tokenize_choices(tiny.tokenizer, [prompt], choices)
+    served = completion_token_logprobs(tiny.model, tiny.tokenizer.pad_id, prompt_ids * len(choices), choice_ids[0])
+    assert np.allclose([lp.sum() for lp in served], expected, atol=1e-4)  # the served scores are the full forward's
+    best = int(np.argmax(expected))
+    assert sorted(expected)[-1] - sorted(expected)[-2] > 1e-3  # a clear winner, not float noise
+    body = complete(client, prompt, temperature=0, guided_choice=choices, max_tokens=1, stop="3")  # neither applies
+    assert body["choices"][0] == {"index": 0, "text": choices[best], "finish_reason": "stop", "logprobs": None}
+    tokens = len(choice_token_ids(tiny.tokenizer, prompt, tiny.tokenizer.encode(prompt), choices[best]))
+    prompt_tokens = len(tiny.tokenizer.encode(prompt))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+    # every other order of the choices picks the same one (no positional bias)
+    assert complete(client, prompt, temperature=0, guided_choice=choices[::-1])["choices"][0]["text"] == choices[best]
+
+
+def test_chat_choice_and_structured_outputs_alias(client, tiny):
+    content = "Rate the answer from 1 to 5."
+    prompt = chat_prompt(messages(("user", content)), chat=tiny.chat)
+    expected = JUDGE_SCORES[int(np.argmax(choice_logprobs(tiny, prompt, JUDGE_SCORES)))]
+    by_guided = chat(client, content, temperature=0, guided_choice=JUDGE_SCORES)
+    by_alias = chat(client, content, temperature=0, structured_outputs={"choice": JUDGE_SCORES, "disable_fallback": True})
+    both = chat(client, content, temperature=0, guided_choice=JUDGE_SCORES, structured_outputs={"choice": JUDGE_SCORES})
+    for body in (by_guided, by_alias, both):
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+        assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sampled_choices_are_choices_and_seeded(client):
+    def pick(seed: int | None, **fields) -> str:
+        return chat(client, "Which is best?", temperature=2.0, seed=seed, guided_choice=JUDGE_SCORES, **fields)["choices"][0]["message"]["content"]
+
+    picks = [pick(seed) for seed in range(12)]
+    assert set(picks) <= set(JUDGE_SCORES) and len(set(picks)) > 1  # it samples, among the choices only
+    assert [pick(seed) for seed in range(4)] == picks[:4]  # the same seed, the same choice
+    assert pick(None) in JUDGE_SCORES
+    # completions with several prompts: one choice each, from the choices
+    body = complete(client, ["Q: 1?\nA:\n", "Q: 2?\nA:\n"], temperature=1.0, seed=0, guided_choice=JUDGE_SCORES[:4])
+    assert [c["index"] for c in body["choices"]] == [0, 1] and {c["text"] for c in body["choices"]} <= set(JUDGE_SCORES[:4])
+
+
+@pytest.mark.parametrize(
+    "totals, temperature, expected",
+    [
+        ([-3.0, -1.0, -2.0], 0.0, 1),  # greedy: the largest total
+        ([-1.0, -1.0], 0.0, 0),  # equals: the first
+        ([-1e9, -2e9, float("-inf")], 0.0, 0),  # huge magnitudes, an impossible choice
+        ([0.0, -50.0], 1.0, 0),  # exp(-50): never drawn
+    ],
+)
+def test_pick_choice(totals, temperature, expected):
+    assert pick_choice(totals, temperature, np.random.default_rng(0)) == expected
+
+
+def test_pick_choice_samples_in_proportion_to_exp_logprob_over_temperature():
+    totals, temperature = np.log([0.5, 0.3, 0.2]), 0.5  # p ~ [0.25, 0.09, 0.04] / 0.38
+    rng = np.random.default_rng(0)
+    counts = np.bincount([pick_choice(totals, temperature, rng) for _ in range(20_000)], minlength=3)
+    expected = np.array([0.25, 0.09, 0.04]) / 0.38
+    assert np.allclose(counts / counts.sum(), expected, atol=0.015)
+    with pytest.raises(ValueError, match="not usable"):
+        pick_choice([float("nan"), 0.0], 0.0, rng)
+
+
+def test_choice_tokens_keep_the_prompts_own(tiny):
+    tok = tiny.tokenizer
+    prompt = "Q: x\nA:\n"
+    # the usual case: the joint tokenisation extends the prompt's
+    assert choice_token_ids(tok, prompt, tok.encode(prompt), "2>1") == tok.encode(prompt + "2>1")[len(tok.encode(prompt)):]
+    # "h" + "e" is one token "he" in the tiny vocabulary: the prompt keeps its "h", the choice is tokenised alone
+    assert tok.encode("Q: he")[: len(tok.encode("Q: h"))] != tok.encode("Q: h")
+    ids = choice_token_ids(tok, "Q: h", tok.encode("Q: h"), "e")
+    assert ids == tok.encode("e", add_bos=False) and tok.decode(tok.encode("Q: h") + ids) == "Q: he"

@@ -12,30 +12,49 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions``, without streaming, with one choice per prompt (``n=1``).
 Sampling fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0 is
 greedy; OpenAI's default is 1), ``top_p``, ``seed``, ``stop`` (a string or a
-list), and two of vLLM's extensions: ``top_k`` (at most 64, see
-``generate.CANDIDATES``) and ``include_stop_str_in_output``. Other OpenAI fields
-(``user``, penalties, ...) are accepted and ignored. A request naming another
-model is served anyway (clients send arbitrary names); the reply names the
-served model. An invalid request gets a 400 in OpenAI's error shape
-``{"error": {"message", "type", "param", "code"}}``, never a traceback.
+list), and three of vLLM's extensions: ``top_k`` (at most 64, see
+``generate.CANDIDATES``), ``include_stop_str_in_output`` and ``guided_choice``
+(newer vLLM's spelling, ``structured_outputs: {"choice": [...]}``, is accepted
+too; see below). Other OpenAI fields (``user``, penalties, ...) are accepted and
+ignored. A request naming another model is served anyway (clients send
+arbitrary names); the reply names the served model. An invalid request gets a
+400 in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``,
+never a traceback.
 
 As OpenAI's API does, the returned text stops *before* a stop string, unless the
 request sets ``include_stop_str_in_output`` (useful with ``stop: "</answer>"``,
 which leaves a tracetune trace complete). ``finish_reason`` is "stop" for a stop
 string or the end-of-sequence token and "length" when ``max_tokens`` ran out.
 
+``guided_choice: ["1", "2", ...]`` (1 to ``MAX_CHOICES`` distinct, non-empty
+strings) makes the reply exactly one of the choices, whatever the model, with
+``finish_reason`` "stop": the LLM judge sends it to get a parseable verdict
+(a score, a ranking), even from the tiny random test model. Each choice is
+scored by ``log p(choice | prompt)``, the sum of its tokens' log-probs at
+temperature 1 (``choice_token_ids`` says how it is tokenised). Temperature 0
+returns the most likely choice; temperature T > 0 samples a choice with
+probability proportional to ``exp(log p(choice | prompt) / T)``, reproducibly
+when ``seed`` is set. This ranks whole choices. vLLM's guided decoding instead
+masks the disallowed tokens step by step; greedy, it commits to the likeliest
+allowed first token, so of "12" and "3" it can answer "12" where "3" is
+likelier as a whole (p("1") > p("3") > p("12"), "12" read as "1" + "2"). ``max_tokens``, ``stop``, ``top_p``, ``top_k`` and
+``include_stop_str_in_output`` do not apply to such a request: the reply is
+always a whole choice. The usage counts the prompt's tokens and the chosen
+choice's.
+
 Generation is serialised: JAX programs and the ``Generator`` are not shared
-safely between threads. It runs in a worker thread so that the event loop keeps
-answering; greedy requests that wait with the same settings are decoded together
-as one batch (greedy rows do not depend on the rest of their batch, which
-test_generate checks; sampled rows do, so a seeded request is always decoded
-alone and stays reproducible).
+safely between threads (choice scoring holds the same lock). It runs in a
+worker thread so that the event loop keeps answering; greedy requests that wait
+with the same settings are decoded together as one batch (greedy rows do not
+depend on the rest of their batch, which test_generate checks; sampled rows do,
+so a seeded request is always decoded alone and stays reproducible).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -44,23 +63,31 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tracetune import logprobs
 from tracetune.format import PROMPT_TEMPLATE
 from tracetune.generate import CANDIDATES, Generation, Generator, SamplingConfig
 from tracetune.models.registry import LoadedModel
+from tracetune.models.tokenizer import Tokenizer
 
 # Gemma's chat turns (Gemma 3 model card): the shape of format.CHAT_TEMPLATE,
 # which is what a system message plus one user message becomes here.
 GEMMA_TURN = "<start_of_turn>{role}\n{content}<end_of_turn>\n"
 GEMMA_MODEL_TURN = "<start_of_turn>model\n"
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
+MAX_CHOICES = 1024  # guided_choice: most choices a request may list (each is a row of the scoring pass)
+CHOICE_ROWS = 64  # most (prompt, choice) rows per scoring pass (a power of two)
+CHOICE_TOKENS = 16384  # and at most about this many tokens: the trunk's attention is [rows, heads, T, T]
+# vLLM's structured_outputs constraints other than choice: refused, not ignored (they change the reply)
+OTHER_CONSTRAINTS = ("json", "regex", "grammar", "json_object", "structural_tag")
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +112,43 @@ class ChatMessage(BaseModel):
         return content
 
 
+def _valid_choices(choices: list[str] | None) -> list[str] | None:
+    if choices is None:
+        return None
+    if not 1 <= len(choices) <= MAX_CHOICES:
+        raise ValueError(f"must list 1 to {MAX_CHOICES} choices, got {len(choices)}")
+    if "" in choices:
+        raise ValueError("choices must not be empty strings")
+    seen: set[str] = set()
+    for choice in choices:
+        if choice in seen:
+            raise ValueError(f"choices must be distinct; {choice!r} is listed twice")
+        seen.add(choice)
+    return choices
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``; of its constraints only ``choice`` is served.
+    Its options (``disable_fallback``, ``whitespace_pattern``, ...) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    choice: list[str] | None = None
+
+    @field_validator("choice")
+    @classmethod
+    def _choices(cls, choices: list[str] | None) -> list[str] | None:
+        return _valid_choices(choices)
+
+    @model_validator(mode="after")
+    def _only_choice(self) -> StructuredOutputs:
+        extra = self.model_extra or {}
+        other = [name for name in OTHER_CONSTRAINTS if extra.get(name) not in (None, False)]
+        if other:
+            raise ValueError(f"only the choice constraint is supported, got {', '.join(other)}")
+        return self
+
+
 class SamplingRequest(BaseModel):
     """The fields both endpoints share. Unknown fields are ignored, as OpenAI-compatible
     servers commonly do; fields that would change the reply's shape are refused."""
@@ -101,6 +165,8 @@ class SamplingRequest(BaseModel):
     n: int = 1
     stream: bool = False
     include_stop_str_in_output: bool = False  # vLLM's extension
+    guided_choice: list[str] | None = None  # vLLM's extension: the reply is one of these
+    structured_outputs: StructuredOutputs | None = None  # newer vLLM's spelling: {"choice": [...]}
 
     @field_validator("n")
     @classmethod
@@ -122,6 +188,32 @@ class SamplingRequest(BaseModel):
         if stop == "" or (isinstance(stop, list) and "" in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, choices: list[str] | None) -> list[str] | None:
+        return _valid_choices(choices)
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_list_of_choices(cls, value: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        given = info.data.get("guided_choice")
+        if value is not None and value.choice is not None and given is not None and value.choice != given:
+            raise ValueError("choice differs from guided_choice; send one of them")
+        return value
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The choices the reply must be one of, from either spelling; None when unconstrained."""
+        if self.guided_choice is not None:
+            return tuple(self.guided_choice)
+        if self.structured_outputs is not None and self.structured_outputs.choice is not None:
+            return tuple(self.structured_outputs.choice)
+        return None
+
+    @property
+    def choices_param(self) -> str:
+        return "guided_choice" if self.guided_choice is not None else "structured_outputs.choice"
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -205,6 +297,88 @@ def chat_prompt(messages: Sequence[ChatMessage], *, chat: bool) -> str:
     return "".join(PROMPT_TEMPLATE.format(question=text) if role == "user" else f"{text}\n" for role, text in turns)
 
 
+# ------------------------------------------------------------------ choices
+
+
+def choice_token_ids(tokenizer: Tokenizer, prompt: str, prompt_ids: Sequence[int], choice: str) -> list[int]:
+    """The tokens of ``choice`` after ``prompt``, whose ids (BOS first) are ``prompt_ids``.
+
+    The model's own tokenisation of ``prompt + choice``, past the prompt's tokens.
+    Where the two merge at the boundary (the tiny vocabulary reads "Q: h" + "e"
+    as "Q: " + "he"), the prompt keeps its own tokens and the choice is tokenised
+    alone: every choice is then scored after the same prompt tokens, the ones a
+    decoder would continue.
+
+    >>> tok = load_model("tiny").tokenizer  # doctest: +SKIP
+    >>> tok.encode("Q: h"), tok.encode("Q: he")  # doctest: +SKIP
+    ([2, 955, 933, 281], [2, 955, 933, 316])
+    >>> choice_token_ids(tok, "Q: h", tok.encode("Q: h"), "e")  # doctest: +SKIP
+    [912]
+    """
+    prompt_ids = list(prompt_ids)
+    joint = tokenizer.encode(prompt + choice)
+    if len(joint) > len(prompt_ids) and joint[: len(prompt_ids)] == prompt_ids:
+        return joint[len(prompt_ids) :]
+    return tokenizer.encode(choice, add_bos=False)
+
+
+def tokenize_choices(tokenizer: Tokenizer, prompts: Sequence[str],
+                     choices: Sequence[str]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(each prompt's ids, each prompt's choices' ids), BOS first in the prompts'."""
+    prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+    return prompt_ids, [[choice_token_ids(tokenizer, prompt, ids, c) for c in choices] for prompt, ids in zip(prompts, prompt_ids)]
+
+
+def completion_token_logprobs(model: object, pad_id: int, prompt_ids: Sequence[Sequence[int]],
+                              completion_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """log p(token | prompt, the completion's earlier tokens) of every completion
+    token, at temperature 1 (float32): row i scores ``completion_ids[i]`` after
+    ``prompt_ids[i]`` (BOS first, no padding; pad_id never occurs in them).
+
+    The model's trunk runs once over each padded prompt + completion and the head
+    only at the completion's positions (``logprobs.frozen_completion_logprobs``, the
+    GRPO reference's path: no [B, L, V] logits). Rows go through ``CHOICE_ROWS`` at
+    a time, fewer when they are long (``CHOICE_TOKENS``); the batch is padded to a
+    power of two and the widths to multiples of 32, so that compiles stay few.
+    """
+    P = logprobs.bucket(max(map(len, prompt_ids)), 32)
+    C = logprobs.bucket(max(map(len, completion_ids)), 32)
+    per_pass = min(CHOICE_ROWS, 1 << int(math.log2(max(1, CHOICE_TOKENS // (P + C)))))
+    out: list[np.ndarray] = []
+    for start in range(0, len(prompt_ids), per_pass):
+        prompts, completions = prompt_ids[start : start + per_pass], completion_ids[start : start + per_pass]
+        B = 1 << math.ceil(math.log2(len(prompts)))
+        prompt_tokens = np.full((B, P), pad_id, np.int32)  # [B, P] left-padded
+        completion_tokens = np.full((B, C), pad_id, np.int32)  # [B, C] right-padded
+        for row in range(B):
+            source = row if row < len(prompts) else 0  # filler rows repeat the first; dropped
+            prompt_tokens[row, P - len(prompts[source]) :] = prompts[source]
+            completion_tokens[row, : len(completions[source])] = completions[source]
+        values = np.asarray(logprobs.frozen_completion_logprobs(model, prompt_tokens, completion_tokens, pad_id))  # [B, C]
+        # Padding positions are scored too (their target is pad_id): only a row's own tokens count.
+        out.extend(values[row, : len(ids)] for row, ids in enumerate(completions))
+    return out
+
+
+def pick_choice(totals: Sequence[float], temperature: float, rng: np.random.Generator) -> int:
+    """The chosen index: at temperature 0 the most likely (the first of equals),
+    else a draw with probability proportional to ``exp(total / temperature)``.
+
+    totals: each choice's log p(choice | prompt). NaN (a broken model) raises.
+
+    >>> pick_choice([-3.0, -1.0, -2.0], 0.0, np.random.default_rng(0))
+    1
+    """
+    totals = np.asarray(totals, np.float64)
+    if np.isnan(totals).any() or not np.isfinite(totals).any():
+        raise ValueError(f"the choices' log-probabilities are not usable: {totals.tolist()}")
+    if temperature == 0:
+        return int(np.argmax(totals))
+    scaled = totals / temperature
+    weights = np.exp(scaled - scaled.max())  # the largest is exp(0): no overflow
+    return int(rng.choice(len(totals), p=weights / weights.sum()))
+
+
 # --------------------------------------------------------------- generation
 
 
@@ -223,11 +397,13 @@ class Engine:
     thread that gets the lock decodes its own job and every queued greedy job
     with the same settings (up to ``max_batch`` prompts) as one batch; the
     threads whose jobs it took find their results when they get the lock.
+    Choice scoring (``choose``) holds the same lock for its forward passes.
     """
 
-    def __init__(self, generator: Generator, max_batch: int):
+    def __init__(self, generator: Generator, max_batch: int, model: object):
         self.generator = generator
         self.max_batch = max_batch
+        self.model = model  # the nnx model, for choice scoring (the Generator holds its own layout)
         self._generating = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Job] = []
@@ -243,6 +419,25 @@ class Engine:
             raise job.error
         assert job.results is not None
         return job.results
+
+    def choose(self, prompts: Sequence[str], prompt_ids: Sequence[list[int]], choices: Sequence[str],
+               choice_ids: Sequence[Sequence[list[int]]], temperature: float, seed: int) -> list[Generation]:
+        """One of ``choices`` per prompt (see ``pick_choice``): every (prompt, choice)
+        pair scored in one go, under the generation lock."""
+        rows = [(ids, c) for ids, per_prompt in zip(prompt_ids, choice_ids) for c in per_prompt]
+        with self._generating:
+            scored = completion_token_logprobs(self.model, self.generator.tokenizer.pad_id,
+                                               [p for p, _ in rows], [c for _, c in rows])
+        rng = np.random.default_rng(seed)
+        results = []
+        for i, prompt in enumerate(prompts):
+            token_logprobs = scored[i * len(choices) : (i + 1) * len(choices)]
+            index = pick_choice([float(lp.sum(dtype=np.float64)) for lp in token_logprobs], temperature, rng)
+            ids = choice_ids[i][index]
+            # "eos": the choice is complete, as a decoder would end it; no stop string to cut.
+            results.append(Generation(prompt, choices[index], list(ids), self.generator.tokenizer.token_texts(ids),
+                                      token_logprobs[index].tolist(), "eos", len(prompt_ids[i])))
+        return results
 
     def _take_batch(self, job: _Job) -> list[_Job]:
         with self._queue_lock:
@@ -329,7 +524,7 @@ def create_app(
     may ask for (the caches are allocated for it; a larger request gets a 400
     ``context_length_exceeded``).
     """
-    engine = Engine(Generator(loaded.model, loaded.tokenizer, max_batch=max_batch), max_batch)
+    engine = Engine(Generator(loaded.model, loaded.tokenizer, max_batch=max_batch), max_batch, loaded.model)
     created = int(time.time())
     app = FastAPI(title=f"tracetune: {model_name}")
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -350,6 +545,9 @@ def create_app(
         if body.model is not None and body.model != model_name:
             return error_response(404, f"The model {body.model!r} does not exist; this server serves {model_name!r}",
                                   param="model", code="model_not_found")
+        choices = body.choices
+        if choices is not None:
+            return await choose(prompts, body, choices)
         sampling = body.sampling(default_max_tokens)
         longest = max(len(loaded.tokenizer.encode(p)) for p in prompts)
         if longest + sampling.max_new_tokens > max_context:
@@ -362,6 +560,25 @@ def create_app(
         except Exception as error:  # the client gets OpenAI's server_error; the log gets the traceback
             log.exception("generation failed")
             return error_response(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
+
+    async def choose(prompts: list[str], body: SamplingRequest, choices: tuple[str, ...]) -> list[Generation] | JSONResponse:
+        prompt_ids, choice_ids = await run_in_threadpool(tokenize_choices, loaded.tokenizer, prompts, choices)
+        # An identity-normalised SentencePiece gives every non-empty string a token; another might not,
+        # and a choice of no tokens would have log-probability 0, the largest.
+        empty = [c for c, ids in zip(choices, choice_ids[0]) if not ids]
+        if empty:
+            return error_response(400, f"the choice {empty[0]!r} has no tokens in this model's vocabulary",
+                                  param=body.choices_param)
+        longest = max(len(ids) + max(map(len, per_prompt)) for ids, per_prompt in zip(prompt_ids, choice_ids))
+        if longest > max_context:
+            return error_response(400, f"this model serves at most {max_context} tokens; a prompt with its longest "
+                                  f"choice has {longest}", param=body.choices_param, code="context_length_exceeded")
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        try:
+            return await run_in_threadpool(engine.choose, prompts, prompt_ids, choices, choice_ids, body.temperature, seed)
+        except Exception as error:  # as generate's
+            log.exception("choice scoring failed")
+            return error_response(500, f"choice scoring failed: {type(error).__name__}: {error}", type="server_error")
 
     @app.get("/v1/models")
     async def models() -> dict:
