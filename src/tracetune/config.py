@@ -143,6 +143,50 @@ class RewardWeights:
             raise ConfigError(f"{where}: {error}") from None
 
 
+class FieldError(ConfigError):
+    """A field's value out of range, raised by a config entry that does not know
+    where it sits; ``_build`` names it in full (``data.mix[1].weight: ...``)."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field, self.message = field_name, message
+        super().__init__(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixSource:
+    """One source of a data mix (``DataConfig.mix``); an empty field takes data's.
+
+    source: as ``data.source`` (shipped name, JSONL path, Hugging Face id).
+    weight: its share of the drawn training examples, relative to the other
+      entries' (> 0; normalised over the entries a stage uses).
+    kind, question_field, answer_field: "" = ``data.kind`` / ``data.question_field``
+      / ``data.answer_field``.
+    split: the split training reads ("train"); eval_split: the one the harness
+      scores ("" = ``eval.split``).
+    domain: for rows without a ``domain`` field of their own ("" = the source's
+      short name: "gsm8k", a file's stem, a dataset id's last part).
+    """
+
+    source: str = ""
+    weight: float = 1.0
+    kind: str = ""
+    split: str = "train"
+    eval_split: str = ""
+    question_field: str = ""
+    answer_field: str = ""
+    domain: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise FieldError("source", "missing (a shipped name, a JSONL file or a Hugging Face dataset id)")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise FieldError("weight", f"must be > 0, got {self.weight}")
+        if self.kind and self.kind not in KINDS:
+            raise FieldError("kind", f"must be one of {', '.join(KINDS)} (or empty for data.kind), got {self.kind!r}")
+        if not self.split:
+            raise FieldError("split", "must name the training split, e.g. 'train'")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where examples come from and how SFT traces are curated.
@@ -154,6 +198,14 @@ class DataConfig:
     val_fraction: share of the train split held out for validation (seeded split).
     max_tokens: traces longer than this (prompt + completion) are dropped once a
       tokenizer is available; the recipe's sequence budget.
+    mix: several sources in one run, each a ``MixSource`` with a weight (YAML only:
+      a list of mappings, see ``data.py``); empty = ``source`` alone. With a mix,
+      ``source`` is not read. Each source is held out (``val_fraction``, ``seed``)
+      on its own; training examples are then drawn by weight (``data.mixed``),
+      as many as the sources hold together. SFT draws only from the sources whose
+      rows curate into traces, GRPO from all; the harness scores each source's
+      evaluation split, the first ``eval.limit`` of each. Ids become
+      ``<short name>/<row id>``; kind, fields and domain default to data's.
     """
 
     source: str = "gsm8k"
@@ -165,8 +217,12 @@ class DataConfig:
     max_tokens: int = 1400
     prompt_style: str = "plain"
     skip_invalid: bool = False
+    mix: tuple[MixSource, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mix", tuple(self.mix))  # a list given in code: keep the config hashable
+        if bad := [i for i, entry in enumerate(self.mix) if not isinstance(entry, MixSource)]:
+            raise ConfigError(f"data.mix[{bad[0]}]: expected a MixSource, got {self.mix[bad[0]]!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.prompt_style not in ("plain", "chat"):
@@ -563,7 +619,16 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "rewards": self.rewards.as_dict()}  # weights by name, every component
+        # YAML's safe dumper writes lists, not tuples (data.mix's entries)
+        return {**_tuples_to_lists(dataclasses.asdict(self)), "rewards": self.rewards.as_dict()}  # weights by name, every component
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _tuples_to_lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(item) for item in value]
+    return value
 
 
 def preset_names() -> list[str]:
@@ -629,12 +694,41 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
                 kwargs[key] = RewardWeights.from_config(value, f"{where}.{key}")
             else:
                 kwargs[key] = _build(hint, value, f"{where}.{key}")
+        elif (entry := _entry_type(hint)) is not None:
+            kwargs[key] = _build_entries(entry, value, f"{where}.{key}")
         else:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}")
     try:
         return cls(**kwargs)
+    except FieldError as error:
+        raise ConfigError(f"{where}.{error.field}: {error.message}") from None
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _entry_type(hint: Any) -> type | None:
+    """The entry dataclass of a ``tuple[Entry, ...]`` field (``data.mix``), else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _build_entries(entry: type, value: Any, where: str) -> tuple[Any, ...]:
+    """A YAML list of mappings -> a tuple of ``entry``, each error naming its index."""
+    if value is None:  # "mix:" with every entry commented out
+        return ()
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: is a list of mappings, which --set cannot give; write it in a YAML file "
+                          "(a preset or a run's config.yaml) and pass that with --preset")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of mappings (one per entry), got {value!r}")
+    out = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}[{index}]: expected a mapping of fields, got {item!r}")
+        out.append(_build(entry, item, f"{where}[{index}]"))
+    return tuple(out)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

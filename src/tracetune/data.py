@@ -22,6 +22,25 @@ A choice row's options are rendered into its question (``format.render_choices``
 so every prompt, SFT target and judge sees them the same way. A row's ``id`` field,
 when given, names the example; otherwise it is ``<file stem>-<line>``.
 
+Several sources make a mix (config ``data.mix``), each with a weight::
+
+    data:
+      mix:
+        - {source: gsm8k, weight: 0.5}
+        - {source: open, kind: open, weight: 0.5, eval_split: eval}
+
+Each source is loaded on its own (``load_mix``; its errors name its file, line
+and field) and held out on its own (``val_fraction``, seed), then the training
+examples are drawn into one list by weight (``mixed``): each position's source
+with probability weight / sum of weights, a source's examples in a seeded shuffle
+that starts again when it runs out, as many in all as the sources hold together.
+The seed fixes the order, so a resumed run reads the same list. Ids become
+``<short name>/<row id>`` (``gsm8k/train-1``), unique across sources; a row without
+a ``domain`` gets the entry's (default: the short name). SFT draws only from the
+sources whose rows curate into traces (``curate_mix``: an open source is counted,
+not trained on); GRPO draws from every source (``mix_problems``); the harness scores
+each source's evaluation split.
+
 Curation turns a GSM8K solution into the trace format::
 
     Natalia sold 48/2 = <<48/2=24>>24 clips in May.        Step 1: Natalia sold 48/2 = 24 clips in May.
@@ -32,14 +51,15 @@ Curation turns a GSM8K solution into the trace format::
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tracetune.arithmetic import CALCULATOR  # GSM8K's "<<48/2=24>>" annotations
 from tracetune.files import atomic_path
@@ -55,6 +75,9 @@ from tracetune.format import (
     render_choices,
     step_text,
 )
+
+if TYPE_CHECKING:
+    from tracetune.config import DataConfig, MixSource
 
 SHIPPED = {"gsm8k": ("train", "test"), "open": ("train", "eval")}
 SYNTHETIC = {  # name -> split -> (seed, count)
@@ -382,6 +405,113 @@ def load_examples(
     return result
 
 
+# ------------------------------------------------------------------------ mixes
+
+T = TypeVar("T")
+
+
+def short_name(source: str) -> str:
+    """A source's name in ids and domains: "gsm8k", a file's stem, a dataset id's last part.
+
+    >>> short_name("gsm8k"), short_name("data/open.jsonl"), short_name("openai/gsm8k")
+    ('gsm8k', 'open', 'gsm8k')
+    """
+    return Path(source.rstrip("/")).stem or source
+
+
+def mix_names(mix: Sequence[MixSource]) -> list[str]:
+    """Each entry's short name; a name that two entries share gets the entry's
+    index (``train-0``, ``train-1``), so ids stay unique across sources."""
+    names = [short_name(entry.source) for entry in mix]
+    return [f"{name}-{index}" if names.count(name) > 1 else name for index, name in enumerate(names)]
+
+
+def mix_label(mix: Sequence[MixSource]) -> str:
+    """A mix in one stable string, for evaluation settings: ``gsm8k+open``."""
+    return "+".join(mix_names(mix))
+
+
+@dataclass
+class MixPart:
+    """One mix entry's examples, ids ``<name>/<row id>``, every row with a domain."""
+
+    name: str
+    weight: float
+    examples: list[Example]
+    skipped: list[DataError] = field(default_factory=list)
+
+
+def load_mix(data: DataConfig, role: str = "train", *, eval_split: str = "test", limit: int | None = None,
+             skip_invalid: bool = False) -> list[MixPart]:
+    """Load every source of ``data.mix``, in mix order, each with ``load_examples``.
+
+    role: "train" reads each entry's ``split``, "eval" its ``eval_split`` (or
+    ``eval_split`` here, the harness's). ``limit`` applies to each source. An
+    entry's empty kind and field names are data's; a row without a domain gets
+    the entry's domain, or its short name.
+    """
+    if role not in ("train", "eval"):
+        raise ValueError(f"role must be 'train' or 'eval', got {role!r}")
+    parts = []
+    for name, entry in zip(mix_names(data.mix), data.mix):
+        loaded = load_examples(entry.source, entry.split if role == "train" else entry.eval_split or eval_split,
+                               question_field=entry.question_field or data.question_field,
+                               answer_field=entry.answer_field or data.answer_field,
+                               skip_invalid=skip_invalid, limit=limit, kind=entry.kind or data.kind)
+        domain = entry.domain or name
+        examples = [replace(e, id=f"{name}/{e.id}", domain=e.domain or domain) for e in loaded.examples]
+        parts.append(MixPart(name, entry.weight, examples, loaded.skipped))
+    return parts
+
+
+def mixed(pools: Sequence[Sequence[T]], weights: Sequence[float], seed: int, length: int | None = None) -> list[T]:
+    """``length`` items (default: the pools' sizes summed) drawn from ``pools`` by weight.
+
+    Each position's pool is drawn independently, with probability weight / sum of
+    weights; a pool gives its items in a seeded shuffle, shuffled again each time it
+    runs out, so a heavy small pool repeats and a light large one is only partly
+    seen. The same (pools, weights, seed) always give the same list.
+
+    >>> mixed([["a1", "a2", "a3"], ["b1"]], [3, 1], seed=1)
+    ['a2', 'a1', 'a3', 'b1']
+    """
+    if not pools or len(pools) != len(weights):
+        raise ValueError(f"one weight per pool: {len(pools)} pool(s), {len(weights)} weight(s)")
+    if empty := [i for i, pool in enumerate(pools) if not pool]:
+        raise ValueError(f"pool {empty[0]} is empty: nothing to draw")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"weights must be > 0, got {list(weights)}")
+    rng = random.Random(f"mix:{seed}")
+    picks = rng.choices(range(len(pools)), weights=weights, k=sum(map(len, pools)) if length is None else length)
+    queues: list[list[int]] = [[] for _ in pools]
+    out = []
+    for pick in picks:
+        if not queues[pick]:
+            queues[pick] = rng.sample(range(len(pools[pick])), len(pools[pick]))
+        out.append(pools[pick][queues[pick].pop()])
+    return out
+
+
+def mix_problems(parts: Sequence[MixPart], val_fraction: float, seed: int,
+                 keep: Callable[[Example], bool] | None = None) -> tuple[list[Example], list[Example]]:
+    """GRPO's problems from a mix: (training problems drawn by weight, validation problems).
+
+    Each source is held out on its own, as ``split_examples`` holds out a single
+    source (so the validation problems are the ones SFT holds out), and the held-out
+    parts are concatenated in mix order. ``keep`` (a prompt budget) filters each
+    source's training problems before the draw; a source left with none is an error.
+    """
+    pools, validation = [], []
+    for part in parts:
+        train, held = split_examples(part.examples, val_fraction, seed)
+        validation += held
+        pools.append([e for e in train if keep is None or keep(e)])
+        if not pools[-1]:
+            raise DataError(part.name, None, None, f"no training problems left of {len(part.examples)} (after the "
+                            "held-out part and the prompt budget): drop it from data.mix or check its rows")
+    return mixed(pools, [part.weight for part in parts], seed), validation
+
+
 # ------------------------------------------------------------------------ curation
 
 
@@ -476,6 +606,7 @@ class CurationResult:
     validation: list[Trace]
     dropped: Counter[str] = field(default_factory=Counter)
     dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)  # a mix's name -> its traces (train + validation); 0: GRPO only
 
     def write(self, out_dir: Path) -> dict[str, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -538,6 +669,34 @@ def curate(
                     domain=example.domain,
                 )
             )
+    return result
+
+
+def curate_mix(parts: Sequence[MixPart], *, val_fraction: float = 0.05, seed: int = 42, prompt_style: str = "plain",
+               count_tokens: Callable[[str], int] | None = None, max_tokens: int = 1400) -> CurationResult:
+    """``curate`` each source of a mix on its own (its own seeded hold-out), then draw
+    the training traces by weight (``mixed``) from the sources that gave any.
+
+    A source whose rows cannot become traces (an open source: no worked solution)
+    adds nothing to the draw; its rows are counted in ``dropped`` with their reason
+    and ``sources`` gives it 0 traces: GRPO still uses it. Validation traces are
+    the sources' held-out ones, in mix order. No trace from any source leaves
+    ``train`` empty, for the caller to refuse.
+    """
+    result = CurationResult(train=[], validation=[])
+    pools, weights = [], []
+    for part in parts:
+        curated = curate(part.examples, val_fraction=val_fraction, seed=seed, prompt_style=prompt_style,
+                         count_tokens=count_tokens, max_tokens=max_tokens)
+        result.validation += curated.validation
+        result.dropped.update(curated.dropped)
+        for reason, ids in curated.dropped_ids.items():
+            result.dropped_ids.setdefault(reason, []).extend(ids)
+        result.sources[part.name] = len(curated.train) + len(curated.validation)
+        if curated.train:
+            pools.append(curated.train)
+            weights.append(part.weight)
+    result.train = mixed(pools, weights, seed) if pools else []
     return result
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tracetune import failures
 from tracetune.config import Config, RewardWeights
-from tracetune.data import Example
+from tracetune.data import Example, mix_label
 from tracetune.errors import TrainingError
 from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended
 from tracetune.format import build_prompt
@@ -140,7 +140,7 @@ def evaluate(
     settings = {
         "variant": variant or out_dir.name,
         "model": loaded.source,
-        "source": config.data.source,
+        "source": mix_label(config.data.mix) if config.data.mix else config.data.source,
         "split": harness.split,
         "limit": harness.limit,
         "max_new_tokens": harness.max_new_tokens,
@@ -202,10 +202,15 @@ def load_result(out_dir: Path) -> EvalResult:
 
 
 def problems(config: Config) -> list[Example]:
-    """The harness's problems: ``eval.split`` of ``data.source``, the first ``eval.limit``."""
-    from tracetune.data import load_examples
+    """The harness's problems: ``eval.split`` of ``data.source``, the first ``eval.limit``.
+    With ``data.mix``: each source's evaluation split (its ``eval_split``, else
+    ``eval.split``), the first ``eval.limit`` of each, concatenated in mix order."""
+    from tracetune.data import load_examples, load_mix
 
     limit = config.eval.limit or None
+    if config.data.mix:
+        parts = load_mix(config.data, "eval", eval_split=config.eval.split, limit=limit)
+        return [example for part in parts for example in part.examples]
     return load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
                          answer_field=config.data.answer_field, limit=limit, kind=config.data.kind).examples
 

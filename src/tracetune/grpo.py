@@ -52,7 +52,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, RewardWeights
-from tracetune.data import Example, load_examples, split_examples
+from tracetune.data import Example, load_examples, load_mix, mix_problems, split_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
@@ -513,12 +513,22 @@ def prompt_examples(config: Config, tokenizer: Tokenizer) -> tuple[list[Example]
     """(training problems whose prompt fits the budget, validation problems), in file
     order. The validation problems are the ones SFT holds out (``split_examples``
     with ``data.val_fraction`` and ``data.seed``): GRPO never trains on them, so they
-    can choose its checkpoint."""
+    can choose its checkpoint. With ``data.mix``, every source (open ones too) is
+    held out on its own and the training problems are drawn by weight, in the
+    seeded order of ``data.mix_problems``."""
     data, grpo = config.data, config.grpo
-    examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
-                             skip_invalid=data.skip_invalid, kind=data.kind).examples
-    train, validation = split_examples(examples, data.val_fraction, data.seed)
-    fitting = [e for e in train if len(tokenizer.encode(build_prompt(e.question, data.prompt_style, e.kind))) <= grpo.max_prompt_tokens]
+
+    def fits(example: Example) -> bool:
+        return len(tokenizer.encode(build_prompt(example.question, data.prompt_style, example.kind))) <= grpo.max_prompt_tokens
+
+    if data.mix:
+        parts = load_mix(data, "train", skip_invalid=data.skip_invalid)
+        fitting, validation = mix_problems(parts, data.val_fraction, data.seed, keep=fits)
+    else:
+        examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
+                                 skip_invalid=data.skip_invalid, kind=data.kind).examples
+        train, validation = split_examples(examples, data.val_fraction, data.seed)
+        fitting = [e for e in train if fits(e)]
     return fitting[: grpo.train_examples or None], validation
 
 
