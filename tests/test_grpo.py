@@ -341,3 +341,114 @@ def test_a_diverging_grpo_run_stops_with_the_last_good_checkpoint(tmp_path, sft_
     assert not (tmp_path / "run" / "export").exists()
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints" / "actor").iterdir() if p.name.isdigit()]
     assert saved and max(saved) <= 2, saved  # update 1 diverged; step 2's rollout stopped the run
+
+
+# ------------------------------------------------------------ the judge as reward
+
+
+class NumbersJudge:
+    """A scripted LLM judge on loopback: 5 when the completion's reasoning names
+    every number of the question (the keywords of an addition problem), else 1.
+    From the request numbered ``down_from`` on it answers 503 (an outage)."""
+
+    def __init__(self, down_from: int | None = None):
+        self.requests = 0
+        self.down_from = down_from
+
+    def app(self):
+        import re
+
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        def chat(body: dict):
+            self.requests += 1
+            if self.down_from is not None and self.requests >= self.down_from:
+                return JSONResponse({"error": {"message": "scripted outage"}}, status_code=503)
+            user = body["messages"][-1]["content"]
+            question = user.split("Question:\n")[1].split("\n")[0]
+            completion = user.split("=== COMPLETION START ===\n")[1].split("\n=== COMPLETION END ===")[0]
+            reasoning = completion.split("</reasoning>")[0]
+            named = all(re.search(rf"\b{n}\b", reasoning) for n in re.findall(r"\d+", question))
+            return {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": json.dumps({"score": 5 if named else 1})}}]}
+
+        return app
+
+
+def held_out_judge_score(model_dir: Path, base_url: str, count: int = 64) -> float:
+    """The judge's mean reward on greedy completions of held-out problems (the
+    clean addition test split), under the fixed harness."""
+    from tracetune.evaluate import evaluate, problems
+    from tracetune.judge import JudgeConfig, RewardJudge
+    from tracetune.models.registry import load_model
+
+    config = load_config("tiny", ["data.source=addition", f"eval.limit={count}"])
+    result = evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / "eval", config)
+    rows = [{"id": r["id"], "question": r["question"], "reference": r["reference"], "kind": "numeric",
+             "completion": r["completion"]} for r in result.records]
+    scores = RewardJudge(JudgeConfig(base_url=base_url, model="scripted")).score(rows, G=1).scores
+    assert None not in scores
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_the_judge_reward_alone_moves_the_policy(tmp_path, shortcut_sft):
+    """GRPO whose reward is the judge term alone raises that judge's mean score on
+    held-out problems over the SFT start: the judge moves the policy, through real
+    HTTP, the per-step metrics say what it cost, and nothing went unscored."""
+    from tracetune.grpo import train_grpo
+    from tracetune.serve import running_server
+
+    judge = NumbersJudge()
+    with running_server(judge.app()) as base_url:
+        before = held_out_judge_score(shortcut_sft, base_url)
+        train_grpo(load_config("tiny", ["data.source=addition", "grpo.checkpoint_steps=0", "grpo.max_steps=20",
+                                        "rewards.correctness=0", "rewards.trace=0", "rewards.confidence=0", "rewards.judge=1",
+                                        f"eval.judge_base_url={base_url}", "eval.judge_model=scripted",
+                                        f"grpo.init={shortcut_sft}"]), tmp_path / "grpo")
+        after = held_out_judge_score(tmp_path / "grpo" / "export" / "merged", base_url)
+    assert after >= before + 0.10, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward/judge" in r]
+    assert len(steps) == 20 and all(r["judge/unscored"] == 0 for r in steps)
+    assert all(r["judge/requests"] == 16 * 8 for r in steps)  # absolute mode: one request per completion
+    assert np.mean([r["reward/judge"] for r in steps[-5:]]) > np.mean([r["reward/judge"] for r in steps[:5]])
+
+
+@pytest.mark.slow
+def test_a_judge_outage_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(tmp_path, sft_run):
+    """The judge goes down in step 3 (every request 503): the step's completions
+    are all unscored, past judge.max_unscored, so the run stops, saving the two
+    updates it trained; re-run with the judge back, it finishes with the same
+    weights and rewards as a run the judge never failed."""
+    from tracetune.errors import TrainingError
+    from tracetune.grpo import train_grpo
+    from tracetune.serve import running_server
+
+    def config(base_url):
+        return load_config("tiny", ["grpo.max_steps=4", "grpo.checkpoint_steps=0", "grpo.prompts_per_step=4",
+                                    "grpo.num_generations=4", "rewards.judge=0.5", "judge.retries=0",
+                                    f"eval.judge_base_url={base_url}", "eval.judge_model=scripted", f"grpo.init={sft_run}"])
+
+    with running_server(NumbersJudge().app()) as base_url:
+        train_grpo(config(base_url), tmp_path / "straight")
+    with running_server(NumbersJudge(down_from=2 * 16 + 1).app()) as base_url:  # 16 completions a step
+        with pytest.raises(TrainingError, match=r"(?s)unscored.*max_unscored=0.25.*Checkpoint saved: step 2"):
+            train_grpo(config(base_url), tmp_path / "outage")
+    assert (tmp_path / "outage" / "checkpoints" / "actor" / "2").is_dir()
+    with running_server(NumbersJudge().app()) as base_url:
+        train_grpo(config(base_url), tmp_path / "outage")
+    expected, actual = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "outage")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+    def rewards(run):
+        return [r["reward/composite"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if "reward/composite" in r]
+
+    assert rewards("outage") == rewards("straight")

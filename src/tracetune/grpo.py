@@ -896,9 +896,9 @@ class GRPORun:
                         self.learner.train(self.data)
                 check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
             except BaseException as error:
-                if isinstance(error, JudgeOutage):
-                    error = JudgeOutage(f"{error}. {self._save_after_outage()}")
-                failure = failed_run(error, self.run_dir / "checkpoints" / "actor", self.cluster.actor_trainer.checkpoint_manager.close)
+                # after a judge outage the updates trained so far are good: keep them
+                stopped = JudgeOutage(f"{error}. {self._save_after_outage()}") if isinstance(error, JudgeOutage) else error
+                failure = failed_run(stopped, self.run_dir / "checkpoints" / "actor", self.cluster.actor_trainer.checkpoint_manager.close)
                 if failure is error:
                     raise
                 raise failure from None

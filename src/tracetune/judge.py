@@ -603,8 +603,9 @@ class RewardScores:
 
 
 def _short(reason: str) -> str:
-    """A failure's kind, to count reasons without one entry per reply text."""
-    return reason.split(":")[0].split(" (")[0][:80]
+    """A failure's kind, to count reasons without one entry per reply text:
+    "HTTP 503", "timed out", "cannot reach URL", "malformed reply after 3 attempts"."""
+    return re.split(r": | \(| from https?://", reason)[0][:120]
 
 
 class RewardJudge:
