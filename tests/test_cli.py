@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the route's annotations here
 
 from conftest import wrap
 
@@ -152,3 +153,46 @@ def test_sft_help_explains_every_option():
 def test_sft_with_an_impossible_batch_is_one_line_error(tmp_path):
     result = tracetune("sft", "--preset", "tiny", "--run-dir", str(tmp_path), "--set", "sft.micro_batch_size=5")
     assert_one_line_error(result, "sft.batch_size (16) must be a multiple of sft.micro_batch_size (5)")
+
+
+def scored_judge():
+    """A judge endpoint that rates a haiku 4, any other question 2, and an
+    "unscorable" one never (a reply without the JSON object, every attempt)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        question = (await request.json())["messages"][-1]["content"].split("Question:\n")[1].split("\n")[0]
+        reply = "Score: 4" if "unscorable" in question else '{"score": 4, "rationale": "ok"}' if "haiku" in question else '{"score": 2, "rationale": "no"}'
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
+
+    return app
+
+
+def test_eval_prints_the_per_domain_table_and_again_with_the_judge(write_jsonl, tmp_path):
+    from tracetune.serve import running_server  # imports JAX: only this test needs it
+
+    source = write_jsonl("mixed.jsonl", [
+        {"id": "w1", "domain": "writing", "kind": "open", "question": "Write a haiku about rain."},
+        {"id": "w2", "domain": "writing", "kind": "open", "question": "Write a haiku about snow."},
+        {"id": "w3", "domain": "writing", "kind": "open", "question": "Write an unscorable limerick."},
+        {"id": "m1", "domain": "math", "question": "What is 2 + 2?", "answer": "4"},
+        {"id": "m2", "domain": "math", "question": "What is 3 + 3?", "answer": "6"},
+    ])
+    out = tmp_path / "eval"
+    with running_server(scored_judge()) as base_url:
+        result = tracetune("eval", "--model", "tiny", "--preset", "tiny", "--set", f"data.source={source}", "--set", "eval.max_new_tokens=16",
+                           "--out", str(out), "--judge", "--judge-url", base_url, "--judge-model", "judge-x")
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.split("judge judge-x:")
+    assert "Per domain (2), 95% intervals" in before and "Judge (1-5)" not in before
+    assert "Per domain, judged by judge-x (4 of 5 rated samples scored)" in after
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]] for line in after.splitlines() if line.count("│") > 5}
+    # writing: 3 prompts, judged 4 and 4 (the limerick unscored); no reference, so no accuracy.
+    assert lines["writing"][1] == "3" and lines["writing"][4] == "—" and lines["writing"][5:] == ["4.00 [4.00, 4.00]", "2 (+1 unscored)"]
+    assert lines["math"][1] == "2" and lines["math"][4] != "—" and lines["math"][5:] == ["2.00 [2.00, 2.00]", "2"]
+    domains = json.loads((out / "metrics.json").read_text())["domains"]
+    assert [(d["domain"], d["judge"]["n"], d["unscored"]) for d in domains] == [("writing", 2, 1), ("math", 2, 0)]
+    assert "Judge: judge-x, 4 of 5" in (out / "metrics.md").read_text()
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["domain"], r["kind"]) for r in records] == [("writing", "open")] * 3 + [("math", "numeric")] * 2

@@ -8,13 +8,26 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from tracetune.errors import DamagedFile
 from tracetune.config import load_config
 from tracetune.data import Example
-from tracetune.evaluate import EvalError, evaluate, problems, read_records, sample_record, score_generation, summarize
+from tracetune.evaluate import (
+    EvalError,
+    domain_of,
+    domain_rows,
+    domain_summary,
+    evaluate,
+    problems,
+    read_records,
+    sample_record,
+    score_generation,
+    summarize,
+    write_summary,
+)
 from tracetune.generate import Generation
 from tracetune.rewards import trace_structure
 
@@ -105,3 +118,93 @@ def test_eval_command_writes_samples_metrics_and_prints_the_table(tmp_path):
     assert {"question", "reference", "completion", "answer", "correct", "well_formed", "trace", "composite", "failure"} <= set(records[0])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["limit"] == 4 and metrics["metrics"]["accuracy"]["n"] == 4
+
+
+# ------------------------------------------------------------------ per domain
+
+
+def record(id: str, *, domain: str | None, kind: str, well_formed: bool, correct: bool | None, trace: float) -> dict:
+    """A samples.jsonl record with only what the per-domain table reads; ``domain``
+    None: a record from before domains (no key at all)."""
+    out = {"id": id, "question": "q", "reference": "" if kind == "open" else "4", "completion": "c", "answer": None,
+           "predicted": None, "lenient_predicted": None, "correct": correct, "lenient_correct": None,
+           "well_formed": well_formed, "trace": trace, "composite": None, "kind": kind, "failure": None}
+    if domain is not None:
+        out["domain"] = domain
+    return out
+
+
+# "writing": 4 open prompts (no reference), 3 well formed, traces 0.2 0.4 0.6 0.8.
+# "numeric": 5 GSM8K-style records from before domains (no domain key), 4 right, all well formed.
+RECORDS = [record(f"w{i}", domain="writing", kind="open", well_formed=i < 3, correct=None, trace=0.2 * (i + 1)) for i in range(4)]
+RECORDS += [record(f"n{i}", domain=None, kind="numeric", well_formed=True, correct=i < 4, trace=1.0) for i in range(5)]
+# Judged: w0 4, w1 2, w2 unscored, w3 not chosen; n0 5; "gone" is no record's id.
+JUDGEMENTS = [{"id": "w0", "score": 4}, {"id": "w1", "score": 2}, {"id": "w2", "score": None}, {"id": "n0", "score": 5},
+              {"id": "gone", "score": 1}]
+
+
+def test_per_domain_rates_and_means_match_the_hand_computed_intervals():
+    writing, numeric = domain_summary(RECORDS, JUDGEMENTS)
+    assert (writing.domain, writing.n, numeric.domain, numeric.n) == ("writing", 4, "numeric", 5)  # no domain: its kind
+    # Wilson, z = 1.959964, z^2 = 3.841459. Format 3/4: denom = 1 + z^2/4 = 1.960365,
+    # centre = (0.75 + z^2/8) / denom = 0.627527, half = z * sqrt(0.75*0.25/4 + z^2/64) / denom = 0.326886.
+    assert (writing.format_rate.mean, writing.format_rate.n) == (0.75, 4)
+    assert (writing.format_rate.low, writing.format_rate.high) == pytest.approx((0.300641, 0.954413), abs=1e-6)
+    # Trace 0.2..0.8: mean 0.5, sd = sqrt((0.09 + 0.01 + 0.01 + 0.09) / 3) = 0.258199, half = z * sd / 2 = 0.253030.
+    assert (writing.trace.mean, writing.trace.low, writing.trace.high) == pytest.approx((0.5, 0.246970, 0.753030), abs=1e-6)
+    assert writing.accuracy.n == 0  # open prompts: nothing to check
+    # Judge 4 and 2 (w2 unscored: left out, counted): mean 3, sd = sqrt(2), half = z * sqrt(2) / sqrt(2) = z.
+    assert (writing.judge.mean, writing.judge.low, writing.judge.high, writing.judge.n) == pytest.approx((3.0, 1.040036, 4.959964, 2))
+    assert writing.unscored == 1
+    # Format 5/5: centre = (1 + z^2/10) / (1 + z^2/5) = 0.782759, half = z * (z/10) / (1 + z^2/5) = 0.217241: low 0.565518.
+    assert (numeric.format_rate.mean, numeric.format_rate.low, numeric.format_rate.high) == pytest.approx((1.0, 0.565518, 1.0), abs=1e-6)
+    # Accuracy 4/5: centre = (0.8 + z^2/10) / 1.768292 = 0.669655, half = z * sqrt(0.16/5 + z^2/100) / 1.768292 = 0.294121.
+    assert (numeric.accuracy.mean, numeric.accuracy.low, numeric.accuracy.high) == pytest.approx((0.8, 0.375535, 0.963776), abs=1e-6)
+    assert (numeric.trace.mean, numeric.trace.low, numeric.trace.high) == (1.0, 1.0, 1.0)  # sd 0
+    assert (numeric.judge.mean, numeric.judge.n, numeric.unscored) == (5.0, 1, 0)  # n1..n4 not chosen by the judge
+    # Without judge.json: no judge column at all.
+    assert all(d.judge is None for d in domain_summary(RECORDS))
+    header, rows = domain_rows(domain_summary(RECORDS))
+    assert header == ["Domain", "n", "Format rate", "Avg trace score", "Accuracy"]
+    assert rows[0] == ["writing", "4", "75.0% [30.1, 95.4]", "0.500 [0.247, 0.753]", "—"]
+    assert rows[1] == ["numeric", "5", "100.0% [56.6, 100.0]", "1.000 [1.000, 1.000]", "80.0% [37.6, 96.4]"]
+
+
+def test_one_kind_without_domains_has_no_table_and_old_records_still_load(tmp_path):
+    gsm8k = [r for r in RECORDS if "domain" not in r]
+    assert domain_summary(gsm8k) == []
+    write_summary(tmp_path, gsm8k, {"variant": "old"})
+    assert "domains" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert "Per domain" not in (tmp_path / "metrics.md").read_text()
+    # Older still: no kind either (before task kinds) -> numeric, like SampleScore.from_record.
+    ancient = [{k: v for k, v in r.items() if k != "kind"} for r in gsm8k]
+    assert domain_summary(ancient) == [] and domain_of(ancient[0]) == "numeric"
+    # A second kind is a second group even without domains.
+    mixed = gsm8k + [record("o1", domain=None, kind="open", well_formed=True, correct=None, trace=0.5)]
+    assert [(d.domain, d.n) for d in domain_summary(mixed)] == [("numeric", 5), ("open", 1)]
+
+
+def test_the_summary_files_gain_the_judge_column_once_judge_json_is_there(tmp_path):
+    write_summary(tmp_path, RECORDS, {"variant": "v"})
+    domains = json.loads((tmp_path / "metrics.json").read_text())["domains"]
+    assert [(d["domain"], d["n"], d["judge"]) for d in domains] == [("writing", 4, None), ("numeric", 5, None)]
+    assert domains[0]["accuracy"]["mean"] is None and domains[0]["accuracy"]["n"] == 0  # NaN written as null
+    table = (tmp_path / "metrics.md").read_text()
+    assert "| writing | 4 | 75.0% [30.1, 95.4] | 0.500 [0.247, 0.753] | — |" in table and "Judge" not in table
+    summary = {"judge_model": "judge-x", "n": 5, "scored": 4, "unscored": 1}
+    (tmp_path / "judge.json").write_text(json.dumps({**summary, "judgements": JUDGEMENTS}))
+    write_summary(tmp_path, RECORDS, {"variant": "v"})
+    writing, numeric = json.loads((tmp_path / "metrics.json").read_text())["domains"]
+    assert (writing["judge"]["mean"], writing["judge"]["n"], writing["unscored"]) == (3.0, 2, 1)
+    table = (tmp_path / "metrics.md").read_text()
+    assert "Judge: judge-x, 4 of 5 rated samples scored (1 unscored)." in table
+    assert "| writing | 4 | 75.0% [30.1, 95.4] | 0.500 [0.247, 0.753] | — | 3.00 [1.04, 4.96] | 2 (+1 unscored) |" in table
+    assert "| numeric | 5 | 100.0% [56.6, 100.0] | 1.000 [1.000, 1.000] | 80.0% [37.6, 96.4] | 5.00 [5.00, 5.00] | 1 |" in table
+
+
+def test_a_sample_record_carries_its_domain_and_kind():
+    example = replace(EXAMPLE, domain="math")
+    out = sample_record(score_generation(example, generation(RIGHT), load_config().rewards), generation(RIGHT), example)
+    assert (out["domain"], out["kind"]) == ("math", "numeric")
+    plain = sample_record(score_generation(EXAMPLE, generation(RIGHT), load_config().rewards), generation(RIGHT), EXAMPLE)
+    assert plain["domain"] == ""

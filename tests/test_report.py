@@ -191,3 +191,38 @@ def test_an_ablation_pairs_within_each_directory_and_with_the_first_directory(tm
     report = write_report([tmp_path / "full", tmp_path / "no-trace"], tmp_path / "out").read_text()
     assert "against the first directory's variant of the same name" in report
     assert "| no-trace/SFT + GRPO vs full/SFT + GRPO | 4 | 0 / 0 / 1.000 |" in report  # identical answers: p = 1
+
+
+def open_sample(i: int, well_formed: bool, domain: str) -> dict:
+    """An open prompt's record: no reference, judged only."""
+    completion = wrap("A haiku.", "Step 1: pick the season.\nTherefore, the answer is a haiku.") if well_formed else "A haiku."
+    score = score_sample("Write a haiku.", "", completion, None, id=f"{domain}-{i}", kind="open")
+    return {**score.record(), "domain": domain, "finish_reason": "stop", "completion_tokens": 20, "failure": None}
+
+
+def test_the_per_domain_table_shows_only_when_a_variant_has_domains(run, tmp_path):
+    assert "## Per domain" not in write_report([run], tmp_path / "plain").read_text()  # GSM8K only: one group
+
+    root = tmp_path / "domains"
+    # sft: 4 writing prompts, 3 well formed; 4 science, all well formed. grpo: all 8 well formed, judged.
+    write_eval(root / "eval" / "sft", [open_sample(i, i < 3, "writing") for i in range(4)] + [open_sample(i, True, "science") for i in range(4)])
+    write_eval(root / "eval" / "grpo", [open_sample(i, True, "writing") for i in range(4)] + [open_sample(i, True, "science") for i in range(4)])
+    judgements = [{"id": "writing-0", "score": 4}, {"id": "writing-1", "score": 2}, {"id": "writing-2", "score": None},
+                  {"id": "science-0", "score": 5}]
+    (root / "eval" / "grpo" / "judge.json").write_text(json.dumps(
+        {"judge_model": "judge-x", "n": 4, "scored": 3, "unscored": 1, "mean": 11 / 3, "low": 1.0, "high": 5.0,
+         "histogram": {}, "judgements": judgements}))
+    report = write_report([root], tmp_path / "out").read_text()
+    section = report.split("## Per domain\n")[1].split("\n## ")[0]
+    assert "rated: SFT only: not judged; SFT + GRPO: judge-x, 3 of 4 scored (1 unscored)." in section  # the judge, and how many
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| Domain | Variant | n | Format rate | Avg trace score | Accuracy | Judge (1-5) | Judged |"
+    # Grouped by domain, the variants side by side; format 3/4 has the Wilson interval [30.1, 95.4]
+    # (test_evaluate works it out); open prompts have no accuracy; judge 4 and 2: 3.00 [1.04, 4.96].
+    assert [r.split(" | ")[:3] for r in rows[1:]] == [["| writing", "SFT only", "4"], ["| writing", "SFT + GRPO", "4"],
+                                                      ["| science", "SFT only", "4"], ["| science", "SFT + GRPO", "4"]]
+    assert rows[1].split(" | ")[3] == "75.0% [30.1, 95.4]" and rows[1].split(" | ")[5:] == ["—", "not judged", "— |"]
+    assert rows[2].split(" | ")[5:] == ["—", "3.00 [1.04, 4.96]", "2 (+1 unscored) |"]
+    assert rows[4].split(" | ")[6:] == ["5.00 [5.00, 5.00]", "1 |"]
+    # The other sections are the same with or without domains.
+    assert "## Results" in report and "## LLM judge" in report and "judge-x" in report.split("## LLM judge")[1]

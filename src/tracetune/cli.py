@@ -112,6 +112,21 @@ def _metrics_table(title: str, metrics: dict[str, scoring.Estimate]) -> Table:
     return table
 
 
+def _domain_table(title: str, domains) -> Table:
+    """The per-domain table (``evaluate.domain_rows``), as metrics.md has it."""
+    from rich.markup import escape
+
+    from tracetune.evaluate import domain_rows
+
+    header, rows = domain_rows(domains)
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(escape(row[0]), *row[1:])  # a domain is the data's text: never markup
+    return table
+
+
 def _score_all(rows: list[scoring.CompletionRow], weights: RewardWeights) -> list[scoring.SampleScore]:
     scores = []
     with _progress() as progress:
@@ -327,8 +342,9 @@ def _failure_table(rows, total: int) -> Table:
 
 
 def _judge(cfg: Config, result) -> None:
-    """Rate the evaluation's samples with the configured LLM judge and print the summary."""
-    from tracetune.evaluate import judge_directory, judge_settings
+    """Rate the evaluation's samples with the configured LLM judge and print the summary,
+    then the per-domain table again with the judge's scores."""
+    from tracetune.evaluate import directory_domains, judge_directory, judge_settings
     from tracetune.judge import JudgeConfig
 
     judge = judge_settings(cfg) or JudgeConfig.from_env()  # from_env names what is missing
@@ -341,6 +357,10 @@ def _judge(cfg: Config, result) -> None:
                       f"histogram 1-5: {' '.join(str(summary['histogram'][str(k)]) for k in range(1, 6))}")
     else:
         console.print(f"judge {judge.model}: no sample could be scored ({summary['unscored']} unscored; see judge.json)")
+    domains = directory_domains(result.out_dir, result.records)
+    if domains:
+        console.print(_domain_table(f"Per domain, judged by {judge.model} ({summary['scored']} of {summary['n']} rated samples "
+                                    f"scored), 95% intervals", domains))
 
 
 @app.command("eval")
@@ -386,6 +406,8 @@ def eval_cmd(
         result = evaluate(loaded, examples, directory, cfg, progress=lambda n: progress.advance(task, n))
     console.print(_metrics_table(f"{source} on {cfg.data.source} {cfg.eval.split} ({len(result.records)} problems, greedy, "
                                  f"{cfg.eval.max_new_tokens} tokens)", result.metrics))
+    if result.domains:
+        console.print(_domain_table(f"Per domain ({len(result.domains)}), 95% intervals", result.domains))
     if result.failure_rows:
         console.print(_failure_table(result.failure_rows, len(result.records)))
     if judge:

@@ -7,10 +7,14 @@ benchmarks call ``generate_and_score``; ``tracetune eval`` calls ``evaluate``,
 which adds the evaluation directory:
 
     eval.json       what was evaluated and how (a resumed evaluation must match)
-    samples.jsonl   one record per problem: question, task kind, reference, completion,
-                    parsed answer, every metric, finish reason, failure category + evidence
-    metrics.json    the aggregate metrics with 95% confidence intervals
-    metrics.md      the same as a Markdown table, then the failure table
+    samples.jsonl   one record per problem: question, task kind, domain, reference,
+                    completion, parsed answer, every metric, finish reason, failure
+                    category + evidence
+    metrics.json    the aggregate metrics with 95% confidence intervals, and per domain
+                    (``domains``) when the problems have domains
+    metrics.md      the same as Markdown tables: the metrics, the domains, the failures
+    judge.json      with ``--judge``: the judge's summary and verdicts; the domain
+                    table in metrics.json/.md is then rewritten with a judge column
 
 Samples are appended after every batch, so re-running skips what is already
 scored and a killed evaluation loses at most one batch.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +36,25 @@ from tracetune.errors import TrainingError
 from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended
 from tracetune.format import build_prompt
 from tracetune.rewards import answer_token_logprobs
-from tracetune.scoring import Estimate, SampleScore, aggregate, markdown_table, metrics_json, score_sample
+from tracetune.scoring import (
+    METRIC_LABELS,
+    Estimate,
+    SampleScore,
+    aggregate,
+    estimate_cell,
+    markdown_table,
+    mean_ci,
+    metrics_json,
+    score_sample,
+)
 
 if TYPE_CHECKING:  # generation needs JAX; reading a finished evaluation (report, model card) does not
     from tracetune.generate import Generation, Generator
 
 # What must be equal for a resumed evaluation to add to the samples it finds.
 SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
+# The judge's scale (judge.SCORES): its mean's interval is cut to it, as judge.summarize cuts it.
+JUDGE_SCALE = (1.0, 5.0)
 
 
 class EvalError(TrainingError):
@@ -76,9 +92,11 @@ def generate_and_score(
 
 
 def sample_record(score: SampleScore, generation: Generation, example: Example) -> dict[str, Any]:
-    """The per-sample JSONL record: the score's fields, how the generation ended,
-    and for a wrong or malformed answer its failure category with the evidence."""
+    """The per-sample JSONL record: the score's fields (its task kind among them),
+    the example's domain ("" when it has none), how the generation ended, and for a
+    wrong or malformed answer its failure category with the evidence."""
     record = score.record()
+    record["domain"] = example.domain
     record["finish_reason"] = generation.finish_reason
     record["completion_tokens"] = len(generation.token_ids)
     record["failure"] = None
@@ -107,6 +125,7 @@ class EvalResult:
     metrics: dict[str, Estimate]
     failure_rows: list[failures.FailureRow]
     seconds: float  # generation time of this call (0 when everything was already scored)
+    domains: list[DomainSummary] = field(default_factory=list)  # empty: no per-domain table
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Estimate], list[failures.FailureRow]]:
@@ -115,11 +134,141 @@ def summarize(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Estimate], l
     return metrics, failures.failure_table(found)
 
 
+# ------------------------------------------------------------------ per domain
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    """One row of the per-domain table: ``n`` samples of ``domain``.
+
+    accuracy: over the rows with a reference; n == 0 for an open domain (its rows are
+      judged, not checked).
+    judge: the mean judge score (1-5) over this domain's samples the judge scored
+      (its n: how many); None when the judge has not run on the evaluation.
+    unscored: this domain's samples the judge was asked about but could not score
+      (left out of ``judge``, counted here).
+    """
+
+    domain: str
+    n: int
+    format_rate: Estimate
+    trace: Estimate
+    accuracy: Estimate
+    judge: Estimate | None = None
+    unscored: int = 0
+
+
+def domain_of(record: dict[str, Any]) -> str:
+    """A record's domain; a record without one (a GSM8K row, a record from before
+    domains) counts under its task kind, so a GSM8K evaluation is one "numeric" group."""
+    return record.get("domain") or record.get("kind") or "numeric"
+
+
+def domain_summary(records: Sequence[dict[str, Any]], judgements: Sequence[dict[str, Any]] | None = None) -> list[DomainSummary]:
+    """Per domain, in the order the records first show it: n, format rate, mean trace
+    score and accuracy (the harness's own ``aggregate``, with its intervals), and with
+    ``judgements`` (judge.json's, joined by ``id``) the mean judge score.
+
+    Empty when there is nothing to split: no record has a domain and all share one
+    task kind. A judgement whose id no record has is ignored (it has no domain).
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(domain_of(record), []).append(record)
+    if len(groups) < 2 and not any(r.get("domain") for r in records):
+        return []
+    verdicts = {str(j["id"]): j.get("score") for j in judgements or ()}
+    out = []
+    for domain, members in groups.items():
+        metrics = aggregate([record_score(r) for r in members])
+        judge, unscored = None, 0
+        if judgements is not None:
+            found = [verdicts[str(r["id"])] for r in members if str(r["id"]) in verdicts]
+            scores = [float(s) for s in found if s is not None]
+            judge, unscored = mean_ci(scores, JUDGE_SCALE), len(found) - len(scores)
+        out.append(DomainSummary(domain, len(members), metrics["format_rate"], metrics["trace"], metrics["accuracy"], judge, unscored))
+    return out
+
+
+def domain_rows(domains: Sequence[DomainSummary], *, judge_columns: bool | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-domain table, for Markdown, the terminal and the
+    report: each cell a value with its 95% interval; accuracy "—" where the domain
+    has no reference to check; the judge columns when the judge ran (or as
+    ``judge_columns`` says, so variants' rows line up)."""
+    judged = any(d.judge is not None for d in domains) if judge_columns is None else judge_columns
+    header = ["Domain", "n", METRIC_LABELS["format_rate"], METRIC_LABELS["trace"], "Accuracy"]
+    header += ["Judge (1-5)", "Judged"] if judged else []
+    rows = []
+    for d in domains:
+        accuracy = "—" if d.accuracy.n == 0 else estimate_cell(d.accuracy, "accuracy") + (f" (n={d.accuracy.n})" if d.accuracy.n != d.n else "")
+        row = [d.domain, str(d.n), estimate_cell(d.format_rate, "format_rate"), estimate_cell(d.trace, "trace"), accuracy]
+        if judged:
+            row += [judge_text(d.judge), judged_text(d)]
+        rows.append(row)
+    return header, rows
+
+
+def judge_text(estimate: Estimate | None) -> str:
+    """``"3.50 [2.80, 4.20]"``: a mean judge score with its interval; "n/a" when the
+    judge scored none of the samples, "not judged" when it has not run."""
+    if estimate is None:
+        return "not judged"
+    if estimate.n == 0:
+        return "n/a"
+    return f"{estimate.mean:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+
+
+def judged_text(d: DomainSummary) -> str:
+    """How many of the domain's samples the judge scored, and how many it could not."""
+    if d.judge is None:
+        return "—"
+    return f"{d.judge.n}" + (f" (+{d.unscored} unscored)" if d.unscored else "")
+
+
+def domains_json(domains: Sequence[DomainSummary]) -> list[dict[str, Any]]:
+    return [asdict(d) for d in domains]
+
+
+def domains_markdown(domains: Sequence[DomainSummary], judge: dict[str, Any] | None = None) -> str:
+    """The per-domain table, after a sentence naming the judge (judge.json's summary)."""
+    header, rows = domain_rows(domains)
+    lines = [f"Per domain ({len(domains)}), 95% intervals (Wilson for rates, normal for means)."]
+    if judge is not None:
+        lines[0] += (f" Judge: {judge.get('judge_model') or '?'}, {judge.get('scored', 0)} of {judge.get('n', 0)} "
+                     f"rated samples scored ({judge.get('unscored', 0)} unscored).")
+    lines += ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(failures.markdown_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def read_judge(out_dir: Path) -> dict[str, Any] | None:
+    """judge.json: the judge's summary and its ``judgements``; None when the judge has not run."""
+    path = out_dir / "judge.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def directory_domains(out_dir: Path, records: Sequence[dict[str, Any]]) -> list[DomainSummary]:
+    """The evaluation directory's per-domain table, with the judge's scores when it ran."""
+    judge = read_judge(out_dir)
+    return domain_summary(records, (judge or {}).get("judgements"))  # a judge.json without verdicts: no judge column
+
+
 def write_summary(out_dir: Path, records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> tuple[dict[str, Estimate], list[failures.FailureRow]]:
+    """metrics.json and metrics.md from the records: the metrics, the per-domain table
+    (when the problems have domains; with the judge's scores when judge.json is there)
+    and the failures. Both ``evaluate`` and ``judge_directory`` write through here."""
     metrics, rows = summarize(records)
+    judge = read_judge(out_dir)
+    domains = directory_domains(out_dir, records)
+    summary: dict[str, Any] = {"settings": settings, "metrics": metrics_json(metrics)}
+    if domains:
+        summary["domains"] = domains_json(domains)
     with atomic_path(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(json_safe({"settings": settings, "metrics": metrics_json(metrics)}), indent=2, allow_nan=False) + "\n")
-    table = markdown_table(metrics) + "\n" + failures.failure_markdown(rows, len(records))
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    table = markdown_table(metrics) + "\n"
+    if domains:
+        table += domains_markdown(domains, judge) + "\n"
+    table += failures.failure_markdown(rows, len(records))
     with atomic_path(out_dir / "metrics.md") as tmp:
         tmp.write_text(table, encoding="utf-8")
     return metrics, rows
@@ -187,7 +336,8 @@ def evaluate(
     order = {e.id: i for i, e in enumerate(examples)}
     records.sort(key=lambda r: order[r["id"]])
     metrics, rows = write_summary(out_dir, records, settings)
-    return EvalResult(out_dir, settings, records, metrics, rows, time.perf_counter() - start if todo else 0.0)
+    return EvalResult(out_dir, settings, records, metrics, rows, time.perf_counter() - start if todo else 0.0,
+                      directory_domains(out_dir, records))
 
 
 def load_result(out_dir: Path) -> EvalResult:
@@ -198,7 +348,7 @@ def load_result(out_dir: Path) -> EvalResult:
     settings = json.loads(settings_path.read_text())
     records = read_records(out_dir / "samples.jsonl")
     metrics, rows = summarize(records)
-    return EvalResult(out_dir, settings, records, metrics, rows, 0.0)
+    return EvalResult(out_dir, settings, records, metrics, rows, 0.0, directory_domains(out_dir, records))
 
 
 def problems(config: Config) -> list[Example]:
@@ -235,12 +385,14 @@ def judge_settings(config: Config):
 
 def judge_directory(out_dir: Path, judge, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Rate an evaluation's samples with the LLM judge: verdicts cached in
-    judge.jsonl (re-running sends only what is missing), the summary in judge.json."""
+    judge.jsonl (re-running sends only what is missing), the summary in judge.json,
+    then metrics.json/.md rewritten so the per-domain table has the judge's scores."""
     from tracetune.judge import judge_samples, summarize as judge_summary
 
-    records = read_records(out_dir / "samples.jsonl")
-    judgements = judge_samples(records, judge, cache_path=out_dir / "judge.jsonl", progress=progress)
+    result = load_result(out_dir)
+    judgements = judge_samples(result.records, judge, cache_path=out_dir / "judge.jsonl", progress=progress)
     summary = judge_summary(judgements)
     with atomic_path(out_dir / "judge.json") as tmp:
         tmp.write_text(json.dumps({**summary, "judgements": [asdict(j) for j in judgements]}, indent=2) + "\n")
+    write_summary(out_dir, result.records, result.settings)
     return summary

@@ -7,8 +7,9 @@ PNG plots beside it:
 
     report.md        results table (the recipe's columns, 95% CIs), paired comparisons
                      of each variant with the one before it (compare.py), failure
-                     table, judge scores, training summary with every run's reward
-                     weights, sample outputs
+                     table, judge scores, a per-domain table when the problems have
+                     domains, training summary with every run's reward weights,
+                     sample outputs
     variants.png     the main metrics per variant with their intervals
     sft_loss.png     SFT training loss (and held-out format rate) over updates
     grpo_rewards.png GRPO curves, one row per run: every reward component, validation
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.compare import RESAMPLES, SEED, SIGNIFICANCE, Comparison, McNemar, MeanDifference, NoSharedProblems, compare
-from tracetune.evaluate import EvalResult, load_result
+from tracetune.evaluate import EvalResult, domain_rows, load_result
 from tracetune.failures import CATEGORIES, CATEGORY_LABELS, markdown_cell
 from tracetune.files import atomic_path
 from tracetune.scoring import METRIC_LABELS, METRICS, PROPORTIONS, Estimate
@@ -298,6 +299,37 @@ def judge_section(variants: Sequence[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def domains_section(variants: Sequence[Variant]) -> str:
+    """One table, grouped by domain so the variants sit side by side within each;
+    "" when no variant's problems have domains (a GSM8K evaluation)."""
+    split = [v for v in variants if v.result.domains]
+    if not split:
+        return ""
+    judged = any(v.judge for v in split)
+    order = list(dict.fromkeys(d.domain for v in split for d in v.result.domains))
+    header: list[str] = []
+    rows: dict[str, list[list[str]]] = {domain: [] for domain in order}
+    for v in split:
+        header, cells = domain_rows(v.result.domains, judge_columns=judged)
+        for d, row in zip(v.result.domains, cells):
+            rows[d.domain].append([row[0], v.label, *row[1:]])
+    header = [header[0], "Variant", *header[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for domain in order for row in rows[domain]]
+    intro = ("Each variant's samples by the problem's domain (a problem without one counts under its task kind), "
+             "with 95% intervals (Wilson for rates, normal for means). Accuracy is \"—\" where a domain's prompts "
+             "have no reference to check (open prompts are judged only).")
+    if judged:
+        intro += " Judge scores (1-5) are over the samples the judge rated: " + "; ".join(
+            f"{v.label}: {v.judge.get('judge_model') or '?'}, {v.judge.get('scored', 0)} of {v.judge.get('n', 0)} scored"
+            + (f" ({v.judge['unscored']} unscored)" if v.judge.get("unscored") else "")
+            if v.judge else f"{v.label}: not judged" for v in split) + "."
+    left_out = [v.label for v in variants if not v.result.domains]
+    if left_out:
+        intro += f" Without domains, left out: {', '.join(left_out)}."
+    return intro + "\n\n" + "\n".join(lines) + "\n"
+
+
 def _values(records: Sequence[dict[str, Any]], key: str) -> list[tuple[Any, float]]:
     """(step, value) of the records that have a finite number under ``key``; keys
     logged only every N steps (validation) or by newer runs only simply give fewer."""
@@ -516,6 +548,8 @@ def write_report(paths: Sequence[Path], out_dir: Path, *, title: str = "tracetun
             sections.append("## Paired comparisons\n\n" + comparisons_section(variants))
         sections.append("## Failure analysis\n\nEvery wrong or malformed answer gets one category with its evidence.\n\n" + failure_table(variants))
         sections.append("## LLM judge\n\n" + judge_section(variants))
+        if domains := domains_section(variants):
+            sections.append("## Per domain\n\n" + domains)
     sections.append("## Training\n\n" + training_section(runs))
     sft_runs = [r for r in runs if r.kind == "sft"]
     grpo_runs = [r for r in runs if r.kind == "grpo"]

@@ -216,6 +216,13 @@ def _fmt(estimate: Estimate, metric: str) -> tuple[str, str]:
     return f"{estimate.mean:.3f}", f"[{estimate.low:.3f}, {estimate.high:.3f}]"
 
 
+def estimate_cell(estimate: Estimate, metric: str) -> str:
+    """One cell, the value and its 95% interval: ``"85.0% [64.0, 94.8]"`` for a rate,
+    ``"0.812 [0.780, 0.840]"`` for a mean; "n/a" without samples."""
+    value, ci = _fmt(estimate, metric)
+    return f"{value} {ci}" if ci else value
+
+
 def metrics_rows(metrics: dict[str, Estimate]) -> list[tuple[str, str, str, str]]:
     """(label, value, 95% CI, n) per metric, for Markdown and terminal tables."""
     return [(METRIC_LABELS[m], *_fmt(metrics[m], m), str(metrics[m].n)) for m in METRICS if m in metrics]
