@@ -22,7 +22,7 @@ from tracetune import files, scoring
 from tracetune.files import atomic_path
 from tracetune.errors import DamagedFile, DiskFull, ExportError, Interrupted, TimeLimitReached, TrainingError
 from tracetune.models.errors import ModelError
-from tracetune.config import Config, ConfigError, DataConfig, RewardWeights, load_config, reward_defaults, save_config
+from tracetune.config import Config, ConfigError, RewardWeights, load_config, reward_defaults, save_config
 
 app = typer.Typer(
     help="tracetune: teach small language models to show their work (SFT + GRPO on Tunix).",
@@ -94,15 +94,6 @@ def _report_skipped(skipped: list[Exception]) -> None:
             err_console.print(f"  ... and {len(skipped) - 20} more")
 
 
-def _load(cfg: DataConfig, split: str, skip_invalid: bool) -> data_mod.LoadResult:
-    loaded = data_mod.load_examples(
-        cfg.source, split, question_field=cfg.question_field, answer_field=cfg.answer_field,
-        skip_invalid=skip_invalid or cfg.skip_invalid, kind=cfg.kind,
-    )
-    _report_skipped(loaded.skipped)
-    return loaded
-
-
 def _metrics_table(title: str, metrics: dict[str, scoring.Estimate]) -> Table:
     table = Table(title=title)
     for column, justify in (("Metric", "left"), ("Value", "right"), ("95% CI", "right"), ("n", "right")):
@@ -167,20 +158,24 @@ def data_cmd(
     """
     config = _config(preset, set_, **{"data.source": source, "data.val_fraction": val_fraction, "data.seed": seed})
     cfg = config.data
-    loaded = _load(cfg, split, skip_invalid)
     # The length filter needs a tokenizer, which comes with a model; until one is
     # given, no trace is dropped for length and the report says so.
-    result = data_mod.curate(loaded.examples, val_fraction=cfg.val_fraction, seed=cfg.seed, prompt_style=cfg.prompt_style)
+    result, skipped, described = data_mod.curate_data(cfg, split, skip_invalid=skip_invalid)
+    _report_skipped(skipped)
     paths = result.write(out)
     save_config(config, out / "config.yaml")
 
-    table = Table(title=f"Curated traces from {cfg.source} ({split})")
+    table = Table(title=f"Curated traces from {described} ({split if not cfg.mix else 'training splits'})")
     table.add_column("what")
     table.add_column("count", justify="right")
-    table.add_row("rows read", str(len(loaded.examples) + len(loaded.skipped)))
-    table.add_row("invalid rows skipped", str(len(loaded.skipped)))
+    rows_read = len(result.train) + len(result.validation) + sum(result.dropped.values()) if not cfg.mix else None
+    if rows_read is not None:
+        table.add_row("rows read", str(rows_read + len(skipped)))
+    table.add_row("invalid rows skipped", str(len(skipped)))
     for reason, count in sorted(result.dropped.items()):
         table.add_row(f"dropped: {reason}", str(count))
+    for name, count in result.sources.items():
+        table.add_row(f"traces from {name}" + (" (GRPO only)" if not count else ""), str(count))
     table.add_row("train traces", str(len(result.train)))
     table.add_row("validation traces", str(len(result.validation)))
     console.print(table)
@@ -218,13 +213,13 @@ def validate(
     """
     config = _config(preset, set_, **{"data.source": source})
     cfg = config.data
-    loaded = _load(cfg, split, skip_invalid)
     # Every example is a target here: no validation hold-out.
-    curated = data_mod.curate(loaded.examples, val_fraction=0.0, seed=cfg.seed, prompt_style=cfg.prompt_style)
+    curated, skipped, described = data_mod.curate_data(cfg, split, val_fraction=0.0, skip_invalid=skip_invalid)
+    _report_skipped(skipped)
     rows = [scoring.CompletionRow(t.id, t.question, t.reference, t.completion, kind=t.kind, choices=t.choices) for t in curated.train]
     scores = _score_all(rows, config.rewards)
     metrics = scoring.aggregate(scores)
-    console.print(_metrics_table(f"Curated targets of {cfg.source} ({split}) scored as completions", metrics))
+    console.print(_metrics_table(f"Curated targets of {described} ({split}) scored as completions", metrics))
     console.print("confidence and composite need the model's log-probabilities: n/a for targets.")
     if out:
         paths = scoring.write_scores(scores, metrics, out)
@@ -233,11 +228,15 @@ def validate(
     failures = [s for s in scores if not (s.correct and s.well_formed)]
     for s in failures[:50]:
         console.print(f"[red]FAIL[/red] {s.id}: correct={s.correct} well_formed={s.well_formed} answer={s.answer!r} reference={s.reference}")
-    for reason, ids in curated.dropped_ids.items():
+    # open rows have no reference to write a target with: GRPO-only by design, not a curation bug
+    faults = {reason: ids for reason, ids in curated.dropped_ids.items() if reason != data_mod.NO_REFERENCE}
+    for reason, ids in faults.items():
         console.print(f"[red]DROPPED[/red] {len(ids)} target(s): {reason}: {', '.join(ids[:10])}")
+    if open_rows := curated.dropped.get(data_mod.NO_REFERENCE):
+        console.print(f"{open_rows} open row(s) have no target (judged only, GRPO): not checked")
     problems = scoring.validation_problems(metrics)
-    if curated.dropped:
-        problems.append(f"{sum(curated.dropped.values())} example(s) could not be curated")
+    if faults:
+        problems.append(f"{sum(len(ids) for ids in faults.values())} example(s) could not be curated")
     if problems:
         for problem in problems:
             err_console.print(f"[red]validate failed:[/red] {problem}")

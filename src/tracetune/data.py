@@ -515,6 +515,9 @@ def mix_problems(parts: Sequence[MixPart], val_fraction: float, seed: int,
 # ------------------------------------------------------------------------ curation
 
 
+NO_REFERENCE = "an open row has no reference answer to train on"  # a drop reason: GRPO-only rows, not a fault
+
+
 class CurationError(ValueError):
     """Why a solution cannot become a trace (a drop reason, counted and reported)."""
 
@@ -641,7 +644,7 @@ def curate(
         for example in part:
             try:
                 if example.kind == "open":
-                    raise CurationError("an open row has no reference answer to train on")
+                    raise CurationError(NO_REFERENCE)
                 steps = solution_steps(example.solution)
             except CurationError as error:
                 result.dropped[str(error)] += 1
@@ -698,6 +701,24 @@ def curate_mix(parts: Sequence[MixPart], *, val_fraction: float = 0.05, seed: in
             weights.append(part.weight)
     result.train = mixed(pools, weights, seed) if pools else []
     return result
+
+
+def curate_data(data: DataConfig, split: str = "train", *, val_fraction: float | None = None,
+                skip_invalid: bool = False, **options: Any) -> tuple[CurationResult, list[DataError], str]:
+    """Curate a run's SFT traces as its config says: ``data.source`` alone, or each
+    source of ``data.mix`` (``curate_mix``; a mix reads each entry's own split, and
+    ``split`` only for a single source). Returns (result, rows skipped as invalid,
+    a description of the data for messages). ``options`` go to ``curate``."""
+    fraction = data.val_fraction if val_fraction is None else val_fraction
+    skip = skip_invalid or data.skip_invalid
+    if data.mix:
+        parts = load_mix(data, "train", skip_invalid=skip)
+        result = curate_mix(parts, val_fraction=fraction, seed=data.seed, prompt_style=data.prompt_style, **options)
+        return result, [e for part in parts for e in part.skipped], f"data.mix {mix_label(data.mix)}"
+    loaded = load_examples(data.source, split, question_field=data.question_field, answer_field=data.answer_field,
+                           skip_invalid=skip, kind=data.kind)
+    result = curate(loaded.examples, val_fraction=fraction, seed=data.seed, prompt_style=data.prompt_style, **options)
+    return result, loaded.skipped, repr(data.source)
 
 
 def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99, 100)) -> dict[str, float]:

@@ -42,7 +42,7 @@ from tunix.sft import utils as tunix_utils
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, SFTConfig
-from tracetune.data import Trace, curate, curate_mix, load_examples, load_mix, mix_label, with_loop
+from tracetune.data import Trace, curate_data, with_loop
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.evaluate import generate_and_score
@@ -423,20 +423,12 @@ class SFTRun:
     # -- data
     def _traces(self) -> tuple[list[Trace], list[Trace]]:
         data = self.config.data
-        if data.mix:  # only the sources with worked solutions give traces; GRPO uses the rest too
-            parts = load_mix(data, "train", skip_invalid=data.skip_invalid)
-            curated = curate_mix(parts, val_fraction=data.val_fraction, seed=data.seed, prompt_style=data.prompt_style)
-            if unused := [name for name, n in curated.sources.items() if not n]:
-                print(f"data.mix: no SFT traces from {', '.join(unused)} (GRPO only)", file=sys.stderr)
-            described = f"data.mix {mix_label(data.mix)} (dropped: {dict(curated.dropped)})"
-        else:
-            examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
-                                     skip_invalid=data.skip_invalid, kind=data.kind).examples
-            curated = curate(examples, val_fraction=data.val_fraction, seed=data.seed, prompt_style=data.prompt_style)
-            described = repr(data.source)
+        curated, _, described = curate_data(data)
+        if unused := [name for name, n in curated.sources.items() if not n]:  # a mix's sources without worked solutions
+            print(f"data.mix: no SFT traces from {', '.join(unused)} (GRPO only)", file=sys.stderr)
         train = curated.train[: self.config.sft.train_examples or None]
         if not train:
-            raise TrainingError(f"no training traces from {described}")
+            raise TrainingError(f"no training traces from {described} (dropped: {dict(curated.dropped)})")
         return train, curated.validation
 
     # -- evaluation
