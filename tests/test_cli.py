@@ -195,4 +195,7 @@ def test_eval_prints_the_per_domain_table_and_again_with_the_judge(write_jsonl, 
     assert [(d["domain"], d["judge"]["n"], d["unscored"]) for d in domains] == [("writing", 2, 1), ("math", 2, 0)]
     assert "Judge: judge-x, 4 of 5" in (out / "metrics.md").read_text()
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [(r["domain"], r["kind"]) for r in records] == [("writing", "open")] * 3 + [("math", "numeric")] * 2
+    # the harness reads a source with domains round-robin over them (a limit sees each)
+    assert [(r["id"], r["domain"], r["kind"]) for r in records] == [
+        ("w1", "writing", "open"), ("m1", "math", "numeric"), ("w2", "writing", "open"), ("m2", "math", "numeric"),
+        ("w3", "writing", "open")]

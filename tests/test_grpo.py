@@ -411,6 +411,7 @@ def test_the_judge_reward_alone_moves_the_policy(tmp_path, shortcut_sft):
                                         f"eval.judge_base_url={base_url}", "eval.judge_model=scripted",
                                         f"grpo.init={shortcut_sft}"]), tmp_path / "grpo")
         after = held_out_judge_score(tmp_path / "grpo" / "export" / "merged", base_url)
+    print(f"held-out judge reward: SFT start {before:.3f}, after 20 judge-only GRPO updates {after:.3f}")
     assert after >= before + 0.10, (before, after)
     records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/judge" in r]

@@ -9,7 +9,7 @@ from itertools import islice
 import pytest
 
 from tracetune.config import Config, ConfigError, DataConfig, EvalConfig, MixSource, load_config, save_config
-from tracetune.data import DataError, curate_mix, load_mix, mix_label, mix_problems, mixed, split_examples
+from tracetune.data import DataError, curate_mix, interleave, load_mix, mix_label, mix_problems, mixed, split_examples
 from tracetune.errors import TrainingError
 
 
@@ -171,7 +171,9 @@ def test_grpo_uses_every_source_holds_out_each_and_resumes_in_the_same_order(wri
     kinds = Counter(e.kind for e in train)
     assert kinds["open"] > 20  # the open source is drawn from (0.2 of 225: ~45)
     parts = load_mix(config.data)
-    assert validation == split_examples(parts[0].examples, 0.1, 42)[1] + split_examples(parts[1].examples, 0.1, 42)[1]
+    # each source held out on its own, interleaved: a validation budget sees every source
+    assert validation == interleave([split_examples(part.examples, 0.1, 42)[1] for part in parts])
+    assert {validation[0].kind, validation[1].kind} == {"numeric", "open"}
     assert not {e.id for e in validation} & {e.id for e in train}
     assert prompt_examples(config, Words()) == (train, validation)  # re-read: the same order
 
@@ -195,6 +197,7 @@ def test_the_harness_scores_the_first_limit_of_each_source(write_jsonl):
     config = Config(data=DataConfig(mix=(MixSource(source="gsm8k"), MixSource(source="open", kind="open", eval_split="eval"))),
                     eval=EvalConfig(limit=3))
     got = problems(config)
+    # the open set round-robin over its domains, so that a limit sees each of them
     assert [e.id for e in got] == ["gsm8k/test-1", "gsm8k/test-2", "gsm8k/test-3", "open/open-creative_writing-01",
-                                   "open/open-creative_writing-02", "open/open-creative_writing-03"]
-    assert [e.domain for e in got] == ["gsm8k"] * 3 + ["creative_writing"] * 3
+                                   "open/open-ideation-01", "open/open-summarization-01"]
+    assert [e.domain for e in got] == ["gsm8k"] * 3 + ["creative_writing", "ideation", "summarization"]

@@ -100,3 +100,41 @@ def test_report_names_what_it_cannot_find(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tracetune.cli", "report", str(tmp_path / "nothing-here")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nothing-here" in result.stderr, result.stderr
+
+
+MIX_SETTINGS = ["sft.max_steps=100", "sft.eval_every_steps=0", "grpo.max_steps=3", "eval.limit=12", "eval.judge_samples=4"]
+
+
+@pytest.mark.slow
+def test_a_mixed_run_with_the_judge_in_the_reward_runs_every_stage(tmp_path, judge_url):
+    """`tracetune run --preset tiny-mix`: the arithmetic task (SFT and GRPO) mixed with
+    the open-ended prompts (GRPO only), the judge in GRPO's reward in group mode,
+    against `tracetune serve` on loopback; its guided replies always parse, so
+    nothing is unscored. The evaluations and the report have the per-domain table."""
+    run = tmp_path / "mix"
+    result = finish(start_tracetune("run", run, "--preset", "tiny-mix", "--judge-url", judge_url, "--judge-model", "tiny-judge",
+                                    settings=MIX_SETTINGS), timeout=1500)
+    assert result.returncode == 0, result.stderr
+    assert "no SFT traces from open (GRPO only)" in result.stderr
+    state = json.loads((run / "pipeline.json").read_text())
+    assert [state[s.name]["status"] for s in STAGES] == ["done"] * len(STAGES)
+    traces = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert traces and all(t["id"].startswith("arithmetic/") for t in traces)  # only the source with worked solutions
+
+    steps = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "reward/judge" in r]
+    assert len(steps) == 3
+    for record in steps:
+        assert record["judge/requests"] == 8  # group mode: one request per prompt of grpo.prompts_per_step
+        assert record["judge/unscored"] == 0 and record["judge/prompt_tokens"] > 0
+        assert record["reward_weights"]["judge"] == 0.3
+
+    domains = ["arithmetic", "creative_writing", "ideation", "summarization", "math", "coding", "science"]
+    for variant in ("zero-shot", "sft", "grpo"):
+        saved = json.loads((run / "eval" / variant / "metrics.json").read_text())
+        assert saved["settings"]["source"] == "arithmetic+open"
+        assert [d["domain"] for d in saved["domains"]] == domains, saved["domains"]  # 12 open prompts: 2 per domain
+        judge = json.loads((run / "eval" / variant / "judge.json").read_text())
+        assert judge["n"] == judge["scored"] == 4
+    report = (run / "report" / "report.md").read_text()
+    assert "## Per domain" in report and all(f"| {d} |" in report for d in domains)

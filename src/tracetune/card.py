@@ -442,14 +442,19 @@ def reward_section(p: Provenance, config: Mapping[str, Any]) -> str:
     return text + "\n"
 
 
-def _example(source: str | None) -> tuple[str, str]:
-    """(question, target completion) of the first training problem of the run's source
-    (GSM8K's when it is not shipped with tracetune), curated as SFT curates it."""
+def _example(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(question, target completion) of the first training problem with a worked
+    solution in the run's source (or its mix's sources, in order; GSM8K's when none
+    is shipped with tracetune), curated as SFT curates it. Open rows have none."""
     from tracetune.data import SHIPPED, SYNTHETIC, curate_solution, load_examples
 
-    name = source if source in SHIPPED or source in SYNTHETIC else "gsm8k"
-    example = load_examples(name, "train", limit=1).examples[0]
-    return example.question, curate_solution(example.solution, example.reference)
+    mix = _field(config, "data.mix") or []
+    sources = [entry.get("source") for entry in mix if isinstance(entry, Mapping)] or [_field(config, "data.source")]
+    for name in [s for s in sources if s in SHIPPED or s in SYNTHETIC] + ["gsm8k"]:
+        for example in load_examples(name, "train", limit=20).examples:
+            if example.kind != "open" and example.solution:
+                return example.question, curate_solution(example.solution, example.reference)
+    raise AssertionError("the shipped GSM8K has worked solutions")
 
 
 def prompt_section(p: Provenance, config: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -457,7 +462,7 @@ def prompt_section(p: Provenance, config: Mapping[str, Any]) -> tuple[str, str, 
     from tracetune.format import build_prompt
 
     style = _field(config, "data.prompt_style") or p.own.get("prompt_style") or "plain"
-    question, completion = _example(_field(config, "data.source"))
+    question, completion = _example(config)
     prompt = build_prompt(question, style)
     budget = _field(config, "eval.max_new_tokens")
     text = (f"The model was trained on the `{style}` prompt (tracetune's `format.build_prompt`) and answers in the trace format. "

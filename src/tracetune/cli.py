@@ -403,7 +403,7 @@ def eval_cmd(
     with _progress() as progress:
         task = progress.add_task(f"evaluating {directory.name}", total=len(examples))
         result = evaluate(loaded, examples, directory, cfg, progress=lambda n: progress.advance(task, n))
-    console.print(_metrics_table(f"{source} on {cfg.data.source} {cfg.eval.split} ({len(result.records)} problems, greedy, "
+    console.print(_metrics_table(f"{source} on {result.settings['source']} {cfg.eval.split} ({len(result.records)} problems, greedy, "
                                  f"{cfg.eval.max_new_tokens} tokens)", result.metrics))
     if result.domains:
         console.print(_domain_table(f"Per domain ({len(result.domains)}), 95% intervals", result.domains))

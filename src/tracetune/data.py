@@ -50,6 +50,7 @@ Curation turns a GSM8K solution into the trace format::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -492,24 +493,37 @@ def mixed(pools: Sequence[Sequence[T]], weights: Sequence[float], seed: int, len
     return out
 
 
+def interleave(lists: Sequence[Sequence[T]]) -> list[T]:
+    """Round-robin over ``lists`` (the rest of the longer ones at the end), so that
+    the first N of a mix's held-out problems come from every source.
+
+    >>> interleave([[1, 2, 3], ["a"]])
+    [1, 'a', 2, 3]
+    """
+    return [item for row in itertools.zip_longest(*lists, fillvalue=_GAP) for item in row if item is not _GAP]
+
+
+_GAP = object()
+
+
 def mix_problems(parts: Sequence[MixPart], val_fraction: float, seed: int,
                  keep: Callable[[Example], bool] | None = None) -> tuple[list[Example], list[Example]]:
     """GRPO's problems from a mix: (training problems drawn by weight, validation problems).
 
     Each source is held out on its own, as ``split_examples`` holds out a single
     source (so the validation problems are the ones SFT holds out), and the held-out
-    parts are concatenated in mix order. ``keep`` (a prompt budget) filters each
+    parts are interleaved (``interleave``: a validation budget sees every source). ``keep`` (a prompt budget) filters each
     source's training problems before the draw; a source left with none is an error.
     """
-    pools, validation = [], []
+    pools, held_out = [], []
     for part in parts:
         train, held = split_examples(part.examples, val_fraction, seed)
-        validation += held
+        held_out.append(held)
         pools.append([e for e in train if keep is None or keep(e)])
         if not pools[-1]:
             raise DataError(part.name, None, None, f"no training problems left of {len(part.examples)} (after the "
                             "held-out part and the prompt budget): drop it from data.mix or check its rows")
-    return mixed(pools, [part.weight for part in parts], seed), validation
+    return mixed(pools, [part.weight for part in parts], seed), interleave(held_out)
 
 
 # ------------------------------------------------------------------------ curation
@@ -683,15 +697,15 @@ def curate_mix(parts: Sequence[MixPart], *, val_fraction: float = 0.05, seed: in
     A source whose rows cannot become traces (an open source: no worked solution)
     adds nothing to the draw; its rows are counted in ``dropped`` with their reason
     and ``sources`` gives it 0 traces: GRPO still uses it. Validation traces are
-    the sources' held-out ones, in mix order. No trace from any source leaves
+    the sources' held-out ones, interleaved. No trace from any source leaves
     ``train`` empty, for the caller to refuse.
     """
     result = CurationResult(train=[], validation=[])
-    pools, weights = [], []
+    pools, weights, held_out = [], [], []
     for part in parts:
         curated = curate(part.examples, val_fraction=val_fraction, seed=seed, prompt_style=prompt_style,
                          count_tokens=count_tokens, max_tokens=max_tokens)
-        result.validation += curated.validation
+        held_out.append(curated.validation)
         result.dropped.update(curated.dropped)
         for reason, ids in curated.dropped_ids.items():
             result.dropped_ids.setdefault(reason, []).extend(ids)
@@ -700,6 +714,7 @@ def curate_mix(parts: Sequence[MixPart], *, val_fraction: float = 0.05, seed: in
             pools.append(curated.train)
             weights.append(part.weight)
     result.train = mixed(pools, weights, seed) if pools else []
+    result.validation = interleave(held_out)
     return result
 
 

@@ -354,15 +354,33 @@ def load_result(out_dir: Path) -> EvalResult:
 def problems(config: Config) -> list[Example]:
     """The harness's problems: ``eval.split`` of ``data.source``, the first ``eval.limit``.
     With ``data.mix``: each source's evaluation split (its ``eval_split``, else
-    ``eval.split``), the first ``eval.limit`` of each, concatenated in mix order."""
+    ``eval.split``), the first ``eval.limit`` of each, concatenated in mix order.
+
+    A source whose rows have domains (the ``open`` set) is read round-robin over
+    its domains before the limit, so that a limit sees every domain (the first 16
+    of the open set would all be creative writing); a source without domains keeps
+    its file order. The order is fixed, the same for every variant."""
     from tracetune.data import load_examples, load_mix
 
     limit = config.eval.limit or None
     if config.data.mix:
-        parts = load_mix(config.data, "eval", eval_split=config.eval.split, limit=limit)
-        return [example for part in parts for example in part.examples]
-    return load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
-                         answer_field=config.data.answer_field, limit=limit, kind=config.data.kind).examples
+        parts = load_mix(config.data, "eval", eval_split=config.eval.split)
+        # load_mix gives a row without a domain its source's name: one domain, file order
+        return [example for part in parts for example in by_domain(part.examples)[:limit]]
+    examples = load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
+                             answer_field=config.data.answer_field, kind=config.data.kind).examples
+    return by_domain(examples)[:limit]
+
+
+def by_domain(examples: Sequence[Example]) -> list[Example]:
+    """``examples`` round-robin over their domains, each domain in file order
+    (domains in order of first appearance); unchanged when they share one."""
+    from tracetune.data import interleave
+
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(example.domain, []).append(example)
+    return interleave(list(groups.values()))
 
 
 # ----------------------------------------------------------------------- judge

@@ -52,7 +52,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, RewardWeights
-from tracetune.data import Example, load_examples, load_mix, mix_problems, split_examples
+from tracetune.data import Example, load_examples, load_mix, mix_label, mix_problems, split_examples
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
@@ -802,7 +802,7 @@ class GRPORun:
             raise ConfigError(f"grpo.dynamic_sampling must be 'off', 'reward' or a reward component "
                               f"({', '.join(REWARDS)}), got {spread_on!r}")
         if grpo.select == "best" and not self.validation:
-            raise ConfigError(f"grpo.select=best: no validation problems in {self.config.data.source!r} "
+            raise ConfigError(f"grpo.select=best: no validation problems in {mix_label(self.config.data.mix) if self.config.data.mix else self.config.data.source!r} "
                               f"(data.val_fraction={self.config.data.val_fraction})")
         if len(examples) < grpo.prompts_per_step:
             raise TrainingError(f"only {len(examples)} training problems fit grpo.max_prompt_tokens={grpo.max_prompt_tokens}")

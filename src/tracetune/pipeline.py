@@ -181,7 +181,7 @@ class Pipeline:
         self._tracetune("eval", *model_args, "--out", str(out), "--preset", str(self.config_path))
         metrics = json.loads((out / "metrics.json").read_text())["metrics"]
         return (f"accuracy {metrics['accuracy']['mean']:.1%}, format rate {metrics['format_rate']['mean']:.1%}, "
-                f"trace {metrics['trace']['mean']:.3f} on {metrics['accuracy']['n']} problems")
+                f"trace {metrics['trace']['mean']:.3f} on {metrics['format_rate']['n']} problems")
 
     def stage_eval_zero_shot(self) -> str:
         return self._eval("zero-shot", ["--model", self.config.sft.model])
