@@ -2,7 +2,8 @@
 
 The harness's metrics check the final number and the trace's shape; whether the
 steps themselves make sense needs a reader. The judge reads a seeded sample of
-completions and rates each 1-5 by ``RUBRIC``, replying with a JSON object::
+completions and rates each 1-5 by the rubric of its task kind (``rubrics/<kind>.md``,
+replaceable: ``load_rubrics``), replying with a JSON object::
 
     {"score": 4, "rationale": "Correct; step 2 restates step 1."}
 
@@ -10,8 +11,13 @@ A reply that is not such an object (or scores outside 1-5, or not an integer) is
 asked again, up to ``retries`` times; HTTP errors and timeouts are retried too,
 after a short backoff. A sample still without a score is counted as unscored,
 with the reason, never given a default score. Scores are cached in a JSONL file
-keyed by (sample id, sha256 of the completion, judge model), so a re-run only
-sends what is missing; unscored samples are not cached and are sent again.
+keyed by (sample id, sha256 of the completion, judge model, rubric), so a re-run
+only sends what is missing; unscored samples are not cached and are sent again.
+
+The same client is GRPO's ``judge`` reward component (``RewardJudge``): each
+completion rated alone, or a prompt's G completions ranked in one request
+(group-relative), mapped to [0, 1]; what it could not score stays None, for the
+learner to leave out of the advantage and count.
 
 >>> config = JudgeConfig.from_env(samples=50)  # doctest: +SKIP
 >>> summarize(judge_samples(samples, config, cache_path=Path("judge.jsonl")))  # doctest: +SKIP
@@ -269,15 +275,21 @@ def parse_reply(text: str) -> tuple[int, str]:
     """
     if re.fullmatch(r"\s*[1-5]\s*", text):
         return int(text), ""
+    return _checked(_object_with(text, "score"))
+
+
+def _object_with(text: str, key: str) -> dict:
+    """The first JSON object in ``text`` that has ``key``: alone, in ```json fences,
+    or surrounded by prose (judges add both). MalformedReply when there is none."""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
             value, _ = decoder.raw_decode(text, match.start())
         except json.JSONDecodeError:
             continue
-        if isinstance(value, dict) and "score" in value:
-            return _checked(value)
-    raise MalformedReply("no JSON object with a score")
+        if isinstance(value, dict) and key in value:
+            return value
+    raise MalformedReply(f"no JSON object with a {key}")
 
 
 def parse_ranking(text: str, G: int) -> list[int]:
@@ -290,21 +302,10 @@ def parse_ranking(text: str, G: int) -> list[int]:
     >>> parse_ranking(" 3>1>2 ", 3)
     [3, 1, 2]
     """
-    ranking: Any = None
     if re.fullmatch(r"\s*\d+(\s*>\s*\d+)*\s*", text):
-        ranking = [int(part) for part in text.split(">")]
+        ranking: Any = [int(part) for part in text.split(">")]
     else:
-        decoder = json.JSONDecoder()
-        for match in re.finditer(r"\{", text):
-            try:
-                value, _ = decoder.raw_decode(text, match.start())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict) and "ranking" in value:
-                ranking = value["ranking"]
-                break
-        else:
-            raise MalformedReply("no JSON object with a ranking")
+        ranking = _object_with(text, "ranking")["ranking"]
     if not isinstance(ranking, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranking):
         raise MalformedReply(f"ranking is not a list of response numbers: {ranking!r}")
     if sorted(ranking) != list(range(1, G + 1)):
