@@ -157,16 +157,21 @@ def shortcut_sft(tmp_path_factory) -> Path:
                                           "sft.eval_examples=0", "sft.checkpoint_steps=0"]), out).merged_dir
 
 
-def held_out_scores(model_dir: Path, count: int = 128) -> dict[str, float]:
-    """The fixed harness on the clean addition test split at the tiny preset's
-    evaluation budget."""
+def held_out_evaluation(model_dir: Path, count: int):
+    """The fixed harness on the first ``count`` problems of the clean addition test
+    split at the tiny preset's evaluation budget."""
     from tracetune.evaluate import evaluate, problems
     from tracetune.models.registry import load_model
 
     config = load_config("tiny", ["data.source=addition", f"eval.limit={count}"])
     # One directory per count: the harness refuses to mix settings in one directory,
     # and the learning tests share the SFT start.
-    result = evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / f"eval-{count}", config)
+    return evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / f"eval-{count}", config)
+
+
+def held_out_scores(model_dir: Path, count: int = 128) -> dict[str, float]:
+    """Greedy accuracy, format rate and arithmetic score on held-out problems."""
+    result = held_out_evaluation(model_dir, count)
     return {name: result.metrics[name].mean for name in ("accuracy", "format_rate", "arithmetic")}
 
 
@@ -385,12 +390,9 @@ class NumbersJudge:
 def held_out_judge_score(model_dir: Path, base_url: str, count: int = 64) -> float:
     """The judge's mean reward on greedy completions of held-out problems (the
     clean addition test split), under the fixed harness."""
-    from tracetune.evaluate import evaluate, problems
     from tracetune.judge import JudgeConfig, RewardJudge
-    from tracetune.models.registry import load_model
 
-    config = load_config("tiny", ["data.source=addition", f"eval.limit={count}"])
-    result = evaluate(load_model(str(model_dir)), problems(config), model_dir.parent / f"eval-{count}", config)
+    result = held_out_evaluation(model_dir, count)
     rows = [{"id": r["id"], "question": r["question"], "reference": r["reference"], "kind": "numeric",
              "completion": r["completion"]} for r in result.records]
     scores = RewardJudge(JudgeConfig(base_url=base_url, model="scripted")).score(rows, G=1).scores
