@@ -145,3 +145,8 @@ def test_rows_still_going_decode_in_a_smaller_batch_to_the_same_tokens(tiny):
     assert [g.finish_reason for g in ours] == [g.finish_reason for g in theirs]
     np.testing.assert_allclose(np.concatenate([g.token_logprobs for g in ours]),
                                np.concatenate([g.token_logprobs for g in theirs]), atol=1e-5)
+    # Sampling keeps the whole batch (a row's noise belongs to its place in it): the same samples.
+    before = compacted.stats.compactions
+    sampled = SamplingConfig(max_new_tokens=64, stop_strings=(stop,), temperature=1.0, seed=3)
+    assert [g.token_ids for g in compacted.generate(prompts, sampled)] == [g.token_ids for g in plain.generate(prompts, sampled)]
+    assert compacted.stats.compactions == before

@@ -32,6 +32,9 @@ size or less, they are gathered into it (``compact``): a decode step at B=32 cos
 about 3.5x one at B=4 on this CPU, and in an evaluation a few looping rows would
 otherwise hold the whole batch at full price to the end of the budget. Each
 smaller bucket compiles once per prompt bucket (at most log2(max_batch) programs).
+Only greedy decoding compacts (evaluation, validation, the judge): a sampled row's
+noise is drawn for its place in the batch, so compacting would change what GRPO's
+rollouts sample; per-row noise would let them compact too.
 """
 
 from __future__ import annotations
@@ -456,10 +459,8 @@ class Generator:
         whose longest prompts differ reuse one compiled program: an RL rollout sets
         its prompt budget (a decode step costs about the same over a few more empty
         cache slots; a compile of the 270M's decode loop costs seconds). ``compact``:
-        gather the rows still going into a smaller batch bucket (module docstring);
-        greedy tokens are the same either way, while a sampled row draws other noise
-        after a compaction (its noise depends on its place in the batch), still
-        deterministic per seed."""
+        in greedy decoding, gather the rows still going into a smaller batch bucket
+        (module docstring); the tokens are the same either way."""
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -540,7 +541,7 @@ class Generator:
                 break
             live = np.flatnonzero(~done)
             smaller = _bucket_batch(len(live))
-            if self.compact and smaller < len(done):
+            if self.compact and sampling.mode == "greedy" and smaller < len(done):
                 keep = np.concatenate([live, np.flatnonzero(done)[: smaller - len(live)]])  # done rows fill the bucket
                 token, position, caches, key_valid = _take_rows(jnp.asarray(keep), token, position, caches, key_valid)
                 rows, done = rows[keep], done[keep]
