@@ -121,32 +121,3 @@ def test_a_prompt_floor_gives_the_same_tokens_and_one_program_for_every_prompt_l
         plain = gen.generate(prompts, sampling)
         assert [g.token_ids for g in ours] == [g.token_ids for g in plain]
         np.testing.assert_allclose([g.token_logprobs for g in ours], [g.token_logprobs for g in plain], atol=1e-4)
-
-
-def test_rows_still_going_decode_in_a_smaller_batch_to_the_same_tokens(tiny):
-    """Once half the rows or more have stopped, the rest are gathered into a smaller
-    batch bucket: greedy tokens and log-probs are those of the uncompacted batch."""
-    prompts = [f"Q: {a} + {b}?\nA:\n" for a, b in zip(range(8), range(3, 11))]
-    plain = Generator(tiny.model, tiny.tokenizer, max_batch=8, compact=False)
-    free = plain.generate(prompts, SamplingConfig(max_new_tokens=64, stop_strings=()))
-    # A stop string that ends at least half the rows within the first chunk and not all of them.
-    def stops_at(piece, g):  # the number of tokens after which the row holds the piece
-        return next((k for k in range(1, len(g.token_texts) + 1) if piece in "".join(g.token_texts[:k])), None)
-
-    pieces = sorted({t for g in free for t in g.token_texts[:16] if t})
-    stop = next((p for p in pieces if sum((stops_at(p, g) or 99) <= 16 for g in free) >= 4
-                 and any(stops_at(p, g) is None or stops_at(p, g) > 32 for g in free)), None)
-    assert stop is not None, "no stop string splits the tiny model's rows"
-    sampling = SamplingConfig(max_new_tokens=64, stop_strings=(stop,))
-    compacted = Generator(tiny.model, tiny.tokenizer, max_batch=8)
-    ours, theirs = compacted.generate(prompts, sampling), plain.generate(prompts, sampling)
-    assert compacted.stats.compactions >= 1 and plain.stats.compactions == 0
-    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
-    assert [g.finish_reason for g in ours] == [g.finish_reason for g in theirs]
-    np.testing.assert_allclose(np.concatenate([g.token_logprobs for g in ours]),
-                               np.concatenate([g.token_logprobs for g in theirs]), atol=1e-5)
-    # Sampling keeps the whole batch (a row's noise belongs to its place in it): the same samples.
-    before = compacted.stats.compactions
-    sampled = SamplingConfig(max_new_tokens=64, stop_strings=(stop,), temperature=1.0, seed=3)
-    assert [g.token_ids for g in compacted.generate(prompts, sampled)] == [g.token_ids for g in plain.generate(prompts, sampled)]
-    assert compacted.stats.compactions == before

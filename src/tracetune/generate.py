@@ -26,15 +26,7 @@ Shapes are padded to buckets (batch to a power of two, prompt length to a
 multiple of 64) so that a new batch size or prompt length does not recompile.
 Prompts are left-padded: every row's next token goes to the same cache slot.
 Decoding runs in chunks of ``CHUNK`` steps; between chunks the host checks stop
-strings (``</answer>``) and ends the loop once every row has stopped. A batch runs
-until its longest row, so when the rows still going fit a batch bucket half the
-size or less, they are gathered into it (``compact``): a decode step at B=32 costs
-about 3.5x one at B=4 on this CPU, and in an evaluation a few looping rows would
-otherwise hold the whole batch at full price to the end of the budget. Each
-smaller bucket compiles once per prompt bucket (at most log2(max_batch) programs).
-Only greedy decoding compacts (evaluation, validation, the judge): a sampled row's
-noise is drawn for its place in the batch, so compacting would change what GRPO's
-rollouts sample; per-row noise would let them compact too.
+strings (``</answer>``) and ends the loop once every row has stopped.
 """
 
 from __future__ import annotations
@@ -115,7 +107,6 @@ class GenerateStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
-    compactions: int = 0  # times the live rows were gathered into a smaller batch bucket
 
 
 @dataclass(frozen=True)
@@ -437,13 +428,6 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
     return out_tokens, out_logprobs, token, position, done, caches
 
 
-@jax.jit
-def _take_rows(rows, token, position, caches, key_valid):
-    """The decode state of the batch rows ``rows`` [B'] (token, position [B], caches
-    [B, ...], key_valid [B, S]), in that order: a smaller batch that decodes on."""
-    return token[rows], position[rows], jax.tree.map(lambda x: x[rows], caches), key_valid[rows]
-
-
 class Generator:
     """Batched generation for one model; reuses compiled programs across calls.
 
@@ -452,21 +436,18 @@ class Generator:
     """
 
     def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True,
-                 min_prompt_width: int = 0, compact: bool = True):
+                 min_prompt_width: int = 0):
         """``with_weights=False``: no weights until ``set_params`` (an RL rollout engine
         sets the live policy's before each rollout). ``min_prompt_width``: prompts are
         padded to at least this many tokens (rounded up to the bucket), so that calls
         whose longest prompts differ reuse one compiled program: an RL rollout sets
         its prompt budget (a decode step costs about the same over a few more empty
-        cache slots; a compile of the 270M's decode loop costs seconds). ``compact``:
-        in greedy decoding, gather the rows still going into a smaller batch bucket
-        (module docstring); the tokens are the same either way."""
+        cache slots; a compile of the 270M's decode loop costs seconds)."""
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.min_prompt_width = min_prompt_width
         self.model_config = model.config
-        self.compact = compact
         self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config) if with_weights else None
         self.stats = GenerateStats()
 
@@ -516,11 +497,8 @@ class Generator:
         token, logprob, caches, key_valid, position = _prefill(
             self.params, jnp.asarray(tokens), key, *args, config=self.config, mode=sampling.mode, cache_size=cache_size
         )
-        # Outputs by original row; rows[i] is the original row of batch row i (>= n: filler).
-        generated = np.zeros((B, 1 + steps), np.int32)
-        all_logprobs = np.zeros((B, 1 + steps), np.float32)
-        generated[:, 0], all_logprobs[:, 0] = np.asarray(token), np.asarray(logprob)
-        rows = np.arange(B)
+        ids = [np.asarray(token)[:, None]]
+        logprobs = [np.asarray(logprob)[:, None]]
         done = np.zeros(B, bool)
         done[n:] = True
         for chunk_start in range(0, steps, CHUNK):
@@ -528,24 +506,19 @@ class Generator:
                 self.params, caches, key_valid, token, position, jnp.int32(P + chunk_start), jnp.asarray(done), key, *args,
                 config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=self.tokenizer.stop_ids,
             )
-            written = slice(1 + chunk_start, 1 + chunk_start + CHUNK)
-            generated[rows, written] = np.asarray(chunk_tokens)
-            all_logprobs[rows, written] = np.asarray(chunk_logprobs)
+            ids.append(np.asarray(chunk_tokens))
+            logprobs.append(np.asarray(chunk_logprobs))
             done = np.asarray(done_dev).copy()
-            for i, row in enumerate(rows):
-                if row < n and not done[i] and sampling.stop_strings:
-                    text = self.tokenizer.decode(generated[row, : written.stop])
+            generated = np.concatenate(ids, axis=1)
+            for row in range(n):
+                if not done[row] and sampling.stop_strings:
+                    text = self.tokenizer.decode(generated[row])
                     if any(s in text for s in sampling.stop_strings):
-                        done[i] = True
+                        done[row] = True
             if done.all():
                 break
-            live = np.flatnonzero(~done)
-            smaller = _bucket_batch(len(live))
-            if self.compact and sampling.mode == "greedy" and smaller < len(done):
-                keep = np.concatenate([live, np.flatnonzero(done)[: smaller - len(live)]])  # done rows fill the bucket
-                token, position, caches, key_valid = _take_rows(jnp.asarray(keep), token, position, caches, key_valid)
-                rows, done = rows[keep], done[keep]
-                self.stats.compactions += 1
+        generated = np.concatenate(ids, axis=1)
+        all_logprobs = np.concatenate(logprobs, axis=1)
         results = [
             self._finish(prompts[row], len(encoded[row]), generated[row], all_logprobs[row], sampling)
             for row in range(n)
