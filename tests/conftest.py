@@ -12,6 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One XLA compilation cache for the whole session, this process and every tracetune
+# process a test starts (they inherit the environment): the tiny model's programs are
+# the same in dozens of tests, and compiling them again is most of a short run's time.
+# Fresh per session, so CI measures the same thing as a first run. Set before anything
+# imports JAX. TRACETUNE_TEST_COMPILE_CACHE=0 turns it off.
+if os.environ.get("TRACETUNE_TEST_COMPILE_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="tracetune-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
@@ -36,12 +52,16 @@ def write_jsonl(tmp_path):
 # ------------------------------------------------ training runs in real processes
 
 
-def start_tracetune(command: str, run_dir: Path, *extra: str, settings: list[str]) -> subprocess.Popen:
-    """``tracetune COMMAND --run-dir RUN_DIR EXTRA... --set S...`` as a process that can be killed."""
+def start_tracetune(command: str, run_dir: Path, *extra: str, settings: list[str], compile_cache: bool = True) -> subprocess.Popen:
+    """``tracetune COMMAND --run-dir RUN_DIR EXTRA... --set S...`` as a process that can be killed.
+    ``compile_cache=False``: without the session's compilation cache (a test that counts compiles)."""
     args = [sys.executable, "-m", "tracetune.cli", command, "--run-dir", str(run_dir), *extra]
     for item in settings:
         args += ["--set", item]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    env = {**os.environ, "COLUMNS": "200"}
+    if not compile_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
