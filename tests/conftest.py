@@ -14,7 +14,7 @@ import pytest
 
 # One XLA compilation cache for the whole session, this process and every tracetune
 # process a test starts (they inherit the environment): the tiny model's programs are
-# the same in dozens of tests, and compiling them again is most of a short run's time.
+# the same in dozens of tests, and compiling them again costs each short run a large share.
 # Fresh per session, so CI measures the same thing as a first run. Set before anything
 # imports JAX. TRACETUNE_TEST_COMPILE_CACHE=0 turns it off.
 if os.environ.get("TRACETUNE_TEST_COMPILE_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
