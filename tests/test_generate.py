@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracetune.generate import Generator, SamplingConfig, _argmax, _decode, _prefill
+from tracetune.generate import Generator, SamplingConfig, _argmax, _categorical, _decode, _prefill
 from tracetune.models.registry import load_model
 
 PROMPTS = ["Q: What is 2 + 3?\nA:\n", "Q: Natalia sold 48 clips in April and half as many in May. How many?\nA:\n", "Q: 7?\nA:\n"]
@@ -64,6 +64,24 @@ def test_sampling_is_deterministic_per_seed_and_rows_differ(gen):
     assert t1 == t2
 
 
+@pytest.mark.parametrize("vocab", [1024, 1000])  # 4 blocks of 256; 125 blocks of 8 (gcd with the block)
+def test_temperature_sampling_draws_from_the_softmax(vocab):
+    """The inverse-CDF sampler's frequencies over 40,000 draws match softmax(scaled)
+    within sampling noise (total variation), and tokens of zero weight never come up."""
+    rng = np.random.default_rng(0)
+    scaled = rng.normal(0, 2.0, (vocab, 2)).astype(np.float32)  # [V, B]
+    scaled[::7, 1] = -1e30  # row 1: every 7th token has weight exp(-1e30) = 0
+    draws = jax.jit(jax.vmap(_categorical, in_axes=(None, 0)))(jnp.asarray(scaled), jax.random.split(jax.random.key(3), 40_000))
+    draws = np.asarray(draws)  # [N, B]
+    for row in range(2):
+        expected = np.asarray(jax.nn.softmax(scaled[:, row]))
+        seen = np.bincount(draws[:, row], minlength=vocab) / len(draws)
+        assert 0.5 * np.abs(seen - expected).sum() < 0.06  # noise alone: about 0.04 at N=40k, V=1k
+        assert seen.argmax() == expected.argmax()
+    assert not np.isin(draws[:, 1], np.arange(0, vocab, 7)).any()
+    assert draws.min() >= 0 and draws.max() < vocab
+
+
 def test_top_k_one_is_greedy(gen):
     greedy = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=16, stop_strings=()))
     topk1 = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=16, temperature=0.7, top_k=1, stop_strings=()))
@@ -104,20 +122,3 @@ def test_blocked_argmax_picks_the_first_most_likely_token_like_jnp_argmax():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.integers(0, 50, (1000, 6)).astype(np.float32))  # [V, B], many ties
     assert (np.asarray(_argmax(logits)) == np.asarray(jnp.argmax(logits, axis=0))).all()
-
-
-def test_a_prompt_floor_gives_the_same_tokens_and_one_program_for_every_prompt_length(tiny, gen):
-    """min_prompt_width (GRPO's rollout sets its prompt budget): batches whose longest
-    prompts differ decode with one compiled program, to the same tokens."""
-    floored = Generator(tiny.model, tiny.tokenizer, max_batch=4, min_prompt_width=128)
-    sampling = SamplingConfig(max_new_tokens=16, stop_strings=())
-    short, longer = PROMPTS[:1], ["Q: " + "a long question, " * 12 + "?\nA:\n"]
-    assert len(tiny.tokenizer.encode(short[0])) <= 64 < len(tiny.tokenizer.encode(longer[0])) <= 128  # two buckets
-    results = [floored.generate(short, sampling)]
-    compiled = (_prefill._cache_size(), _decode._cache_size())
-    results.append(floored.generate(longer, sampling))
-    assert (_prefill._cache_size(), _decode._cache_size()) == compiled  # the longer prompts compiled nothing new
-    for prompts, ours in zip((short, longer), results):
-        plain = gen.generate(prompts, sampling)
-        assert [g.token_ids for g in ours] == [g.token_ids for g in plain]
-        np.testing.assert_allclose([g.token_logprobs for g in ours], [g.token_logprobs for g in plain], atol=1e-4)
