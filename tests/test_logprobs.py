@@ -145,7 +145,20 @@ def test_trimmed_widths_never_exceed_the_arrays():
     prompt = np.ones((2, 5), np.int32)
     completion = np.ones((2, 3), np.int32)
     assert logprobs.trimmed_widths(prompt, completion, PAD, 32) == (5, 3)
-    assert logprobs.trimmed_widths(prompt, np.zeros((2, 3), np.int32), PAD, 2) == (5, 2)  # an all-padding batch keeps one column
+    assert logprobs.trimmed_widths(prompt, np.zeros((2, 6), np.int32), PAD, 2) == (5, 2)  # an all-padding batch keeps one column
+
+
+def test_a_bucket_within_one_multiple_of_the_budget_becomes_the_budget():
+    """cpu-demo's completions: a budget of 200 in buckets of 64 gives 64, 128 or 200."""
+    widths = []
+    for length in (1, 64, 65, 128, 129, 150, 192, 200):
+        completion = np.zeros((2, 200), np.int32)
+        completion[1, :length] = 7
+        widths.append(logprobs.trimmed_widths(np.ones((2, 192), np.int32), completion, PAD, 64)[1])
+    assert widths == [64, 64, 128, 128, 200, 200, 200, 200]
+    prompt = np.zeros((1, 192), np.int32)
+    prompt[0, -130:] = 7
+    assert logprobs.trimmed_widths(prompt, np.ones((1, 8), np.int32), PAD, 64)[0] == 192  # the budget is a multiple
 
 
 def train_example(model, rng, *, old=False, ref=True):

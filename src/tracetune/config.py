@@ -406,9 +406,11 @@ class GRPOConfig:
     dynamic_sampling: "off", "reward" or a reward component's name (DAPO filters
       on "correctness"). A group whose G values of it are all equal has zero
       advantage and no gradient; such groups are replaced by groups of fresh
-      prompts, sampled in up to ``max_filter_rounds`` extra rollouts of
-      ``prompts_per_step`` prompts, until the step has ``prompts_per_step`` groups
-      with spread (what is still missing after the cap trains as sampled).
+      prompts, from ``max_filter_rounds`` extra rounds of ``prompts_per_step``
+      prompts, in order, until the step has ``prompts_per_step`` groups with
+      spread (what is still missing after the cap trains as sampled). The rounds
+      are sampled in the step's own rollout, as one batch (faster than one
+      rollout after another), so each step spends all of them.
     curriculum: "none" (a seeded shuffle per epoch) or "steps" (each epoch from the
       problems with the fewest reference solution steps to the most, seeded
       shuffle within a step count: the small model meets problems it can solve

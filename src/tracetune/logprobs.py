@@ -196,15 +196,21 @@ def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_toke
 
 def trimmed_widths(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, pad_id: int, multiple: int) -> tuple[int, int]:
     """(P, C): the longest prompt and the longest completion of the batch, each rounded
-    up to ``multiple`` (never past the arrays' own widths).
+    up to ``multiple``, and to the array's own width (the budget) when that is less
+    than a multiple further: a budget of 200 in buckets of 64 gives 64, 128 or 200,
+    not also 192, which would compile one more program to save 8 columns.
 
     prompt_tokens [B, P0] left-padded; completion_tokens [B, C0] right-padded.
     """
     prompt_len = int((prompt_tokens != pad_id).sum(axis=1).max(initial=1))
     used = np.flatnonzero((completion_tokens != pad_id).any(axis=0))
     completion_len = int(used[-1]) + 1 if used.size else 1
-    return (min(prompt_tokens.shape[1], bucket(prompt_len, multiple)),
-            min(completion_tokens.shape[1], bucket(completion_len, multiple)))
+
+    def width(length: int, budget: int) -> int:
+        rounded = bucket(length, multiple)
+        return rounded if rounded + multiple <= budget else budget
+
+    return width(prompt_len, prompt_tokens.shape[1]), width(completion_len, completion_tokens.shape[1])
 
 
 # ------------------------------------------------------------ the GRPO loss
