@@ -370,7 +370,8 @@ class Learner(grpo_learner.GRPOLearner):
         step = self._rollout_step(mode)
         parts = [batch] + [{k: list(np.repeat(np.asarray(v), G)) for k, v in self._refill(step, round).items()}
                            for round in range(1, self._max_filter_rounds + 1)]
-        together = self._sample({k: [x for part in parts for x in part[k]] for k in batch}, mode)
+        shared = [k for k in batch if all(k in part for part in parts)]  # not Tunix's own (trajectory_ids)
+        together = self._sample({k: [x for part in parts for x in part[k]] for k in shared}, mode)
         bounds = np.cumsum([0] + [len(part["prompts"]) for part in parts])
         pieces = [together.take(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
         trained, _ = fill_with_spread(pieces[0], lambda round: pieces[round], self._spread_on, G,
