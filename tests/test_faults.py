@@ -191,6 +191,16 @@ def test_a_damaged_latest_checkpoint_is_set_aside_in_one_line(tmp_path, capfd, d
     assert set_aside_damaged_checkpoints(root) == []  # step 2 is intact: nothing more to do
 
 
+def test_intact_checkpoints_under_a_relative_path_are_kept(tmp_path, monkeypatch):
+    """`make run` names its run directory relatively (runs/cpu-demo): orbax's metadata
+    reader sees no tree under a relative path, and every resume set all steps aside."""
+    save_steps(tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_problem(Path("checkpoints") / "3") is None
+    assert set_aside_damaged_checkpoints(Path("checkpoints")) == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+
 def test_two_damaged_steps_fall_back_to_the_newest_intact_one(tmp_path, capfd):
     root = tmp_path / "checkpoints"
     save_steps(root)

@@ -165,7 +165,10 @@ def _quiet() -> Iterator[None]:
 def checkpoint_problem(step_dir: Path) -> str | None:
     """Why a saved step cannot be restored (None: it can). Orbax's own reader reads
     every array of every item back (as numpy: no device memory, any mesh), so a
-    truncated or missing file is found here, not in the trainer's restore."""
+    truncated or missing file is found here, not in the trainer's restore.
+    The path is made absolute first: orbax's metadata reader finds no tree under a
+    relative one (`make run`'s ``runs/cpu-demo``), which made every step look damaged."""
+    step_dir = Path(step_dir).resolve()
     if not (step_dir / "_CHECKPOINT_METADATA").exists():
         return "_CHECKPOINT_METADATA is missing"
     items = [d for d in ("model_params", "optimizer_state") if (step_dir / d).is_dir()]
