@@ -363,9 +363,10 @@ class Learner(grpo_learner.GRPOLearner):
 
     def _with_spread(self, batch: dict[str, list], mode) -> tuple[Scored, Scored]:
         """The step's prompts and every refill round's, sampled in one rollout: the
-        270M's filter replaced most steps' groups (75-100% had no spread), and one
-        batch of 16 decodes in about 0.65x the time of two of 8, so the refills are
-        sampled ahead and counted as the filter's spend whether or not they are used."""
+        270M's filter replaced groups in most steps (75-100% of groups had no spread),
+        and a decode step costs far less than twice as much at twice the rows
+        (bench/generate.py: 112 tok/s at B=8, 173 at B=32), so the refills are sampled
+        ahead and counted as the filter's spend whether or not they are used."""
         G = self.algo_config.num_generations
         step = self._rollout_step(mode)
         parts = [batch] + [{k: list(np.repeat(np.asarray(v), G)) for k, v in self._refill(step, round).items()}
@@ -759,6 +760,7 @@ class GRPORun:
             self._validator = Generator(self.actor, self.loaded.tokenizer, max_batch=min(32, len(self.validation)),
                                         with_weights=False)
         self._validator.set_params(merged_tree(self.actor, grpo.lora))
+        before = self._validator.stats.seconds  # the validator's stats add up over the run
         try:
             scored = generate_and_score(self._validator, self.validation,
                                         max_new_tokens=grpo.val_max_new_tokens or self.config.eval.max_new_tokens,
@@ -768,7 +770,7 @@ class GRPORun:
         scores = [score for score, _ in scored]
         metrics = aggregate(scores)  # the harness's own aggregation, as `tracetune eval` reports it
         result = {"step": step, **{f"val/{m}": metrics[m].mean for m in ("accuracy", "format_rate", "trace", "composite")},
-                  "val/examples": len(scores), "val/seconds": round(self._validator.stats.seconds, 3)}
+                  "val/examples": len(scores), "val/seconds": round(self._validator.stats.seconds - before, 3)}
         self.validations.append(result)
         self._append(self.metrics_path, result)
         better = self.best.offer(result, self.actor, self.loaded, grpo.lora, "grpo")
@@ -890,7 +892,8 @@ class GRPORun:
         resumed = self.cluster.actor_trainer.train_steps
         # The forced final save carries no step metadata: count steps from the trainer.
         self.cluster.global_steps = resumed
-        kept = truncate_metrics(self.metrics_path, resumed)
+        # without a checkpoint the run starts over: step 0's validation is redone, not kept
+        kept = truncate_metrics(self.metrics_path, resumed if resumed else -1)
         self.history = [r for r in kept if "reward/composite" in r]
         self.validations = [r for r in kept if "val/accuracy" in r]
         self.best = BestAdapters(self.run_dir / "best", "val/", grpo.select == "best", self.validations)
