@@ -325,13 +325,13 @@ class Learner(grpo_learner.GRPOLearner):
         per_step = config.mini_batch_size // (config.train_micro_batch_size or config.mini_batch_size)
         return self._iter_steps // per_step if mode == Mode.TRAIN else self._eval_iter_steps
 
-    def _rollout_seed(self, mode, round: int = 0) -> int:
+    def _rollout_seed(self, mode) -> int:
         counter = self._rollout_step(mode)
-        return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL) + 7_919 * round) % (2**31 - 1)
+        return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
 
-    def _sample(self, batch: dict[str, list], mode, round: int = 0) -> Scored:
+    def _sample(self, batch: dict[str, list], mode) -> Scored:
         """Roll out ``batch`` (prompts repeated G times) and score every completion."""
-        self.rl_cluster.get_rollout_config(mode).seed = self._rollout_seed(mode, round)
+        self.rl_cluster.get_rollout_config(mode).seed = self._rollout_seed(mode)
         prompts = [str(p) for p in batch["prompts"]]
         rollout = self.rl_cluster.rollout_step(prompts, mode)
         if not rollout.finite:
