@@ -28,6 +28,8 @@ CLAIM_CASES = [
     ("2 / 3 = 0.66", [("2 / 3 = 0.66", True)]),  # truncated: within one unit of the last digit
     ("10 / 3 = 3", [("10 / 3 = 3", True)]),  # rounded to an integer
     ("10 / 3 = 4", [("10 / 3 = 4", True)]),  # ... or up ("4 buses are needed")
+    ("40 / 100 = 1", [("40 / 100 = 1", False)]),  # but a value below one unit only to the nearest ...
+    ("1/10 = 0", [("1/10 = 0", True)]),  # ... which is 0 (true, not precise: the reward pays nothing)
     ("10 / 3 = 3.4", [("10 / 3 = 3.4", False)]),  # 3.33... is not 3.4 at one decimal
     ("2 / 3 = 0.7", [("2 / 3 = 0.7", True)]),  # but 0.66... is 0.7
     ("1 / 8 = 0.13", [("1 / 8 = 0.13", True)]),  # a tie, rounded half up (Python's round() gives 0.12)
@@ -72,6 +74,15 @@ CLAIM_CASES = [
 @pytest.mark.parametrize(("text", "expected"), CLAIM_CASES)
 def test_arithmetic_claims(text, expected):
     assert [(c.text, c.holds) for c in arithmetic_claims(text)] == expected
+
+
+@pytest.mark.parametrize(("text", "precise"), [
+    ("48 / 2 = 24", True), ("10 / 3 = 3.33", True), ("2 / 3 = 0.67", True),
+    ("10 / 3 = 3", False), ("10 / 3 = 4", False), ("2 / 3 = 0.7", False), ("1/10 = 0", False), ("3 x 4 = 13", False),
+])
+def test_a_claim_rounded_by_more_than_one_percent_is_not_precise(text, precise):
+    [claim] = arithmetic_claims(text)
+    assert claim.precise is precise
 
 
 def test_a_claim_keeps_the_claimed_and_the_true_value():

@@ -258,6 +258,9 @@ NATALIA_CASES = [
     ("Step 1: 1 + 1 = 2.\nStep 2: 2 + 2 = 4.", 0.0),  # trivially true: free constants and "half"'s 2 alone are not grounded
     ("Step 1: 7 * 8 = 56.\nStep 2: 56 + 1 = 57.", 0.0),  # true, but nothing from the problem
     ("Step 1: 48 * 1 = 48.\nStep 2: 48 + 0 = 48.\nStep 3: 48 / 1 = 48.", 0.0),  # identities do no work
+    ("Step 1: 48 / 48 = 1.\nStep 2: 48 - 48 = 0.\nStep 3: 48 * 0 = 0.", 0.0),  # a number against itself, a product with 0: no work
+    ("Step 1: 2 / 48 = 0.\nStep 2: 48 / 24 = 2.", 0.5),  # a rounded claim (0.04 to 0) neither pays nor costs
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 / 10 = 5.\nStep 3: 48 + 24 = 72.", 1.0),  # ... even beside the real ones (4.8 to 5)
     ("Step 1: 48 / 2 = 24.\n" * 5, 0.5),  # the same claim repeated counts once
     ("Step 1: 48 / 2 = 24. 48 / 2 = 24. 2 x 48 / 4 = 24.", 0.5),  # ... and a new claim with the same result is only grounded
     ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 73.\nStep 3: 24 + 48 = 73.", 0.25),  # a false claim repeated costs once

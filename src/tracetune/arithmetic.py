@@ -188,6 +188,7 @@ def calculate(expression: str) -> float:
 # ------------------------------------------------------------ arithmetic claims
 
 REL_TOL = 1e-6
+PRECISE_TOL = 0.01  # a claim rounded by more than 1% holds, but proves little (Claim.precise)
 
 # A chain "a op b = c" or "a op b = c op d = e": segments (operands with optional
 # parentheses joined by operators) linked by "=". A segment may not start inside a
@@ -231,6 +232,14 @@ class Claim:
     operators: str = ""
 
     @property
+    def precise(self) -> bool:
+        """Holds within PRECISE_TOL of the true value: ``10 / 3 = 3.33`` is precise,
+        ``10 / 3 = 3`` (or 4 buses) holds by rounding but is not. The arithmetic
+        reward pays only for precise claims; the failure analysis calls neither an
+        error."""
+        return self.holds and math.isclose(self.claimed, self.actual, rel_tol=PRECISE_TOL, abs_tol=1e-9)
+
+    @property
     def expression(self) -> str:
         """The left-hand side: ``"60 / 1.5"`` for ``"60 / 1.5 = 45"``."""
         return self.text.split(" = ", 1)[0]
@@ -255,9 +264,11 @@ def _agrees(claimed: float, actual: float, ulp: float) -> bool:
     """``claimed`` equals ``actual`` up to rounding at ``ulp`` (the claim's last digit).
 
     A whole number may be rounded either way (``10 / 3 = 3``, or 4 buses for 10 / 3
-    busloads); decimals to the nearest or by truncation (``2 / 3 = 0.67`` or 0.66,
-    not 0.7 for 0.666 nor 3.4 for 3.333). A true value that is exact at the claim's
-    precision excuses nothing: ``3 x 4 = 13`` is false.
+    busloads), but a value below one unit only to the nearest: ``40 / 100 = 1`` is
+    false (rounding 0.4 up would make every ``a / b = 1`` with a < b hold); decimals
+    to the nearest or by truncation (``2 / 3 = 0.67`` or 0.66, not 0.7 for 0.666
+    nor 3.4 for 3.333). A true value that is exact at the claim's precision excuses
+    nothing: ``3 x 4 = 13`` is false.
     """
     if math.isclose(claimed, actual, rel_tol=REL_TOL, abs_tol=1e-9):
         return True
@@ -265,6 +276,8 @@ def _agrees(claimed: float, actual: float, ulp: float) -> bool:
         return False
     if ulp >= 1:
         nearest = round(actual / ulp) * ulp
+        if abs(actual) < ulp:
+            return math.isclose(claimed, nearest, rel_tol=REL_TOL, abs_tol=1e-9)
         return not math.isclose(actual, nearest, rel_tol=REL_TOL, abs_tol=1e-9) and abs(claimed - actual) < ulp
     rounded = abs(claimed - actual) <= ulp / 2 * (1 + REL_TOL)  # to the nearest, ties either way
     steps = actual / ulp  # infinite for a value with 300 decimals: no truncation to check

@@ -551,9 +551,16 @@ def _among(value: float, ulp: float, numbers: Sequence[float]) -> bool:
 
 
 def _trivial(claim: Claim) -> bool:
-    """True and no work: the result is an operand, the others all 0 or 1 (x * 1, x + 0)."""
+    """True and no work: the result is an operand, the others all 0 or 1 (x * 1,
+    x + 0); a number against itself (x / x = 1, x - x = 0); a product with 0."""
     values = [o.value for o in claim.operands]
-    return claim.holds and any(
+    if not claim.holds:
+        return False
+    if len(values) == 2 and claim.operators in ("/", "-") and math.isclose(values[0], values[1], rel_tol=_TOL, abs_tol=1e-9):
+        return True
+    if set(claim.operators) == {"*"} and 0.0 in values:
+        return True
+    return any(
         math.isclose(claim.claimed, v, rel_tol=_TOL, abs_tol=1e-9) and all(u in (0.0, 1.0) for u in values[:i] + values[i + 1 :])
         for i, v in enumerate(values)
     )
@@ -568,7 +575,11 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
 
     * dropped, paying and costing nothing: a claim made earlier (numbers and
       operators in any order, same value: counted once), a claim the question
-      itself makes, and a trivial one (``x * 1 = x``, ``x + 0 = x``);
+      itself makes, and a trivial one (``x * 1 = x``, ``x + 0 = x``, ``x / x = 1``,
+      ``x - x = 0``, ``x * 0 = 0``);
+    * rounded, paying and costing nothing: a claim that holds only by rounding
+      more than 1% (``10 / 3 = 3``; ``Claim.precise``): a policy learned to write
+      ``a / b = 1`` claims when rounding paid;
     * grounded: every operand is an anchor (a quantity the question gives, a
       result of its reference solution, the result of an earlier grounded claim)
       or a support (a factor the question's words imply, ``FREE_CONSTANTS``), and
@@ -603,7 +614,7 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
     claim again (dropped). T' = 1, F = 1: total = (1/2) * (1/2) = 0.25. Written
     right, 48 + 24 = 72, it is (2/2) * (2/2) = 1.
     """
-    counts = {"true": 0.0, "false": 0.0, "ungrounded": 0.0, "dropped": 0.0, "wall": 0.0}
+    counts = {"true": 0.0, "false": 0.0, "ungrounded": 0.0, "rounded": 0.0, "dropped": 0.0, "wall": 0.0}
     reasoning = parse_completion(completion).reasoning
     anchors, supports, copied, needed = _problem(question, solution)
     claims = arithmetic_claims(reasoning, limit=SCAN_LIMIT + 1) if reasoning is not None else []
@@ -631,6 +642,8 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
             bisect.insort(known, claim.claimed)
         if not claim.holds:
             counts["false"] += 1
+        elif not claim.precise:
+            counts["rounded"] += 1
         elif grounded:
             counts["true"] += 1
         else:
