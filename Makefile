@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/tracetune run --preset cpu-demo
 
+# Two workers, each taking the next test when it is free (the slow tests differ by
+# minutes); TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

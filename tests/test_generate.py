@@ -106,6 +106,18 @@ def test_stop_string_cuts_the_completion_and_its_tokens(gen, tiny):
     assert len(result.token_ids) == len(result.token_logprobs) == len(result.token_texts)
 
 
+@pytest.mark.parametrize(("prompt", "completion", "kept"), [
+    ("Q: 2 + 3?\nA:\n", "Q: 7 + 1?\nA:\n", "Q:"),  # a new question at once: the prompt's newline starts the stop string
+    ("Q: 2 + 3?\nA:\n", "5\nQ: 7 + 1?", "5\nQ:"),  # ... or after an answer
+    ("Q: 2 + 3?\nA:", "Q: 7 + 1?", "Q: 7 + 1?"),  # no newline before it: no stop
+])
+def test_a_stop_string_may_start_with_the_prompts_newline(gen, tiny, prompt, completion, kept):
+    ids = np.array(tiny.tokenizer.encode(completion, add_bos=False))
+    result = gen._finish(prompt, 3, ids, np.zeros(len(ids)), SamplingConfig(max_new_tokens=500, stop_strings=("\nQ:",)))
+    assert result.text == kept and "".join(result.token_texts) == kept
+    assert result.finish_reason == ("stop" if kept != completion else "length")
+
+
 def test_eos_ends_a_completion(gen, tiny):
     ids = np.array(tiny.tokenizer.encode("Step 1: ok", add_bos=False) + [tiny.tokenizer.eos_id, 7, 7])
     result = gen._finish("p", 3, ids, np.zeros(len(ids)), SamplingConfig(max_new_tokens=500))

@@ -53,6 +53,13 @@ if TYPE_CHECKING:  # generation needs JAX; reading a finished evaluation (report
 
 # What must be equal for a resumed evaluation to add to the samples it finds.
 SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
+# Where the harness stops a completion: the answer's end, or the start of a new
+# question ("Q:" on a line of its own, the prompt's own newline included): the base
+# model answers the plain prompt by writing further questions to its budget (all 250
+# zero-shot completions of docs/cpu-demo-250 did: 320 tokens each, no answer), as
+# lm-evaluation-harness stops GSM8K at "Question:". No SFT or GRPO completion of
+# that report holds one.
+STOP_STRINGS = ("</answer>", "\nQ:")
 # The judge's scale (judge.SCORES): its mean's interval is cut to it, as judge.summarize cuts it.
 JUDGE_SCALE = (1.0, 5.0)
 
@@ -87,7 +94,8 @@ def generate_and_score(
     from tracetune.generate import SamplingConfig
 
     prompts = [build_prompt(e.question, prompt_style, e.kind) for e in examples]
-    outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens), progress=progress)
+    outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS),
+                                 progress=progress)
     return [(score_generation(e, o, weights), o) for e, o in zip(examples, outputs)]
 
 
@@ -296,6 +304,7 @@ def evaluate(
         "prompt_style": config.data.prompt_style,
         "reward_weights": config.rewards.as_dict(),
         "decoding": "greedy",
+        "stop_strings": list(STOP_STRINGS),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path = out_dir / "eval.json"

@@ -69,6 +69,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # A stop string may start with the prompt's final newline (see _lead).
     stop_strings: tuple[str, ...] = ("</answer>",)
 
     def __post_init__(self) -> None:
@@ -450,6 +451,14 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
     return out_tokens, out_logprobs, token, position, done, caches
 
 
+def _lead(prompt: str) -> str:
+    """The prompt's last character when it is a newline, which stop strings see before
+    the completion: "\nQ:" stops a completion that starts a new question right after
+    a prompt ending "A:\n" (the cut keeps the stop string's characters that are the
+    completion's own)."""
+    return "\n" if prompt.endswith("\n") else ""
+
+
 class Generator:
     """Batched generation for one model; reuses compiled programs across calls.
 
@@ -528,7 +537,7 @@ class Generator:
             generated = np.concatenate(ids, axis=1)
             for row in range(n):
                 if not done[row] and sampling.stop_strings:
-                    text = self.tokenizer.decode(generated[row])
+                    text = _lead(prompts[row]) + self.tokenizer.decode(generated[row])
                     if any(s in text for s in sampling.stop_strings):
                         done[row] = True
             if done.all():
@@ -558,7 +567,7 @@ class Generator:
         ids, logprobs = ids[:end], logprobs[:end]
         texts = self.tokenizer.token_texts(ids)
         if sampling.stop_strings:
-            text, end = "", None
+            text, end = _lead(prompt), None
             for index, piece in enumerate(texts):
                 text += piece
                 hits = [text.find(s) + len(s) for s in sampling.stop_strings if s in text]
