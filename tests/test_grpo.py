@@ -312,10 +312,12 @@ def test_a_killed_or_stopped_grpo_run_resumes_to_the_same_weights(tmp_path, sft_
 
 @pytest.mark.slow
 def test_micro_batches_accumulate_to_the_same_update(tmp_path, sft_run):
-    """grpo.micro_batch_size trades memory for passes: same rollouts and rewards,
-    and the accumulated gradient gives the same weights as one pass."""
+    """grpo.micro_batch_size and grpo.rows_per_pass trade memory for passes: same
+    rollouts and rewards, and the accumulated gradient of micro-batches, each taken
+    two checkpointed rows at a time, gives the same weights as one pass."""
     whole = finish_grpo(grpo_process(tmp_path / "whole", sft_run, "grpo.max_steps=3"))
-    split = finish_grpo(grpo_process(tmp_path / "split", sft_run, "grpo.max_steps=3", "grpo.micro_batch_size=4"))
+    split = finish_grpo(grpo_process(tmp_path / "split", sft_run, "grpo.max_steps=3", "grpo.micro_batch_size=4",
+                                     "grpo.rows_per_pass=2"))
     assert whole.returncode == 0 and split.returncode == 0, whole.stderr + split.stderr
     records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("whole", "split")}

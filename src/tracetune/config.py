@@ -386,6 +386,11 @@ class GRPOConfig:
       padded budget: for comparison and the equality tests).
     pad_multiple: with "chunked", a step's prompts and completions are padded to
       the longest in the step rounded up to this, so few shapes compile.
+    rows_per_pass: with "chunked", the policy's forward/backward pass takes the
+      micro-batch's completions this many at a time (0 = all at once), each pass
+      recomputed in the backward pass (``logprobs._row_passes``): the update keeps
+      one pass's activations instead of the micro-batch's, for about one more
+      forward pass. Must divide micro_batch_size x num_generations.
 
     Loss options Tunix 0.1.7 implements (defaults: the recipe's GRPO):
     advantage_estimator: "grpo" (group mean and std), "rloo" (leave-one-out mean)
@@ -454,6 +459,7 @@ class GRPOConfig:
     warn_window: int = 10
     logprobs: str = "chunked"
     pad_multiple: int = 32
+    rows_per_pass: int = 0
     advantage_estimator: str = "grpo"
     loss_agg_mode: str = "sequence-mean-token-mean"
     epsilon_high: float = 0.0
@@ -490,6 +496,12 @@ class GRPOConfig:
             raise ConfigError("grpo.learning_rate, grpo.max_steps and grpo.prompts_per_step must be > 0")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.prompts_per_step % self.micro_batch_size):
             raise ConfigError(f"grpo.micro_batch_size must divide grpo.prompts_per_step={self.prompts_per_step}, got {self.micro_batch_size}")
+        rows = (self.micro_batch_size or self.prompts_per_step) * self.num_generations
+        if self.rows_per_pass < 0 or (self.rows_per_pass and rows % self.rows_per_pass):
+            raise ConfigError(f"grpo.rows_per_pass must divide the {rows} completions of a micro-batch "
+                              f"(grpo.micro_batch_size x grpo.num_generations), got {self.rows_per_pass}")
+        if self.rows_per_pass and self.logprobs != "chunked":
+            raise ConfigError("grpo.rows_per_pass needs grpo.logprobs=chunked (Tunix's own loss takes the whole micro-batch)")
         if self.beta < 0 or not 0 < self.epsilon < 1:
             raise ConfigError(f"grpo.beta must be >= 0 and grpo.epsilon in (0, 1), got {self.beta}, {self.epsilon}")
         if self.rollout_engine not in ("vanilla", "vllm", "tracetune"):

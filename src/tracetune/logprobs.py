@@ -23,7 +23,8 @@ The three callers:
 * ``completion_logprobs``: a GRPO batch (left-padded prompts, right-padded
   completions): the policy's, the old policy's and the reference's log-probs;
 * ``tracetune_grpo_loss``: Tunix's GRPO loss on them, registered with Tunix's
-  loss registry as ``"tracetune"`` (``grpo.logprobs=chunked`` selects it);
+  loss registry as ``"tracetune"`` (``grpo.logprobs=chunked`` selects it), with
+  the micro-batch's completions ``grpo.rows_per_pass`` at a time (``_row_passes``);
 * ``sft.completion_loss``: the SFT loss at the positions ``sft.pad_batch`` lists.
 
 Tested equal to Tunix's own path (values and gradients) in tests/test_logprobs.py.
@@ -157,7 +158,7 @@ def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, tem
 
 
 def completion_logprobs(model: nnx.Module, prompt_tokens: jax.Array, completion_tokens: jax.Array, pad_id: int, *,
-                        temperature: float = 1.0, entropy: bool = False):
+                        temperature: float = 1.0, entropy: bool = False, rows_per_pass: int = 0):
     """Log-probs ``[B, C]`` of each completion token (and entropies with ``entropy``),
     the same values as Tunix's ``compute_per_token_logps`` on the same inputs.
 
@@ -165,13 +166,49 @@ def completion_logprobs(model: nnx.Module, prompt_tokens: jax.Array, completion_
     ``pad_id``. Positions and the causal mask come from the padding, as Tunix
     builds them; hidden state t predicts token t + 1, so the completion is
     scored from positions P - 1 .. P + C - 2.
+
+    ``rows_per_pass`` (a divisor of B; 0 = all rows at once): the rows go through
+    the model that many at a time, each pass under ``jax.checkpoint`` (see
+    ``_row_passes``), so a gradient keeps one pass's activations, not the batch's.
     """
+    B = prompt_tokens.shape[0]
+    if rows_per_pass and rows_per_pass < B:
+        return _row_passes(model, prompt_tokens, completion_tokens, pad_id, temperature, entropy, rows_per_pass)
     P, C = prompt_tokens.shape[1], completion_tokens.shape[1]
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)  # [B, P + C]
     valid = tokens != pad_id
     hidden = hidden_states(model, tokens, common.build_positions_from_mask(valid), common.make_causal_attn_mask(valid))
     return head_logprobs(hidden[:, P - 1 : P + C - 1], embedding(model), completion_tokens,
                          temperature=temperature, entropy=entropy)
+
+
+def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, temperature: float, entropy: bool, rows: int):
+    """``completion_logprobs`` ``rows`` rows at a time, in a loop (``lax.map``) whose
+    body is checkpointed: the backward pass recomputes one pass's activations inside
+    the loop's own backward iteration, where XLA cannot move them next to the
+    forward pass. (Checkpointing each decoder layer with ``jax.checkpoint``, or
+    Tunix's ``RematConfig``, saved nothing on XLA:CPU: its scheduler ran every
+    layer's recomputation beside the forward pass, 2.5 GB of temporaries either
+    way for 4 x 256 tokens of the 270M.) Costs about one more forward pass.
+
+    The body works on a copy of the model merged inside its own trace: Gemma 3
+    sows its hidden states and qwix notes each einsum on the module, and nnx
+    refuses those writes on a module of an outer trace.
+    """
+    B, P = prompt_tokens.shape
+    C = completion_tokens.shape[1]
+    if B % rows:
+        raise ValueError(f"rows_per_pass={rows} must divide the batch's {B} rows")
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def one_pass(tokens):
+        prompt, completion = tokens  # [rows, P], [rows, C]
+        return completion_logprobs(nnx.merge(graphdef, state), prompt, completion, pad_id, temperature=temperature, entropy=True)
+
+    logps, spread = jax.lax.map(one_pass, (prompt_tokens.reshape(B // rows, rows, P), completion_tokens.reshape(B // rows, rows, C)))
+    logps, spread = logps.reshape(B, C), spread.reshape(B, C)
+    return (logps, spread) if entropy else logps
 
 
 @partial(jax.jit, static_argnames=("pad_id", "temperature"))
@@ -231,7 +268,8 @@ def tracetune_grpo_loss(model, train_example, algo_config, pad_id, eos_id, **kwa
     epsilon_high = getattr(algo_config, "epsilon_high", epsilon)
     epsilon_c = getattr(algo_config, "epsilon_c", None)
     logps, entropy = completion_logprobs(model, train_example.prompt_ids, train_example.completion_ids, pad_id,
-                                         temperature=algo_config.temperature, entropy=True)  # [B, C] each
+                                         temperature=algo_config.temperature, entropy=True,
+                                         rows_per_pass=getattr(algo_config, "rows_per_pass", 0))  # [B, C] each
     advantages = train_example.advantages.astype(jnp.float32)
     adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, 1] or [B, C]
     old = (jax.lax.stop_gradient(logps) if train_example.old_per_token_logps is None
