@@ -1,0 +1,84 @@
+"""Where a GRPO step's memory goes: resident memory over time, by phase.
+
+Runs `bench/grpo.py`'s chunked side (cpu-demo, the embedded 270M) in this
+process while a thread samples the resident set every 0.2 s, and prints the
+highest sample inside each rollout, inside each update call, and outside both,
+then the run's getrusage peak and seconds per step. JAX dispatches an update
+asynchronously, so its memory can show after its call returns (outside both).
+
+    python bench/grpo_memory.py --steps 3 --set grpo.select=last --set grpo.val_every_steps=0
+    python bench/grpo_memory.py --steps 3 --set grpo.rows_per_pass=1 ...
+    MALLOC_MMAP_THRESHOLD_=1048576 python bench/grpo_memory.py ...   # glibc returns large freed blocks
+
+The README's "Where GRPO's peak memory is" table came from these commands, one
+process per setting, one after the other, alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import threading
+import time
+
+
+def resident_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--init", default="gemma3-270m", help="model or SFT run to start from")
+    parser.add_argument("--set", action="append", default=[], help="config override on top of cpu-demo")
+    args = parser.parse_args()
+
+    samples: list[tuple[float, float]] = []
+
+    def sample() -> None:
+        while True:
+            samples.append((time.perf_counter(), resident_gb()))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    spans: list[tuple[str, float, float]] = []
+
+    def timed(owner, name: str, phase: str) -> None:
+        method = getattr(owner, name)
+
+        @functools.wraps(method)
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                spans.append((phase, start, time.perf_counter()))
+
+        setattr(owner, name, wrapper)
+
+    import grpo as grpo_bench
+
+    from tracetune import lora, rollout
+
+    timed(rollout.TracetuneRollout, "step_rollout", "rollout")
+    timed(rollout.TunixEngineRollout, "step_rollout", "rollout")
+    timed(lora._AdapterStep, "__call__", "update")
+    result = grpo_bench.run_side("chunked", args.steps, args.init, args.set)
+
+    def highest(inside) -> float:
+        values = [gb for t, gb in samples if inside(t)]
+        return max(values) if values else float("nan")
+
+    start = samples[0][0]
+    for phase, a, b in spans:
+        print(f"{phase:8} {a - start:7.1f}-{b - start:7.1f} s   highest {highest(lambda t: a <= t <= b):.2f} GB")
+    print(f"outside  highest {highest(lambda t: not any(a <= t <= b for _, a, b in spans)):.2f} GB")
+    print(json.dumps({"settings": args.set, "highest_sample_gb": max(gb for _, gb in samples),
+                      **{k: result[k] for k in ("peak_rss_mb", "seconds_per_step", "phases", "completion_length")}}))
+
+
+if __name__ == "__main__":
+    main()
