@@ -35,6 +35,8 @@ def test_overrides_are_typed_and_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("default", [bad])
+    with pytest.raises(ConfigError, match="grpo.rows_per_pass needs grpo.logprobs=chunked"):
+        load_config("default", ["grpo.rows_per_pass=1", "grpo.logprobs=full"])
 
 
 def test_saved_config_reproduces_the_run(tmp_path):
