@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import threading
 import time
 
-
-def resident_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+import psutil
 
 
 def main() -> None:
@@ -37,10 +33,11 @@ def main() -> None:
     args = parser.parse_args()
 
     samples: list[tuple[float, float]] = []
+    process = psutil.Process()
 
     def sample() -> None:
         while True:
-            samples.append((time.perf_counter(), resident_gb()))
+            samples.append((time.perf_counter(), process.memory_info().rss / 1e9))
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()

@@ -130,7 +130,7 @@ def test_completion_logprobs_gradients_equal_tunix(model):
 def test_row_passes_give_the_batchs_values_and_gradients(model, rows):
     """rows_per_pass: the rows go through the model a few at a time, each pass
     checkpointed; values, entropies and LoRA gradients are the whole batch's."""
-    prompt, completion = jnp.asarray(batch(np.random.default_rng(2))[0]), jnp.asarray(batch(np.random.default_rng(2))[1])
+    prompt, completion = map(jnp.asarray, batch(np.random.default_rng(2)))
     weights = jnp.asarray(np.random.default_rng(3).normal(size=completion.shape), jnp.float32) * (completion != PAD)
 
     def run(rows_per_pass):
