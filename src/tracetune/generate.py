@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tracetune import memory
 from tracetune.models.params import ModelConfig
 from tracetune.models.tokenizer import Tokenizer
 
@@ -479,11 +480,13 @@ class Generator:
     def set_params(self, tree: dict) -> None:
         """Decode with new weights (a plain Gemma 3 parameter tree of the same shapes,
         e.g. a policy during RL); compiled programs are reused."""
+        memory.release()  # an RL step's update temporaries, freed, before the decode's
         self.params = decode_layout(tree, self.model_config)
 
     def drop_params(self) -> None:
         """Free the decode-layout weights (a whole model's worth) until the next ``set_params``."""
         self.params = None
+        memory.release()
 
     def generate(
         self,

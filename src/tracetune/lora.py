@@ -23,6 +23,7 @@ import qwix
 from flax import nnx
 from jax.interpreters import pxla
 
+from tracetune import memory
 from tracetune import mesh as mesh_lib
 from tracetune.config import ConfigError, LoraConfig
 from tracetune.errors import DiskFull
@@ -109,6 +110,9 @@ class _AdapterStep:
         self.jitted_fn = pure
 
     def __call__(self, inputs):
+        # The last step's (or rollout's) freed temporaries go back to the system
+        # before this step's are allocated: otherwise each peak sits on the last.
+        memory.release()
         graphdef, adapters, base = nnx.split(self.model, nnx.LoRAParam, ...)
         opt_graphdef, opt_state = nnx.split(self.optimizer)
         out, adapters, opt_state = self.jitted_fn(graphdef, adapters, base, opt_graphdef, opt_state, inputs)
@@ -170,6 +174,7 @@ def export_run(model: nnx.Module, loaded: LoadedModel, lora: LoraConfig, run_dir
     ``facts`` (e.g. how the step was chosen) go into both. Every host gathers the
     weights; only the first writes them."""
     adapter_dir, merged_dir = run_dir / "export" / "adapter", run_dir / "export" / "merged"
+    memory.release()  # the host copies below come on top of what training freed otherwise
     adapter, merged = lora_params(model), merged_params(model, lora)
     if not is_primary():
         return adapter_dir, merged_dir
