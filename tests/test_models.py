@@ -153,3 +153,37 @@ def test_270m_load_stays_under_4_gb(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     peak_kb = int(result.stdout.split()[-1])
     assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+
+
+def test_save_safetensors_writes_what_the_library_reads(tmp_path):
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from tracetune.models.params import save_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "w": rng.standard_normal((3, 5)).astype(np.float32).T,  # a transposed view: laid out when written
+        "half": rng.standard_normal(7).astype(np.float16),
+        "bf16": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
+        "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "flag": np.array([True, False]),
+        "scalar": np.float32(2.5) * np.ones((), np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    save_safetensors(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    with safe_open(tmp_path / "t.safetensors", "numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors)
+        for name, value in tensors.items():
+            if name == "bf16":  # numpy's reader has no bfloat16: compare the raw bits
+                continue
+            got = f.get_tensor(name)
+            assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value), name
+    from safetensors import deserialize
+
+    raw = dict(deserialize((tmp_path / "t.safetensors").read_bytes()))
+    assert raw["bf16"]["dtype"] == "BF16" and bytes(raw["bf16"]["data"]) == tensors["bf16"].tobytes()
+    with pytest.raises(ValueError, match="no dtype complex64"):
+        save_safetensors({"c": np.zeros(2, np.complex64)}, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()

@@ -20,8 +20,8 @@ from tracetune.models.params import (
     config_to_json,
     describe,
     hf_config,
+    hf_views,
     save_safetensors,
-    to_hf,
     with_dtype,
     write_json,
 )
@@ -164,7 +164,7 @@ def save_checkpoint(flat, config: ModelConfig, tokenizer: Tokenizer, out_dir: Pa
     tokenizer.model + tracetune.json. Written file by file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(to_hf(flat, config), out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(hf_views(flat, config), out_dir / "model.safetensors", metadata={"format": "pt"})
     write_json(hf_config(config), out_dir / "config.json")
     tokenizer.save(out_dir / "tokenizer.model")
     # The marker last: a directory without it is not taken for a finished checkpoint.

@@ -131,9 +131,11 @@ _HF_NORMS = {
 }
 
 
-def to_hf(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+def hf_views(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     """Tunix layout -> the Hugging Face ``Gemma3ForCausalLM`` safetensors layout
-    (the inverse of Tunix's ``params_safetensors`` mapping). RMSNorm weights are
+    (the inverse of Tunix's ``params_safetensors`` mapping), as transposed and
+    reshaped views: nothing is copied until a writer lays a tensor out (``to_hf``
+    copies them all; ``save_safetensors`` one at a time). RMSNorm weights are
     stored as ``w`` in both, since both compute ``x * (1 + w)``."""
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
     out = {"model.embed_tokens.weight": flat["embedder.input_embedding"], "model.norm.weight": flat["final_norm.scale"]}
@@ -149,7 +151,12 @@ def to_hf(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndar
             out[dst + f"mlp.{proj}.weight"] = flat[src + f"mlp.{proj}.kernel"].T  # [out, in]
         for tunix_name, hf_name in _HF_NORMS.items():
             out[dst + hf_name] = flat[src + tunix_name]
-    return {key: np.ascontiguousarray(value) for key, value in out.items()}
+    return out
+
+
+def to_hf(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """``hf_views`` as contiguous arrays."""
+    return {key: np.ascontiguousarray(value) for key, value in hf_views(flat, config).items()}
 
 
 def from_hf(hf: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
@@ -202,12 +209,39 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def save_safetensors(flat: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically: a killed run never leaves a truncated file behind."""
-    from safetensors.numpy import save_file
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, written atomically (a killed run never leaves a truncated
+    file) and one tensor at a time.
+
+    safetensors' own writer (``save_file``) takes every tensor's bytes at once: for
+    the 270M's merged export that was 1 GB of bytes beside the weights, and the
+    export's peak went 1.84 GiB above the trained model. Here each tensor is made
+    contiguous (a transposed view of ``hf_views`` is copied) only while it is
+    written. The file is the format the library reads: an 8-byte little-endian
+    header length, the JSON header (dtype, shape and byte offsets of each tensor,
+    ``__metadata__``) padded with spaces to 8 bytes, then the data
+    (tests/test_models.py reads it back with ``safetensors.safe_open``).
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, value in tensors.items():
+        if value.dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: safetensors has no dtype {value.dtype.name}")
+        size = int(np.prod(value.shape, dtype=np.int64)) * value.dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[value.dtype.name], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for value in tensors.values():
+            out.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)  # any dtype, bfloat16 too
 
 
 def save_npz(flat: dict[str, np.ndarray], path: Path) -> None:
