@@ -72,7 +72,11 @@ def main() -> None:
     start = samples[0][0]
     for phase, a, b in spans:
         print(f"{phase:8} {a - start:7.1f}-{b - start:7.1f} s   highest {highest(lambda t: a <= t <= b):.2f} GB")
-    print(f"outside  highest {highest(lambda t: not any(a <= t <= b for _, a, b in spans)):.2f} GB")
+    outside = [(gb, t) for t, gb in samples if not any(a <= t <= b for _, a, b in spans)]
+    if outside:
+        gb, t = max(outside)
+        last = max(b for _, _, b in spans) if spans else start
+        print(f"outside  highest {gb:.2f} GB at {t - start:.1f} s ({t - last:+.1f} s from the end of the last call)")
     print(json.dumps({"settings": args.set, "highest_sample_gb": max(gb for _, gb in samples),
                       **{k: result[k] for k in ("peak_rss_mb", "seconds_per_step", "phases", "completion_length")}}))
 

@@ -3,8 +3,11 @@
 After each stage (imports, the cached 270M, the LoRA model and its trainer, each
 micro-batch step) it waits for the device, returns the allocator's free pages
 (``memory.release``) and prints the resident set, so what is printed is live
-memory, not allocator slack. Then ``jax.clear_caches()`` drops every compiled
-program and the memory each kept shows as the fall. `cpu-demo`, the embedded 270M:
+memory, not allocator slack. Then the run's export (``lora.export_run``: adapters
+and merged safetensors, into a temporary directory), with the highest resident set
+sampled every 50 ms while it writes; then ``jax.clear_caches()`` drops every
+compiled program and the memory each kept shows as the fall. `cpu-demo`, the
+embedded 270M:
 
     python bench/resident.py [--steps 8] [--set sft.micro_batch_size=1]
 
@@ -15,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -45,7 +51,7 @@ def main() -> None:
 
     from tracetune.config import load_config
     from tracetune.data import curate, load_examples
-    from tracetune.lora import apply_lora
+    from tracetune.lora import apply_lora, export_run
     from tracetune.models.registry import load_model
     from tracetune.runs import StopFlag
     from tracetune.sft import LOSSES, Batches, Trainer, model_inputs, tokenize_traces
@@ -60,7 +66,6 @@ def main() -> None:
     resident("the model and the traces")
     pad = loaded.tokenizer.pad_id
     model = apply_lora(loaded.model, sft.lora, sft.seed)
-    del loaded
     optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate))
     trainer = Trainer(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
     trainer.with_loss_fn(LOSSES["chunked"], has_aux=True)
@@ -74,7 +79,25 @@ def main() -> None:
         new = (batch["tokens"].shape, batch["scored"].shape) not in shapes
         shapes.add((batch["tokens"].shape, batch["scored"].shape))
         resident(f"step {i + 1} {batch['tokens'].shape}{' new shape' if new else ''}")
-    before = process.memory_info().rss / 2**30
+    trained = resident("before the export")
+    highest, writing = [trained], True
+
+    def sample() -> None:
+        while writing:
+            highest.append(process.memory_info().rss / 2**30)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        export_run(model, loaded, sft.lora, Path(directory), stage="sft", step=args.steps)
+    seconds = time.perf_counter() - started
+    writing = False
+    sampler.join()
+    print(f"{'the export':36} highest {max(highest):5.2f} GiB ({max(highest) - trained:+.2f} over the trained model), "
+          f"{seconds:.1f} s", flush=True)
+    before = resident("after the export")
     jax.clear_caches()
     after = resident("jax.clear_caches()")
     print(f"{len(shapes)} compiled step shapes kept {before - after:.2f} GiB "

@@ -9,11 +9,11 @@ last one's. ``release`` (glibc's ``malloc_trim``) returns the free pages at the
 boundaries, where nothing is being allocated.
 
 Measured with ``bench/grpo_memory.py`` (cpu-demo, the embedded 270M, 3 steps,
-2026-12-04, alone on the machine): peak RSS 7.44 -> 6.61 GiB at
-``grpo.rows_per_pass=0`` and 6.26 -> 5.68 GiB at 1, for the same seconds per step
-(78.7 vs 78.1 s); glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` gave about the same
-peaks but maps and faults every large allocation afresh. The README's "Where
-GRPO's peak memory is" has the table.
+2026-12-04, alone on the machine): peak RSS 7.44 -> 6.98 GB at
+``grpo.rows_per_pass=0`` and 6.26 -> 5.62 GB at 1, for the same seconds per step
+(78.7 vs 77.9 s at 0). glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` gave about the
+same peaks, but it maps and faults in every large allocation afresh. The README's
+"Where GRPO's peak memory is" has the table.
 """
 
 from __future__ import annotations
