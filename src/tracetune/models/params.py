@@ -133,9 +133,10 @@ _HF_NORMS = {
 
 def hf_views(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     """Tunix layout -> the Hugging Face ``Gemma3ForCausalLM`` safetensors layout
-    (the inverse of Tunix's ``params_safetensors`` mapping), as transposed and
-    reshaped views: nothing is copied until a writer lays a tensor out (``to_hf``
-    copies them all; ``save_safetensors`` one at a time). RMSNorm weights are
+    (the inverse of Tunix's ``params_safetensors`` mapping), as views where numpy
+    can (the MLP's transposes, the largest; the attention matrices' reshapes copy,
+    about 0.1 GB for the 270M): a writer lays each tensor out (``to_hf`` all at
+    once, ``save_safetensors`` one at a time). RMSNorm weights are
     stored as ``w`` in both, since both compute ``x * (1 + w)``."""
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
     out = {"model.embed_tokens.weight": flat["embedder.input_embedding"], "model.norm.weight": flat["final_norm.scale"]}
