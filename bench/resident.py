@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="micro-batch steps")
     parser.add_argument("--set", action="append", default=["sft.micro_batch_size=1"],
-                        help="config override on top of cpu-demo (default: sft.micro_batch_size=1)")
+                        help="config override on top of cpu-demo and sft.micro_batch_size=1 (later ones win)")
     args = parser.parse_args()
     process = psutil.Process()
 
