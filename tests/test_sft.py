@@ -205,9 +205,26 @@ def test_completion_loss_is_the_mean_nll_of_completion_tokens(tiny, path):
 def test_pad_batch_lists_the_scored_positions():
     batch = pad_batch(rows((9, 4), (6, 3)), micro_batch=3, multiple=4, pad_id=0)
     # row 0: tokens 4..8 are scored, predicted from positions 3..7; row 1: 3..5 from 2..4
-    np.testing.assert_array_equal(batch["scored"][:2], [[3, 4, 5, 6, 7, 0, 0, 0], [2, 3, 4, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["scored"][:2, :8], [[3, 4, 5, 6, 7, 0, 0, 0], [2, 3, 4, 0, 0, 0, 0, 0]])
+    assert not batch["scored_weight"][:, 5:].any()
     np.testing.assert_array_equal(batch["scored_weight"][:2].sum(1), [5, 3])
-    assert batch["scored"].shape == (3, 8) and not batch["scored_weight"][2].any()  # 5 -> 8; the padding row scores nothing
+    # 5 positions -> K rounded to 128 // 3 = 42 (3 x 42 still one head chunk), capped at T - 1 = 11;
+    # the padding row scores nothing
+    assert batch["scored"].shape == (3, 11) and not batch["scored_weight"][2].any()
+
+
+@pytest.mark.parametrize(("micro_batch", "expected_k"), [(1, 128), (2, 64), (4, 64)])
+def test_scored_positions_fill_whole_head_chunks(micro_batch, expected_k):
+    """At micro-batch 1, 50 scored positions cost one head chunk of 128 whether K is
+    64 or 128: K = 128 there, so fewer shapes (compiled programs) for the same work;
+    from micro-batch 2 on, 64 already fills a chunk and the rounding is the multiple's."""
+    from tracetune import logprobs
+
+    batch = pad_batch(rows(*[(200, 150)] * micro_batch), micro_batch=micro_batch, multiple=64, pad_id=0)
+    assert batch["tokens"].shape == (micro_batch, 256)
+    assert batch["scored"].shape == (micro_batch, expected_k)
+    assert micro_batch * expected_k % logprobs.CHUNK == 0
+    assert batch["scored_weight"].sum() == micro_batch * 50
 
 
 def test_chunked_sft_loss_has_the_full_losss_gradient():

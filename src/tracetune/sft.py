@@ -161,7 +161,12 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     prompt and padding, 1 on completion tokens, ``conclusion_weight`` from the
     conclusion line ("Therefore, ...") to EOS. T is the longest row rounded up to
     ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0. With
-    them, for the chunked loss, ``scored_positions``.
+    them, for the chunked loss, ``scored_positions``, whose count K per row is
+    rounded so that the micro-batch's B x K positions fill the head's chunks of
+    ``logprobs.CHUNK``: at micro-batch 1, K = 64 and K = 128 cost the same one
+    chunk, and each distinct shape is a compiled program (about 190 MB resident for
+    the 270M, README), so K comes in multiples of 128 there (an 80-update
+    ``cpu-demo`` run at micro-batch 1: 5 shapes instead of 7).
     """
     width = logprobs.bucket(max(len(r.ids) for r in rows), multiple)
     tokens = np.full((micro_batch, width), pad_id, np.int32)
@@ -173,7 +178,8 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
             loss_mask[i, row.conclusion : len(row.ids)] = conclusion_weight
         if row.loop is not None:
             loss_mask[i, row.loop[0] : row.loop[1]] = 0.0
-    return {"tokens": tokens, "loss_mask": loss_mask, **scored_positions(loss_mask, multiple)}
+    return {"tokens": tokens, "loss_mask": loss_mask,
+            **scored_positions(loss_mask, max(multiple, logprobs.CHUNK // micro_batch))}
 
 
 def scored_positions(loss_mask: np.ndarray, multiple: int) -> dict[str, np.ndarray]:
