@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import threading
 import time
 
-import psutil
+import sides
 
 
 def main() -> None:
@@ -32,15 +31,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override on top of cpu-demo")
     args = parser.parse_args()
 
-    samples: list[tuple[float, float]] = []
-    process = psutil.Process()
-
-    def sample() -> None:
-        while True:
-            samples.append((time.perf_counter(), process.memory_info().rss / 1e9))
-            time.sleep(0.2)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = sides.sample_rss(0.2)  # (seconds, bytes)
     spans: list[tuple[str, float, float]] = []
 
     def timed(owner, name: str, phase: str) -> None:
@@ -64,6 +55,8 @@ def main() -> None:
     timed(rollout.TunixEngineRollout, "step_rollout", "rollout")
     timed(lora._AdapterStep, "__call__", "update")
     result = grpo_bench.run_side("chunked", args.steps, args.init, args.set)
+
+    samples = [(t, b / 1e9) for t, b in list(rss)]  # GB
 
     def highest(inside) -> float:
         values = [gb for t, gb in samples if inside(t)]

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
+
+import sides
 
 
 def main() -> None:
@@ -80,22 +81,13 @@ def main() -> None:
         shapes.add((batch["tokens"].shape, batch["scored"].shape))
         resident(f"step {i + 1} {batch['tokens'].shape}{' new shape' if new else ''}")
     trained = resident("before the export")
-    highest, writing = [trained], True
-
-    def sample() -> None:
-        while writing:
-            highest.append(process.memory_info().rss / 2**30)
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    samples = sides.sample_rss(0.05)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         export_run(model, loaded, sft.lora, Path(directory), stage="sft", step=args.steps)
     seconds = time.perf_counter() - started
-    writing = False
-    sampler.join()
-    print(f"{'the export':36} highest {max(highest):5.2f} GiB ({max(highest) - trained:+.2f} over the trained model), "
+    highest = max([trained, *(rss / 2**30 for t, rss in list(samples) if t <= started + seconds)])
+    print(f"{'the export':36} highest {highest:5.2f} GiB ({highest - trained:+.2f} over the trained model), "
           f"{seconds:.1f} s", flush=True)
     before = resident("after the export")
     jax.clear_caches()

@@ -2,6 +2,7 @@
 
 The side prints ``RESULT <json>`` on stdout (``report``); the parent reads it back
 (``run``). A side that fails stops the benchmark with the end of its stderr.
+``sample_rss`` records a process's resident set over time (the memory benches).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 PREFIX = "RESULT "
 
@@ -22,3 +25,19 @@ def run(script: str, *args: str) -> dict:
     if done.returncode != 0:
         sys.exit(f"benchmark side {' '.join(args)} failed: {done.stderr[-3000:]}")
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith(PREFIX))[len(PREFIX):])
+
+
+def sample_rss(every: float) -> list[tuple[float, int]]:
+    """(``time.perf_counter()``, resident bytes) of this process every ``every``
+    seconds, appended by a daemon thread for as long as the process runs."""
+    import psutil
+
+    process, samples = psutil.Process(), []
+
+    def sample() -> None:
+        while True:
+            samples.append((time.perf_counter(), process.memory_info().rss))
+            time.sleep(every)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return samples

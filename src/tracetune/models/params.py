@@ -232,10 +232,9 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[
     for name, value in tensors.items():
         if value.dtype.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: safetensors has no dtype {value.dtype.name}")
-        size = int(np.prod(value.shape, dtype=np.int64)) * value.dtype.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[value.dtype.name], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
