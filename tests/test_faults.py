@@ -422,7 +422,7 @@ WRITERS = {
     "metrics": (lambda mp: mp.setattr(Path, "open", failing_open("metrics.jsonl")), "metrics.jsonl"),
     "samples": (lambda mp: mp.setattr(Path, "open", failing_open("step_000002")), "samples/step_000002.jsonl"),
     "tensorboard": (_patch_tensorboard, "tensorboard"),
-    "export": (lambda mp: mp.setattr("safetensors.numpy.save_file", enospc), "adapter.safetensors"),
+    "export": (lambda mp: mp.setattr(Path, "open", failing_open("adapter.safetensors")), "adapter.safetensors"),
 }
 
 

@@ -237,7 +237,7 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[
         offset += value.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+    with atomic_path(path) as tmp, tmp.open("wb") as out:
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
         for value in tensors.values():
