@@ -3,7 +3,8 @@
 Runs `bench/grpo.py`'s chunked side (cpu-demo, the embedded 270M) in this
 process while a thread samples the resident set every 0.2 s, and prints the
 highest sample inside each rollout, inside each update call, and outside both,
-then the run's getrusage peak and seconds per step. JAX dispatches an update
+then the run's getrusage peak and seconds per step, and what the run's compiled
+programs keep resident (the fall at ``jax.clear_caches()``). JAX dispatches an update
 asynchronously, so its memory can show after its call returns (outside both).
 
     python bench/grpo_memory.py --steps 3 --set grpo.select=last --set grpo.val_every_steps=0
@@ -70,6 +71,19 @@ def main() -> None:
         gb, t = max(outside)
         last = max(b for _, _, b in spans) if spans else start
         print(f"outside  highest {gb:.2f} GB at {t - start:.1f} s ({t - last:+.1f} s from the end of the last call)")
+    import jax
+    import psutil
+
+    from tracetune import memory
+
+    def live() -> float:
+        time.sleep(0.5)
+        memory.release()
+        return psutil.Process().memory_info().rss / 1e9
+
+    before = live()
+    jax.clear_caches()
+    print(f"compiled programs kept {before - live():.2f} GB of the {before:.2f} GB live after the run")
     print(json.dumps({"settings": args.set, "highest_sample_gb": max(gb for _, gb in samples),
                       **{k: result[k] for k in ("peak_rss_mb", "seconds_per_step", "phases", "completion_length")}}))
 

@@ -46,7 +46,6 @@ def main() -> None:
 
     resident("start")
     import jax
-    import optax
     from flax import nnx
     from tunix.sft import peft_trainer
 
@@ -54,6 +53,7 @@ def main() -> None:
     from tracetune.data import curate, load_examples
     from tracetune.lora import apply_lora, export_run
     from tracetune.models.registry import load_model
+    from tracetune import runs
     from tracetune.runs import StopFlag
     from tracetune.sft import LOSSES, Batches, Trainer, model_inputs, tokenize_traces
 
@@ -67,7 +67,7 @@ def main() -> None:
     resident("the model and the traces")
     pad = loaded.tokenizer.pad_id
     model = apply_lora(loaded.model, sft.lora, sft.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate))
+    optimizer = runs.optimizer(sft.learning_rate, sft.max_grad_norm)
     trainer = Trainer(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
     trainer.with_loss_fn(LOSSES["chunked"], has_aux=True)
     trainer.with_gen_model_input_fn(lambda b: model_inputs(b, pad_id=pad))

@@ -471,3 +471,35 @@ def test_a_judge_outage_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_sam
                 if "reward/composite" in r]
 
     assert rewards("outage") == rewards("straight")
+
+
+def test_a_grpo_update_holds_one_copy_of_the_model(tmp_path, monkeypatch):
+    """Tunix snapshots the whole actor every step (its "anchor"); on a CPU that is a
+    second copy of the model beside the one actor, reference and rollout share.
+    grpo.Cluster's snapshot shares the frozen base: during each update every base
+    weight is one buffer."""
+    import jax
+
+    from tracetune import lora
+    from tracetune.grpo import GRPORun
+
+    from tracetune.models.registry import load_model
+
+    shape = load_model("tiny").model.embedder.input_embedding.get_value().shape
+    # Arrays other tests of this process left alive are held, so no buffer of this
+    # run can reuse their addresses, and are not counted.
+    before = [a for a in jax.live_arrays() if a.shape == shape]
+    copies: list[int] = []
+    real = lora._AdapterStep.__call__
+
+    def call(self, inputs):
+        others = {a.unsafe_buffer_pointer() for a in before}
+        copies.append(len({a.unsafe_buffer_pointer() for a in jax.live_arrays() if a.shape == shape} - others))
+        return real(self, inputs)
+
+    monkeypatch.setattr(lora._AdapterStep, "__call__", call)
+    config = load_config("tiny", ["grpo.init=tiny", "grpo.max_steps=2", "grpo.checkpoint_steps=0", "grpo.val_every_steps=0",
+                                  "grpo.select=last", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.max_new_tokens=8"])
+    run = GRPORun(config, tmp_path / "grpo")
+    run.train()
+    assert len(copies) >= 2 and set(copies) == {1}, copies

@@ -47,6 +47,7 @@ from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
+from tunix.sft import utils as sft_utils
 from tunix.sft import metrics_logger as tunix_metrics
 
 from tracetune import logprobs
@@ -250,6 +251,33 @@ class Cluster(rl_cluster_lib.RLCluster):
         # are normalised (token texts from the tokenizer, temperature-1 log-probs).
         self.rollouts = engine if isinstance(engine, TracetuneRollout) else TunixEngineRollout(
             engine, tokenizer_tt, policy=lambda: self.actor_trainer.model, pad_multiple=pad_multiple)
+        if sft_utils.is_lora_enabled(self.actor_trainer.model):
+            self._anchor_policy_state = self._anchor()  # Tunix's own is a whole model's copy: freed here
+
+    def _anchor(self) -> nnx.State:
+        """The actor's weights at the start of a step (Tunix's "anchor"; only
+        ``get_actor_per_token_logps`` reads it, which Tunix's agentic learner calls
+        and tracetune's learner does not).
+
+        Tunix snapshots the whole actor onto the host memory kind at every step: on
+        an accelerator that is host RAM, on a CPU a second copy of the model in the
+        same memory (1.1 GB for the 270M), live through every update (measured:
+        unique live buffers 2.22 GB in a GRPO update, 1.09 GB of them the model).
+        Only the adapters change during GRPO, so this snapshot shares the frozen
+        base and copies the adapters alone (the update donates the live ones)."""
+        model = self.actor_trainer.model
+        adapters, base = nnx.state(model, nnx.LoRAParam, ...)
+        return nnx.merge_state(jax.tree.map(jnp.copy, adapters), base)
+
+    def sync_weights(self):
+        """Tunix's ``sync_weights`` (the rollout engine gets the new adapters, the
+        step count advances) with ``_anchor``'s snapshot instead of a whole copy."""
+        model = self.actor_trainer.model
+        if not sft_utils.is_lora_enabled(model):  # every weight trains: the copy is the snapshot
+            return super().sync_weights()
+        self.rollout.update_params(nnx.state(model, nnx.LoRAParam), (nnx.LoRAParam,))
+        self._anchor_policy_state = self._anchor()
+        self.global_steps += 1
 
     def rollout_step(self, prompts: list[str], mode: Mode) -> StepRollout:
         """All of a step's completions, sampled in one batch on the rollout mesh."""

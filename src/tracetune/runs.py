@@ -33,11 +33,18 @@ def optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float) -> op
     decay (on the LoRA adapters only). A non-finite gradient skips the update
     instead of writing NaN weights that a checkpoint could then keep; the stage's
     own check (a non-finite loss) then stops the run and names the last good
-    checkpoint."""
-    return optax.apply_if_finite(
+    checkpoint.
+
+    The update runs on the adapters concatenated into one vector
+    (``optax.flatten``): per tensor it would be written out for each of the 252
+    adapters of the 270M (7 projections x A, B x 18 layers), 28,000 of the update
+    program's 85,000 HLO lines, and XLA:CPU keeps about 2.5 KB resident per line of
+    every compiled program for the life of the run (about 37 MB per update shape:
+    README, "Where the resident memory goes"). The arithmetic is the same."""
+    return optax.flatten(optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=0.0)),
         max_consecutive_errors=1 << 30,
-    )
+    ))
 
 
 class StopFlag:
