@@ -35,6 +35,7 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     import optax
     from tunix.sft import peft_trainer
 
+    from tracetune import runs
     from tracetune.config import load_config
     from tracetune.data import curate, load_examples
     from tracetune.models.registry import load_model
@@ -50,8 +51,11 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     examples, _ = tokenize_traces(traces, loaded.tokenizer, config.data.max_tokens)
     pad = loaded.tokenizer.pad_id
     model = apply_lora(loaded.model, sft.lora, sft.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate))
-    # chunked: tracetune's Trainer (its step returns the adapters only); the others: Tunix's own
+    # chunked: tracetune's Trainer (its step returns the adapters only) and optimizer
+    # (runs.optimizer: the adapters as one vector, non-finite updates skipped); the
+    # others: Tunix's own trainer and the recipe's plain clip + AdamW.
+    optimizer = (runs.optimizer(sft.learning_rate, sft.max_grad_norm) if side == "chunked"
+                 else optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate)))
     trainer_class = Trainer if side == "chunked" else peft_trainer.PeftTrainer
     trainer = trainer_class(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
     if side in LOSSES:
