@@ -389,3 +389,28 @@ def test_a_finished_run_directory_loads_as_a_model(tmp_path, tiny):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["padding_share"] < 0.5
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_older_optimizer_layout_stops_in_one_line(tmp_path, monkeypatch):
+    """runs.optimizer keeps Adam's moments as one vector (optax.flatten); a run saved
+    by the version that kept them per adapter stops with a line naming the
+    checkpoint, not orbax's page of mismatched trees."""
+    import shutil
+
+    import optax
+
+    from tracetune import sft as sft_module
+    from tracetune.sft import train_sft
+
+    def per_adapter(learning_rate, max_grad_norm):  # runs.optimizer before optax.flatten
+        return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                                                 optax.adamw(learning_rate, weight_decay=0.0)), max_consecutive_errors=1 << 30)
+
+    config = load_config("tiny", ["sft.max_steps=4", "sft.checkpoint_steps=2", "sft.eval_every_steps=0", "sft.eval_examples=0"])
+    monkeypatch.setattr(sft_module, "optimizer", per_adapter)
+    train_sft(config, tmp_path / "run")
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # as if stopped after step 2
+    with pytest.raises(TrainingError, match=r"checkpoints/2 holds an optimizer state saved by an older tracetune"):
+        train_sft(config, tmp_path / "run")

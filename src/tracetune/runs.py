@@ -40,7 +40,7 @@ def optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float) -> op
     adapters of the 270M (7 projections x A, B x 18 layers), 28,000 of the update
     program's 85,000 HLO lines, and XLA:CPU keeps about 2.5 KB resident per line of
     every compiled program for the life of the run (about 37 MB per update shape:
-    README, "Where the resident memory goes"). The arithmetic is the same."""
+    README, "Where GRPO's peak memory is"). The arithmetic is the same."""
     return optax.flatten(optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=0.0)),
         max_consecutive_errors=1 << 30,
@@ -196,6 +196,34 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     return None
 
 
+def _moments_per_tensor(tree) -> bool:
+    """Whether an optimizer-state metadata tree keeps Adam's moments per tensor
+    (``mu`` a tree of the adapters) rather than as one vector (``mu`` a leaf)."""
+    if not isinstance(tree, dict):
+        return isinstance(tree, (list, tuple)) and any(_moments_per_tensor(v) for v in tree)
+    mu = tree.get("mu")
+    if isinstance(mu, dict) and set(mu) - {"value"}:
+        return True
+    return any(_moments_per_tensor(v) for v in tree.values())
+
+
+def check_optimizer_layout(step_dir: Path) -> None:
+    """Stop with one line when a checkpoint holds the optimizer state of tracetune
+    before ``runs.optimizer`` kept it as one vector (2026-12-04): orbax would fail
+    on it with a page of mismatched trees."""
+    step_dir = Path(step_dir).resolve()
+    if not (step_dir / "optimizer_state").is_dir():
+        return
+    with _quiet(), ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(step_dir / "optimizer_state")
+    tree = metadata.item_metadata.tree if metadata is not None and metadata.item_metadata is not None else None
+    if tree is not None and _moments_per_tensor(tree):
+        raise TrainingError(
+            f"{step_dir} holds an optimizer state saved by an older tracetune (Adam's moments per adapter; this "
+            "version keeps them as one vector): resume it with the tracetune that saved it, or start a new run "
+            "directory (the adapters it had exported are in the run's export/)")
+
+
 def set_aside_damaged_checkpoints(root: Path) -> list[int]:
     """Check the newest saved steps under ``root`` and move each damaged one (a kill
     during a save, a bad disk) to ``<root>.damaged/<step>``, never deleting it, until
@@ -207,6 +235,7 @@ def set_aside_damaged_checkpoints(root: Path) -> list[int]:
     for step in steps:
         problem = checkpoint_problem(root / str(step))
         if problem is None:
+            check_optimizer_layout(root / str(step))
             break
         moved.append(step)
         if not is_primary():
