@@ -412,5 +412,5 @@ def test_a_checkpoint_with_the_older_optimizer_layout_stops_in_one_line(tmp_path
     train_sft(config, tmp_path / "run")
     monkeypatch.undo()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # as if stopped after step 2
-    with pytest.raises(TrainingError, match=r"checkpoints/2 holds an optimizer state saved by an older tracetune"):
+    with pytest.raises(TrainingError, match=r"checkpoints/2 does not fit this version's model and optimizer \(first difference: opt_state"):
         train_sft(config, tmp_path / "run")

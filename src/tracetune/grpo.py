@@ -67,7 +67,7 @@ from tracetune.rewards import REWARDS, combine, make_composite_reward, reward_co
 from tracetune.rollout import StepRollout, TracetuneRollout, TunixEngineRollout
 from tracetune.scoring import aggregate
 from tracetune.runs import (CompileClock, FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
-                            is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
+                            is_primary, metrics_options, optimizer, restoring, set_aside_damaged_checkpoints, truncate_metrics)
 
 Role, Mode = rl_cluster_lib.Role, rl_cluster_lib.Mode
 
@@ -903,8 +903,9 @@ class GRPORun:
             training_config=training,
             rollout_config=rollout,
         )
-        self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
-                               logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
+        with restoring(self.run_dir / "checkpoints" / "actor"):  # the actor's trainer restores in here
+            self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
+                                   logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
         check_shared_backbone(self.cluster)
         algorithm = algorithm_config(grpo)
         self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum)

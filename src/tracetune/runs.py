@@ -196,32 +196,26 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     return None
 
 
-def _moments_per_tensor(tree) -> bool:
-    """Whether an optimizer-state metadata tree keeps Adam's moments per tensor
-    (``mu`` a tree of the adapters) rather than as one vector (``mu`` a leaf)."""
-    if not isinstance(tree, dict):
-        return isinstance(tree, (list, tuple)) and any(_moments_per_tensor(v) for v in tree)
-    mu = tree.get("mu")
-    if isinstance(mu, dict) and set(mu) - {"value"}:
-        return True
-    return any(_moments_per_tensor(v) for v in tree.values())
-
-
-def check_optimizer_layout(step_dir: Path) -> None:
-    """Stop with one line when a checkpoint holds the optimizer state of tracetune
-    before ``runs.optimizer`` kept it as one vector (2026-12-04): orbax would fail
-    on it with a page of mismatched trees."""
-    step_dir = Path(step_dir).resolve()
-    if not (step_dir / "optimizer_state").is_dir():
-        return
-    with _quiet(), ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(step_dir / "optimizer_state")
-    tree = metadata.item_metadata.tree if metadata is not None and metadata.item_metadata is not None else None
-    if tree is not None and _moments_per_tensor(tree):
-        raise TrainingError(
-            f"{step_dir} holds an optimizer state saved by an older tracetune (Adam's moments per adapter; this "
-            "version keeps them as one vector): resume it with the tracetune that saved it, or start a new run "
-            "directory (the adapters it had exported are in the run's export/)")
+@contextlib.contextmanager
+def restoring(root: Path) -> Iterator[None]:
+    """Around a trainer's construction, where Tunix restores the newest checkpoint
+    under ``root``: a checkpoint whose trees do not fit this version's model and
+    optimizer stops with one line naming it, instead of orbax's page of mismatched
+    trees. (Runs saved before 2026-12-04 keep Adam's moments per adapter; the
+    optimizer now keeps them as one vector, ``optimizer``.)"""
+    try:
+        yield
+    except ValueError as error:
+        text = str(error)
+        if "tree structures do not match" not in text:
+            raise
+        root = Path(root)
+        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+        where = root / str(steps[-1]) if steps else root
+        first = next((line.strip().rstrip(":") for line in text.splitlines()[1:] if line.strip() and not line[0].isspace()), "?")
+        raise TrainingError(f"{where} does not fit this version's model and optimizer (first difference: {first}; runs "
+                            "saved before 2026-12-04 keep Adam's moments per adapter): resume it with the tracetune that "
+                            "saved it, or start a new run directory") from None
 
 
 def set_aside_damaged_checkpoints(root: Path) -> list[int]:
@@ -235,7 +229,6 @@ def set_aside_damaged_checkpoints(root: Path) -> list[int]:
     for step in steps:
         problem = checkpoint_problem(root / str(step))
         if problem is None:
-            check_optimizer_layout(root / str(step))
             break
         moved.append(step)
         if not is_primary():

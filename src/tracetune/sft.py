@@ -53,7 +53,7 @@ from tracetune.scoring import aggregate
 from tracetune.models.registry import LoadedModel, load_model
 from tracetune.models.tokenizer import Tokenizer
 from tracetune.runs import (FaultWatch, StopFlag, append_record, check_saves, checkpoint_options, claim_directory, failed_run,
-                            is_primary, metrics_options, optimizer, set_aside_damaged_checkpoints, truncate_metrics)
+                            is_primary, metrics_options, optimizer, restoring, set_aside_damaged_checkpoints, truncate_metrics)
 
 
 # ------------------------------------------------------------------------- data
@@ -521,7 +521,8 @@ class SFTRun:
             checkpointing_options=checkpoint_options(sft.checkpoint_minutes, sft.checkpoint_steps, sft.keep_checkpoints),
             pbar_description="sft",
         )
-        trainer = Trainer(model, optimizer(self.schedule, sft.max_grad_norm), training, metrics_logger=self.metrics_logger)
+        with restoring(self.run_dir / "checkpoints"):  # Tunix restores the newest checkpoint here
+            trainer = Trainer(model, optimizer(self.schedule, sft.max_grad_norm), training, metrics_logger=self.metrics_logger)
         trainer.update_done = {}
         pad_id = tokenizer.pad_id
         trainer.with_loss_fn(LOSSES[sft.logprobs], has_aux=True)
