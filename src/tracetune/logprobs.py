@@ -173,23 +173,34 @@ def completion_logprobs(model: nnx.Module, prompt_tokens: jax.Array, completion_
     """
     B = prompt_tokens.shape[0]
     if rows_per_pass and rows_per_pass < B:
-        return _row_passes(model, prompt_tokens, completion_tokens, pad_id, temperature, entropy, rows_per_pass)
+        hidden = _row_passes(model, prompt_tokens, completion_tokens, pad_id, rows_per_pass)
+    else:
+        hidden = _completion_hidden(model, prompt_tokens, completion_tokens, pad_id)
+    return head_logprobs(hidden, embedding(model), completion_tokens, temperature=temperature, entropy=entropy)
+
+
+def _completion_hidden(model: nnx.Module, prompt_tokens: jax.Array, completion_tokens: jax.Array, pad_id: int) -> jax.Array:
+    """The final hidden states that score the completion ``[B, C, D]``: positions
+    P - 1 .. P + C - 2 of the trunk over prompt and completion."""
     P, C = prompt_tokens.shape[1], completion_tokens.shape[1]
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)  # [B, P + C]
     valid = tokens != pad_id
     hidden = hidden_states(model, tokens, common.build_positions_from_mask(valid), common.make_causal_attn_mask(valid))
-    return head_logprobs(hidden[:, P - 1 : P + C - 1], embedding(model), completion_tokens,
-                         temperature=temperature, entropy=entropy)
+    return hidden[:, P - 1 : P + C - 1]
 
 
-def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, temperature: float, entropy: bool, rows: int):
-    """``completion_logprobs`` ``rows`` rows at a time, in a loop (``lax.map``) whose
+def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, rows: int) -> jax.Array:
+    """``_completion_hidden`` ``rows`` rows at a time, in a loop (``lax.map``) whose
     body is checkpointed: the backward pass recomputes one pass's activations inside
     the loop's own backward iteration, where XLA cannot move them next to the
     forward pass. (Checkpointing each decoder layer with ``jax.checkpoint``, or
     Tunix's ``RematConfig``, saved nothing on XLA:CPU: its scheduler ran every
     layer's recomputation beside the forward pass, 2.5 GB of temporaries either
     way for 4 x 256 tokens of the 270M.) Costs about one more forward pass.
+
+    The head stays out of the loop (the caller applies it to all rows): inside it,
+    XLA:CPU hoisted a transposed copy of the tied embedding, f32[640, 262144] for
+    the 270M, 671 MB of the GRPO update's temporaries (its buffer assignment).
 
     The body works on a copy of the model merged inside its own trace: Gemma 3
     sows its hidden states and qwix notes each einsum on the module, and nnx
@@ -204,11 +215,10 @@ def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, temperatur
     @jax.checkpoint
     def one_pass(tokens):
         prompt, completion = tokens  # [rows, P], [rows, C]
-        return completion_logprobs(nnx.merge(graphdef, state), prompt, completion, pad_id, temperature=temperature, entropy=True)
+        return _completion_hidden(nnx.merge(graphdef, state), prompt, completion, pad_id)  # [rows, C, D]
 
-    logps, spread = jax.lax.map(one_pass, (prompt_tokens.reshape(B // rows, rows, P), completion_tokens.reshape(B // rows, rows, C)))
-    logps, spread = logps.reshape(B, C), spread.reshape(B, C)
-    return (logps, spread) if entropy else logps
+    hidden = jax.lax.map(one_pass, (prompt_tokens.reshape(B // rows, rows, P), completion_tokens.reshape(B // rows, rows, C)))
+    return hidden.reshape(B, C, hidden.shape[-1])
 
 
 @partial(jax.jit, static_argnames=("pad_id", "temperature"))
