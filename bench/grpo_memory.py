@@ -72,18 +72,10 @@ def main() -> None:
         last = max(b for _, _, b in spans) if spans else start
         print(f"outside  highest {gb:.2f} GB at {t - start:.1f} s ({t - last:+.1f} s from the end of the last call)")
     import jax
-    import psutil
 
-    from tracetune import memory
-
-    def live() -> float:
-        time.sleep(0.5)
-        memory.release()
-        return psutil.Process().memory_info().rss / 1e9
-
-    before = live()
+    before = sides.live_rss() / 1e9
     jax.clear_caches()
-    print(f"compiled programs kept {before - live():.2f} GB of the {before:.2f} GB live after the run")
+    print(f"compiled programs kept {before - sides.live_rss() / 1e9:.2f} GB of the {before:.2f} GB live after the run")
     print(json.dumps({"settings": args.set, "highest_sample_gb": max(gb for _, gb in samples),
                       **{k: result[k] for k in ("peak_rss_mb", "seconds_per_step", "phases", "completion_length")}}))
 

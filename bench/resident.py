@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 import sides
 
 
@@ -33,14 +31,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=["sft.micro_batch_size=1"],
                         help="config override on top of cpu-demo and sft.micro_batch_size=1 (later ones win)")
     args = parser.parse_args()
-    process = psutil.Process()
-
-    from tracetune import memory
-
     def resident(stage: str) -> float:
-        time.sleep(0.5)  # let freed host copies and worker threads settle
-        memory.release()
-        gib = process.memory_info().rss / 2**30
+        gib = sides.live_rss() / 2**30
         print(f"{stage:36} {gib:5.2f} GiB", flush=True)
         return gib
 

@@ -2,7 +2,8 @@
 
 The side prints ``RESULT <json>`` on stdout (``report``); the parent reads it back
 (``run``). A side that fails stops the benchmark with the end of its stderr.
-``sample_rss`` records a process's resident set over time (the memory benches).
+``sample_rss`` records a process's resident set over time and ``live_rss`` gives
+its live part (the memory benches).
 """
 
 from __future__ import annotations
@@ -41,3 +42,16 @@ def sample_rss(every: float) -> list[tuple[float, int]]:
 
     threading.Thread(target=sample, daemon=True).start()
     return samples
+
+
+def live_rss() -> int:
+    """This process's resident bytes once freed host copies and worker threads have
+    settled and glibc has returned its free pages (``memory.release``): live
+    memory, not allocator slack."""
+    import psutil
+
+    from tracetune import memory
+
+    time.sleep(0.5)
+    memory.release()
+    return psutil.Process().memory_info().rss

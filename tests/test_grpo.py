@@ -482,7 +482,6 @@ def test_a_grpo_update_holds_one_copy_of_the_model(tmp_path, monkeypatch):
 
     from tracetune import lora
     from tracetune.grpo import GRPORun
-
     from tracetune.models.registry import load_model
 
     shape = load_model("tiny").model.embedder.input_embedding.get_value().shape

@@ -196,6 +196,12 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     return None
 
 
+def saved_steps(root: Path) -> list[int]:
+    """The steps saved under a checkpoint root (orbax's directories named by step), oldest first."""
+    root = Path(root)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.is_dir() else []
+
+
 @contextlib.contextmanager
 def restoring(root: Path) -> Iterator[None]:
     """Around a trainer's construction, where Tunix restores the newest checkpoint
@@ -209,9 +215,8 @@ def restoring(root: Path) -> Iterator[None]:
         text = str(error)
         if "tree structures do not match" not in text:
             raise
-        root = Path(root)
-        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-        where = root / str(steps[-1]) if steps else root
+        steps = saved_steps(root)
+        where = Path(root) / str(steps[-1]) if steps else Path(root)
         first = next((line.strip().rstrip(":") for line in text.splitlines()[1:] if line.strip() and not line[0].isspace()), "?")
         raise TrainingError(f"{where} does not fit this version's model and optimizer (first difference: {first}; runs "
                             "saved before 2026-12-04 keep Adam's moments per adapter): resume it with the tracetune that "
@@ -224,7 +229,7 @@ def set_aside_damaged_checkpoints(root: Path) -> list[int]:
     an intact step is found; the trainer then resumes from that one. Returns the steps
     set aside, each reported in one line."""
     root = Path(root)
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True) if root.is_dir() else []
+    steps = saved_steps(root)[::-1]
     moved = []
     for step in steps:
         problem = checkpoint_problem(root / str(step))
@@ -254,8 +259,8 @@ def checkpoint_failure(error: BaseException, root: Path) -> BaseException:
     checkpoints: orbax writes the next before it deletes the oldest), or for a failed
     save, a one-line TrainingError."""
     root = Path(root)
-    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
-    need = 2 * directory_bytes(steps[-1]) if steps else None
+    steps = saved_steps(root)
+    need = 2 * directory_bytes(root / str(steps[-1])) if steps else None
     if isinstance(error, DiskFull):
         return error if error.needed_bytes or error.reported else DiskFull(error.path, need)
     if is_disk_full(error):

@@ -164,7 +164,7 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     them, for the chunked loss, ``scored_positions``, whose count K per row is
     rounded so that the micro-batch's B x K positions fill the head's chunks of
     ``logprobs.CHUNK``: at micro-batch 1, K = 64 and K = 128 cost the same one
-    chunk, and each distinct shape is a compiled program (about 190 MB resident for
+    chunk, and each distinct shape is a compiled program (170-190 MB resident for
     the 270M, README), so K comes in multiples of 128 there (an 80-update
     ``cpu-demo`` run at micro-batch 1: 5 shapes instead of 7).
     """
