@@ -14,9 +14,14 @@ same LoRA (rank, targets, optimizer) on the same examples.
 Each side runs in its own process (its peak RSS is its own) and runs the same
 micro-batches twice: the first pass compiles every shape, the second is timed.
 Tokens/s counts real (non-padding) tokens; padding share = padding / all tokens;
-an update is 8 traces (cpu-demo: 2 micro-batches of 4).
+seconds per update of 8 = seconds per 8 traces trained (cpu-demo: 2 micro-batches
+of 4; packed, `--set sft.pack_tokens=256`, rows hold 1-3 traces each).
 
-    python bench/sft.py [--micro-batches 8] [--set sft.micro_batch_size=4]
+    python bench/sft.py [--micro-batches 20] [--set sft.pack_tokens=0 --set sft.micro_batch_size=4 --set sft.batch_size=8]
+
+The vanilla side always trains rows of one trace, `--peer-micro-batch-size` (4) at a
+time; the others follow the preset (cpu-demo: packed rows of 320 tokens, one per
+micro-batch).
 """
 
 from __future__ import annotations
@@ -82,7 +87,14 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
         t = b["tokens"] if isinstance(b, dict) else b.input_tokens
         return int((t != pad).sum()), int(t.size)
 
+    def traces_of(b):  # packed rows hold several traces each
+        if isinstance(b, dict) and "segments" in b:
+            return int(b["segments"].max(axis=1).sum())
+        t = b["tokens"] if isinstance(b, dict) else b.input_tokens
+        return int((t != pad).any(axis=1).sum())
+
     real = sum(tokens_of(b)[0] for b in batches)
+    traces = sum(traces_of(b) for b in batches)
     total = sum(tokens_of(b)[1] for b in batches)
     step, _ = trainer.jit_train_and_eval_step()
     start = time.perf_counter()
@@ -99,7 +111,7 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
         "side": side, "micro_batches": micro_batches, "micro_batch_size": sft.micro_batch_size,
         "real_tokens": real, "padded_tokens": total, "padding_share": 1 - real / total,
         "seconds": seconds, "tokens_per_second": real / seconds, "steps_per_second": micro_batches / seconds,
-        "seconds_per_update_of_8": seconds / (micro_batches * sft.micro_batch_size / 8),
+        "traces": traces, "seconds_per_update_of_8": seconds / (traces / 8),
         "compile_and_first_pass_seconds": warm, "last_loss": losses[-1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -107,8 +119,12 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, default=20, help="micro-batches of the chunked and full sides")
     parser.add_argument("--set", action="append", default=[], help="config override on top of cpu-demo")
+    parser.add_argument("--peer-micro-batches", type=int, default=8,
+                        help="the vanilla side's micro-batches (it cannot pack: rows of one trace)")
+    parser.add_argument("--peer-micro-batch-size", type=int, default=4,
+                        help="the vanilla side's traces per micro-batch (4: cpu-demo's before packing, its fastest)")
     parser.add_argument("--side", choices=("chunked", "full", "peer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -117,8 +133,13 @@ def main() -> None:
     results = {}
     names = {"chunked": "chunked", "full": "full logits", "peer": "vanilla Tunix"}
     for side in names:
-        overrides = [arg for item in args.set for arg in ("--set", item)]
-        results[side] = sides.run(__file__, "--side", side, "--micro-batches", str(args.micro_batches), *overrides)
+        settings, micro_batches = args.set, args.micro_batches
+        if side == "peer":
+            settings = [*args.set, "sft.pack_tokens=0", f"sft.micro_batch_size={args.peer_micro_batch_size}",
+                        f"sft.batch_size={args.peer_micro_batch_size}"]
+            micro_batches = args.peer_micro_batches
+        overrides = [arg for item in settings for arg in ("--set", item)]
+        results[side] = sides.run(__file__, "--side", side, "--micro-batches", str(micro_batches), *overrides)
     print(f"{'':32}" + "".join(f"{name:>15}" for name in names.values()))
     for key, fmt in (("tokens_per_second", "{:.1f}"), ("seconds_per_update_of_8", "{:.2f}"), ("padding_share", "{:.1%}"),
                      ("peak_rss_mb", "{:.0f}"), ("compile_and_first_pass_seconds", "{:.0f}"), ("last_loss", "{:.4f}")):

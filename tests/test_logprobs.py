@@ -100,6 +100,31 @@ def test_head_logprobs_gradient_is_the_full_log_softmaxs(temperature):
         np.testing.assert_allclose(with_entropy, expected, **TOL)
 
 
+def test_head_logprobs_skips_chunks_without_an_active_position():
+    """With ``active``, a chunk with no active position is skipped (0 there) and
+    the active positions keep their values and gradients; the skip is a real branch
+    in the compiled program, not a computed-then-masked one."""
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 30, (2, 8)))
+    active = np.zeros((2, 8), bool)
+    active[0, :5] = active[1, 1:3] = True  # chunks of 4: rows 0-3, 4-7 live, 8-11 live, 12-15 not
+    weights = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32) * active
+
+    def loss(h, **kwargs):
+        return jnp.sum(logprobs.head_logprobs(h, head, targets, chunk=4, **kwargs) * weights)
+
+    values = logprobs.head_logprobs(hidden, head, targets, chunk=4, active=jnp.asarray(active))
+    plain = logprobs.head_logprobs(hidden, head, targets, chunk=4)
+    np.testing.assert_allclose(np.asarray(values)[active], np.asarray(plain)[active], **TOL)
+    assert not np.asarray(values)[1, 4:].any()  # the last chunk was skipped
+    assert np.asarray(values)[0, 5:8].all()  # inactive positions in a live chunk are still computed
+    np.testing.assert_allclose(jax.grad(lambda h: loss(h, active=jnp.asarray(active)))(hidden), jax.grad(loss)(hidden), **TOL)
+    program = jax.jit(jax.grad(lambda h, a: loss(h, active=a))).lower(hidden, jnp.asarray(active)).as_text()
+    assert "case" in program or "conditional" in program
+
+
 def lora_grads(model, fn):
     """d fn(model) / d LoRA params, as a flat list."""
     grads = nnx.grad(fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)

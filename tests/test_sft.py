@@ -35,6 +35,8 @@ from tracetune.sft import (
     conclusion_start,
     epoch_order,
     model_inputs,
+    pack_batch,
+    pack_order,
     pad_batch,
     scored_positions,
     tokenize_traces,
@@ -153,8 +155,73 @@ def test_batches_run_over_epochs_until_the_step_budget():
     config = SFTConfig(batch_size=2, micro_batch_size=2, pad_multiple=4)
     batches = Batches(rows(*[(6, 2)] * 5), config, pad_id=0, total_micro=7, stop=StopFlag())
     assert len(list(batches)) == 7  # 3 micro-batches per epoch (the last one short)
-    assert total_steps(SFTConfig(epochs=2, batch_size=4, micro_batch_size=2, max_steps=0), 10) == 5  # 2 epochs x 5 micro-batches / 2 per update
-    assert total_steps(SFTConfig(max_steps=17), 10) == 17
+    assert total_steps(SFTConfig(epochs=2, batch_size=4, micro_batch_size=2, max_steps=0), [20] * 10) == 5  # 2 epochs x 5 micro-batches / 2 per update
+    assert total_steps(SFTConfig(max_steps=17), [20] * 10) == 17
+
+
+def test_pack_order_puts_every_example_in_one_row_fixed_by_seed_and_epoch():
+    lengths = np.random.default_rng(0).integers(50, 231, 600).tolist()  # GSM8K traces under 256 tokens: 80-230
+    micro = pack_order(lengths, 256, 2, seed=42, epoch=0)
+    assert micro == pack_order(lengths, 256, 2, seed=42, epoch=0)  # the resume guarantee
+    assert micro != pack_order(lengths, 256, 2, seed=42, epoch=1)
+    packed_rows = [row for m in micro for row in m]
+    assert sorted(i for row in packed_rows for i in row) == list(range(600))
+    assert all(sum(lengths[i] for i in row) <= 256 for row in packed_rows)
+    assert all(len(m) == 2 for m in micro[:-1])
+    # Less padding than one trace per row, even with rows grouped by length and cut to a multiple of 64
+    packed_padding = 1 - sum(lengths) / (256 * len(packed_rows))
+    apart = epoch_order(lengths, 1, 42, 0)
+    apart_padding = 1 - sum(lengths) / sum(-(-lengths[m[0]] // 64) * 64 for m in apart)
+    assert packed_padding < apart_padding / 2, (packed_padding, apart_padding)
+
+
+def test_pack_batch_lays_traces_one_after_another_with_their_weights():
+    traces = [Tokenized(np.arange(1, 7, dtype=np.int32), 2, conclusion=5), Tokenized(np.arange(1, 6, dtype=np.int32), 3, loop=(3, 4))]
+    batch = pack_batch([traces], micro_batch=2, width=16, pad_id=0, conclusion_weight=2.0)
+    assert batch["tokens"].shape == batch["segments"].shape == (2, 16)
+    np.testing.assert_array_equal(batch["segments"][0], [1] * 6 + [2] * 5 + [0] * 5)
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 1, 2] + [0, 0, 0, 0, 1] + [0] * 5)
+    assert not batch["segments"][1].any()  # the missing row is padding
+    inputs = model_inputs(batch, pad_id=0)
+    assert "segments" not in inputs  # the losses take their arguments by position
+    np.testing.assert_array_equal(inputs["positions"][0, :11], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4])
+    mask = np.asarray(inputs["attention_mask"][0])
+    assert mask[7, 6] and not mask[7, 5] and not mask[4, 5] and mask[5, 0]  # causal, and within its own trace
+    with pytest.raises(ValueError, match="more than its width"):
+        pack_batch([traces], micro_batch=1, width=10, pad_id=0)
+
+
+@pytest.mark.parametrize("path", sorted(LOSSES))
+def test_a_packed_row_trains_as_its_traces_alone(path):
+    """Loss and LoRA gradients of traces packed into one row equal those of the same
+    traces one per row (a LoRA model with B != 0, loop and conclusion weights)."""
+    config = tiny_config()
+    model = apply_lora(build_model(config, tiny_params(config), "t"), LoraConfig(rank=4, alpha=8.0), 0)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), state))
+    traces = [Tokenized(np.arange(1, 10, dtype=np.int32), 4, conclusion=7), Tokenized(np.arange(3, 9, dtype=np.int32), 3, loop=(4, 5)),
+              Tokenized(np.arange(2, 14, dtype=np.int32), 2)]
+    apart = pad_batch(traces, micro_batch=3, multiple=4, pad_id=0, conclusion_weight=2.0)
+    packed = pack_batch([traces], micro_batch=1, width=32, pad_id=0, conclusion_weight=2.0)
+    results = []
+    for batch in (apart, packed):
+        inputs = {k: jnp.asarray(v) for k, v in model_inputs(batch, pad_id=0).items()}
+        grad = nnx.value_and_grad(lambda m: LOSSES[path](m, **inputs)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
+        results.append(grad(model))
+    np.testing.assert_allclose(float(results[0][0]), float(results[1][0]), rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_batches_cover_the_data_and_count_rows_per_update():
+    config = SFTConfig(batch_size=2, micro_batch_size=1, pack_tokens=16, max_steps=0, epochs=1)
+    examples = rows(*[(6, 2)] * 10)  # 2 per row of 16: 5 rows, an update of 2 rows
+    assert total_steps(config, [6] * 10) == 3
+    batches = list(Batches(examples, config, pad_id=0, total_micro=5, stop=StopFlag()))
+    assert all(b["tokens"].shape == (1, 16) for b in batches)
+    assert sum(int((b["segments"] > 0).sum()) for b in batches) == 60  # every token of every trace, once
+    with pytest.raises(ConfigError, match="pack_tokens"):
+        load_config("tiny", ["sft.pack_tokens=8"])
 
 
 def test_tokenize_drops_traces_over_the_budget(tiny):

@@ -452,6 +452,10 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
     return out_tokens, out_logprobs, token, position, done, caches
 
 
+# Each new shape compiles before it runs, its compile's memory handed back first.
+_run_prefill, _run_decode = memory.CompileFirst(_prefill), memory.CompileFirst(_decode)
+
+
 def _lead(prompt: str) -> str:
     """The prompt's last character when it is a newline, which stop strings see before
     the completion: "\nQ:" stops a completion that starts a new question right after
@@ -522,7 +526,7 @@ class Generator:
         key = jax.random.fold_in(jax.random.key(sampling.seed), row_offset)
         args = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
-        token, logprob, caches, key_valid, position = _prefill(
+        token, logprob, caches, key_valid, position = _run_prefill(
             self.params, jnp.asarray(tokens), key, *args, config=self.config, mode=sampling.mode, cache_size=cache_size
         )
         ids = [np.asarray(token)[:, None]]
@@ -530,7 +534,7 @@ class Generator:
         done = np.zeros(B, bool)
         done[n:] = True
         for chunk_start in range(0, steps, CHUNK):
-            chunk_tokens, chunk_logprobs, token, position, done_dev, caches = _decode(
+            chunk_tokens, chunk_logprobs, token, position, done_dev, caches = _run_decode(
                 self.params, caches, key_valid, token, position, jnp.int32(P + chunk_start), jnp.asarray(done), key, *args,
                 config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=self.tokenizer.stop_ids,
             )

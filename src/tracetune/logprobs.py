@@ -41,6 +41,8 @@ import numpy as np
 from flax import nnx
 from tunix.rl import algo_core, common, function_registry
 
+from tracetune import memory
+
 CHUNK = 128  # scored positions per head call: [128, 262144] float32 is 134 MB
 
 
@@ -74,14 +76,25 @@ def embedding(model: nnx.Module) -> jax.Array:
 # ------------------------------------------------------------------ the head
 
 
-def _chunks(hidden: jax.Array, targets: jax.Array, chunk: int):
-    """[B, K, D], [B, K] -> [chunks, chunk, D], [chunks, chunk] (zero-padded), and B*K."""
+def _chunks(hidden: jax.Array, targets: jax.Array, chunk: int, active: jax.Array | None = None):
+    """[B, K, D], [B, K] -> [chunks, chunk, D], [chunks, chunk] (zero-padded), B*K, and
+    with ``active`` [B, K] whether each chunk holds an active position [chunks] (else None)."""
     B, K, D = hidden.shape
     n = B * K
     chunks = max(1, math.ceil(n / chunk))
     rows = jnp.pad(hidden.reshape(n, D), ((0, chunks * chunk - n), (0, 0))).reshape(chunks, chunk, D)
     ids = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, chunks * chunk - n)).reshape(chunks, chunk)
-    return rows, ids, n
+    live = None if active is None else jnp.pad(active.reshape(n), (0, chunks * chunk - n)).reshape(chunks, chunk).any(axis=1)
+    return rows, ids, n, live
+
+
+def _when(live, compute, *like):
+    """``compute()``, or zeros shaped like ``like`` where ``live`` is False: XLA runs only
+    the branch taken, so a chunk of unused positions costs no head matmul. ``live``
+    None: always computed."""
+    if live is None:
+        return compute()
+    return jax.lax.cond(live, compute, lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in like))
 
 
 def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float, with_entropy: bool):
@@ -97,44 +110,57 @@ def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float
     return picked, spread, probs
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, temperature: float, with_entropy: bool):
-    """(log p(ids), entropy) [chunks, chunk] each, one chunk of logits at a time."""
-    return jax.lax.map(lambda args: _chunk_terms(*args, head, temperature, with_entropy)[:2], (rows, ids))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, live: jax.Array | None, temperature: float, with_entropy: bool):
+    """(log p(ids), entropy) [chunks, chunk] each, one chunk of logits at a time (0 in
+    chunks that ``live`` [chunks] marks unused)."""
+
+    def one(args):
+        h, t, on = args
+        zero = jnp.zeros(t.shape, jnp.float32)
+        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy)[:2], zero, zero)
+
+    return jax.lax.map(one, (rows, ids, live))
 
 
-def _picked_forward(rows, head, ids, temperature, with_entropy):
+def _picked_forward(rows, head, ids, live, temperature, with_entropy):
     """The forward pass of a training step also computes d log p / d hidden for each
     position: ``(head[t] - softmax @ head) / temperature`` [chunk, D]. The backward pass
     then only scales it by the incoming cotangent: each chunk's logits are computed
     once in the whole step, and what is kept is [positions, D], not [positions, V]."""
 
-    def one(args):
-        h, t = args  # [chunk, D], [chunk]
+    def terms(h, t):  # [chunk, D], [chunk]
         picked, spread, probs = _chunk_terms(h, t, head, temperature, with_entropy)
         expected = jnp.dot(probs.astype(head.dtype), head, preferred_element_type=jnp.float32)  # [chunk, D]
         scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
         grad = (head[t].astype(jnp.float32) - expected) * scale  # [chunk, D]
         return picked, spread, grad
 
-    picked, spread, grad = jax.lax.map(one, (rows, ids))
-    return (picked, spread), (grad, head, ids)
+    def one(args):
+        h, t, on = args
+        zero = jnp.zeros(t.shape, jnp.float32)
+        return _when(on, lambda: terms(h, t), zero, zero, jnp.zeros(h.shape, jnp.float32))
+
+    picked, spread, grad = jax.lax.map(one, (rows, ids, live))
+    return (picked, spread), (grad, head, ids, live)
 
 
 def _picked_backward(temperature, with_entropy, residuals, cotangents):
-    grad, head, ids = residuals
+    grad, head, ids, live = residuals
     d_picked, _ = cotangents  # the entropy is a metric: no gradient flows from it
     d_rows = (d_picked[..., None] * grad).astype(head.dtype)  # [chunks, chunk, D]
     # The head is the frozen tied embedding (tracetune trains LoRA adapters only):
     # its cotangent is zero, which XLA drops with the unused gradient.
-    return d_rows, jnp.zeros_like(head), np.zeros(ids.shape, jax.dtypes.float0)
+    d_live = None if live is None else np.zeros(live.shape, jax.dtypes.float0)
+    return d_rows, jnp.zeros_like(head), np.zeros(ids.shape, jax.dtypes.float0), d_live
 
 
 _picked.defvjp(_picked_forward, _picked_backward)
 
 
 def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
-                  entropy: bool = False, chunk: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                  entropy: bool = False, chunk: int | None = None,
+                  active: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``log softmax(hidden @ head.T / temperature)[targets]`` ``[B, K]`` in float32,
     and with ``entropy`` the distribution's entropy ``[B, K]`` too (a metric: no
     gradient flows from it).
@@ -143,11 +169,13 @@ def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, tem
     through the head ``chunk`` (default ``CHUNK``) at a time. Differentiated, the
     forward pass computes each position's gradient with its logits (a custom VJP),
     so no [B, K, V] array exists forward or backward and no logits are recomputed;
-    the head itself gets no gradient (it is the frozen embedding).
+    the head itself gets no gradient (it is the frozen embedding). ``active`` [B, K]
+    bool: the positions whose results are used; a chunk with none of them is skipped
+    at run time (0 there), so one padded K serves batches that need fewer chunks.
     """
     B, K, _ = hidden.shape
-    rows, ids, n = _chunks(hidden, targets, chunk or CHUNK)
-    picked, spread = _picked(rows, head, ids, float(temperature), entropy)
+    rows, ids, n, live = _chunks(hidden, targets, chunk or CHUNK, active)
+    picked, spread = _picked(rows, head, ids, live, float(temperature), entropy)
     picked = picked.reshape(-1)[:n].reshape(B, K)
     if not entropy:
         return picked
@@ -227,6 +255,9 @@ def _frozen_completion_logprobs(graphdef, state, prompt_tokens, completion_token
     return jax.lax.stop_gradient(completion_logprobs(model, prompt_tokens, completion_tokens, pad_id, temperature=temperature))
 
 
+_run_frozen = memory.CompileFirst(_frozen_completion_logprobs)  # compile, hand the compile's memory back, run
+
+
 def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_tokens, pad_id: int, *,
                                temperature: float = 1.0, multiple: int = 32) -> jax.Array:
     """``completion_logprobs`` of a model not being trained (reference, old policy),
@@ -236,7 +267,7 @@ def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_toke
     prompt_tokens, completion_tokens = np.asarray(prompt_tokens), np.asarray(completion_tokens)
     P, C = trimmed_widths(prompt_tokens, completion_tokens, pad_id, multiple)
     graphdef, state = nnx.split(model)
-    out = _frozen_completion_logprobs(graphdef, state, jnp.asarray(prompt_tokens[:, -P:]), jnp.asarray(completion_tokens[:, :C]),
+    out = _run_frozen(graphdef, state, jnp.asarray(prompt_tokens[:, -P:]), jnp.asarray(completion_tokens[:, :C]),
                                       pad_id, float(temperature))
     return jnp.pad(out, ((0, 0), (0, completion_tokens.shape[1] - C)))
 

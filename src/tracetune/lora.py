@@ -108,6 +108,7 @@ class _AdapterStep:
             return out, nnx.state(m, nnx.LoRAParam), nnx.state(o)
 
         self.jitted_fn = pure
+        self._run = memory.CompileFirst(pure)
 
     def __call__(self, inputs):
         # The last step's (or rollout's) freed temporaries go back to the system
@@ -115,7 +116,7 @@ class _AdapterStep:
         memory.release()
         graphdef, adapters, base = nnx.split(self.model, nnx.LoRAParam, ...)
         opt_graphdef, opt_state = nnx.split(self.optimizer)
-        out, adapters, opt_state = self.jitted_fn(graphdef, adapters, base, opt_graphdef, opt_state, inputs)
+        out, adapters, opt_state = self._run(graphdef, adapters, base, opt_graphdef, opt_state, inputs)
         nnx.update(self.model, adapters)
         nnx.update(self.optimizer, opt_state)
         return out

@@ -40,3 +40,46 @@ def release() -> bool:
         return False
     trim(0)
     return True
+
+
+class CompileFirst:
+    """A jitted function that, for each new input signature, compiles before it runs
+    and hands the compiler's freed memory back in between.
+
+    Called plainly, a jitted function compiles and then runs inside one call: XLA
+    frees what it compiled with, but glibc keeps those pages, and the program's
+    first run takes its buffers elsewhere, so the first step of every new shape
+    peaks with the compile's garbage under it. Measured on the 270M's SFT step at
+    (1, 256), alone on the machine: peak RSS 3.17 GB when the first call compiled,
+    2.78 GB with compile, ``release``, run (``bench/sft.py``; steps after the first
+    peak at 2.78 GB either way). Later calls of a signature go straight through
+    (the ahead-of-time compile fills the same cache a plain call reads).
+
+    >>> step = CompileFirst(jax.jit(f))  # doctest: +SKIP
+    >>> step(x)  # doctest: +SKIP
+    """
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self.seen: set = set()
+
+    def __call__(self, *args, **kwargs):
+        key = _signature(args, kwargs)
+        if key not in self.seen:
+            self.jitted.lower(*args, **kwargs).compile()
+            self.seen.add(key)
+            release()
+        return self.jitted(*args, **kwargs)
+
+
+def _signature(args, kwargs):
+    """What a jitted call compiles for: the pytree structure, each array's shape,
+    dtype and sharding, and every other leaf (static arguments) by value."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    return treedef, tuple(
+        (leaf.shape, leaf.dtype, getattr(leaf, "sharding", None), getattr(leaf, "weak_type", False))
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf
+        for leaf in leaves
+    )

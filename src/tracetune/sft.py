@@ -8,7 +8,8 @@ needs around it:
 * the loss on completion tokens only (prompt and padding masked), in float32;
 * optional written-in repetition loops the loss skips (``sft.loop_share``), so a
   small model learns to leave the greedy loops it falls into;
-* batches of similar-length traces padded to a multiple of ``pad_multiple``, in an
+* batches of similar-length traces padded to a multiple of ``pad_multiple``, or
+  traces packed into rows of ``pack_tokens`` (each attending only to itself), in an
   order fixed by the seed, so a resumed run sees exactly the batches it would have;
 * a run directory: config.yaml, checkpoints/, metrics.jsonl, tensorboard/,
   samples/ (held-out generations with format rate and accuracy), export/;
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -173,13 +175,18 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     loss_mask = np.zeros((micro_batch, width), np.float32)
     for i, row in enumerate(rows):
         tokens[i, : len(row.ids)] = row.ids
-        loss_mask[i, row.n_prompt : len(row.ids)] = 1.0
-        if row.conclusion is not None:
-            loss_mask[i, row.conclusion : len(row.ids)] = conclusion_weight
-        if row.loop is not None:
-            loss_mask[i, row.loop[0] : row.loop[1]] = 0.0
+        _weigh(loss_mask[i, : len(row.ids)], row, conclusion_weight)
     return {"tokens": tokens, "loss_mask": loss_mask,
             **scored_positions(loss_mask, max(multiple, logprobs.CHUNK // micro_batch))}
+
+
+def _weigh(weights: np.ndarray, row: Tokenized, conclusion_weight: float) -> None:
+    """Fill ``weights`` [len(row.ids)], a view of the batch's row, with the trace's loss weights."""
+    weights[row.n_prompt :] = 1.0
+    if row.conclusion is not None:
+        weights[row.conclusion :] = conclusion_weight
+    if row.loop is not None:
+        weights[row.loop[0] : row.loop[1]] = 0.0
 
 
 def scored_positions(loss_mask: np.ndarray, multiple: int) -> dict[str, np.ndarray]:
@@ -194,6 +201,60 @@ def scored_positions(loss_mask: np.ndarray, multiple: int) -> dict[str, np.ndarr
     for i, a in enumerate(at):
         scored[i, : len(a)], scored_weight[i, : len(a)] = a, following[i, a]
     return {"scored": scored, "scored_weight": scored_weight}
+
+
+def pack_order(lengths: Sequence[int], width: int, rows_per_micro: int, seed: int, epoch: int,
+               window: int = 256) -> list[list[list[int]]]:
+    """Micro-batches of packed rows of example indices for one epoch, fixed by (seed, epoch).
+
+    Shuffle, then within windows of ``window`` examples fill rows of ``width``
+    tokens first-fit, longest first (a trace is never split), then shuffle the rows
+    and cut them into micro-batches of ``rows_per_micro``; the last may be short.
+    Every example is in exactly one row (each must fit ``width``).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        filled, room = [], []
+        for i in sorted(order[start : start + window], key=lambda i: -lengths[i]):
+            fits = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+            if fits is None:
+                filled.append([int(i)])
+                room.append(width - lengths[i])
+            else:
+                filled[fits].append(int(i))
+                room[fits] -= lengths[i]
+        rows += filled
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return [rows[i : i + rows_per_micro] for i in range(0, len(rows), rows_per_micro)]
+
+
+def pack_batch(rows: Sequence[Sequence[Tokenized]], micro_batch: int, width: int, pad_id: int,
+               conclusion_weight: float = 1.0) -> dict[str, np.ndarray]:
+    """``pad_batch`` for packed rows: each row holds whole traces one after another,
+    right-padded to ``width`` (every micro-batch has the same [B, width] shape), with
+    "segments" [B, width]: 1, 2, ... for each row's traces, 0 on padding.
+    ``model_inputs`` turns them into per-trace positions and an attention mask that
+    keeps each trace to itself, so a packed trace trains as it would alone. The
+    scored positions span the whole width (K = width - 1): the head skips the chunks
+    past a row's last scored position at run time (``head_logprobs``' ``active``), so
+    every micro-batch is one shape, one compiled program.
+    """
+    tokens = np.full((micro_batch, width), pad_id, np.int32)
+    loss_mask = np.zeros((micro_batch, width), np.float32)
+    segments = np.zeros((micro_batch, width), np.int32)
+    for i, row in enumerate(rows):
+        at = 0
+        for segment, trace in enumerate(row, start=1):
+            n = len(trace.ids)
+            if at + n > width:
+                raise ValueError(f"packed row {i} holds {at + n} tokens, more than its width {width}")
+            tokens[i, at : at + n] = trace.ids
+            segments[i, at : at + n] = segment
+            _weigh(loss_mask[i, at : at + n], trace, conclusion_weight)
+            at += n
+    return {"tokens": tokens, "loss_mask": loss_mask, "segments": segments, **scored_positions(loss_mask, width)}
 
 
 @dataclass
@@ -215,15 +276,22 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         lengths = [len(e.ids) for e in self.examples]
+        sft = self.config
         produced, epoch = 0, 0
         while produced < self.total_micro:
-            for indices in epoch_order(lengths, self.config.micro_batch_size, self.config.seed, epoch):
+            for micro in epoch_micro_batches(lengths, sft, epoch):
                 if produced >= self.total_micro:
                     return
-                if self.stop.signum is not None and produced % self.config.grad_accum == 0:
+                if self.stop.signum is not None and produced % sft.grad_accum == 0:
                     return
-                batch = pad_batch([self.examples[i] for i in indices], self.config.micro_batch_size, self.config.pad_multiple,
-                                  self.pad_id, self.config.conclusion_weight)
+                if sft.pack_tokens:
+                    rows = [[self.examples[i] for i in row] for row in micro]
+                    batch = pack_batch(rows, sft.micro_batch_size, sft.pack_tokens, self.pad_id, sft.conclusion_weight)
+                    indices = [i for row in micro for i in row]
+                else:
+                    indices = micro
+                    batch = pad_batch([self.examples[i] for i in indices], sft.micro_batch_size, sft.pad_multiple,
+                                      self.pad_id, sft.conclusion_weight)
                 self.real_tokens.append(int(sum(len(self.examples[i].ids) for i in indices)))
                 self.padded_tokens.append(int(batch["tokens"].size))
                 produced += 1
@@ -233,15 +301,22 @@ class Batches:
             epoch += 1
 
 
-def micro_batches_per_epoch(n_examples: int, micro_batch: int) -> int:
-    return math.ceil(n_examples / micro_batch)
+def epoch_micro_batches(lengths: Sequence[int], config: SFTConfig, epoch: int) -> list:
+    """One epoch's micro-batches: lists of example indices (``epoch_order``), or with
+    ``pack_tokens`` lists of packed rows of them (``pack_order``)."""
+    if config.pack_tokens:
+        return pack_order(lengths, config.pack_tokens, config.micro_batch_size, config.seed, epoch)
+    return epoch_order(lengths, config.micro_batch_size, config.seed, epoch)
 
 
-def total_steps(config: SFTConfig, n_examples: int) -> int:
-    """Optimizer updates of the run: ``max_steps``, or ``epochs`` over the data."""
+def total_steps(config: SFTConfig, lengths: Sequence[int]) -> int:
+    """Optimizer updates of the run: ``max_steps``, or ``epochs`` over the data
+    (``lengths``: the training examples' token counts; packed, an epoch has as many
+    micro-batches as the first epoch's packing gives)."""
     if config.max_steps:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * micro_batches_per_epoch(n_examples, config.micro_batch_size) / config.grad_accum))
+    per_epoch = len(epoch_micro_batches(lengths, config, 0))
+    return max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
 
 
 # ------------------------------------------------------------------------- loss
@@ -250,6 +325,14 @@ def total_steps(config: SFTConfig, n_examples: int) -> int:
 def model_inputs(batch: dict, *, pad_id: int) -> dict:
     """The loss's inputs: the batch (``pad_batch``'s arrays) with positions and the
     causal mask from the padding."""
+    if "segments" in batch:  # packed rows (pack_batch): each trace starts at position 0 and sees only itself
+        batch = dict(batch)
+        segments = batch.pop("segments")  # [B, T], 0 = padding
+        T = segments.shape[1]
+        starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+        first = jax.lax.cummax(jnp.where(starts, jnp.arange(T), 0), axis=1)  # [B, T]: where each token's trace starts
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # [B, T, T]
+        return {**batch, "positions": jnp.arange(T) - first, "attention_mask": same & jnp.tril(jnp.ones((T, T), bool))}
     valid = batch["tokens"] != pad_id  # [B, T]
     return {
         **batch,
@@ -271,8 +354,8 @@ def completion_loss(model, tokens, loss_mask, positions, attention_mask, scored,
     hidden = logprobs.hidden_states(model, tokens, positions, attention_mask)  # [B, T, D]
     picked = jnp.take_along_axis(hidden, scored[..., None], axis=1)  # [B, K, D]
     targets = jnp.take_along_axis(tokens, scored + 1, axis=1)  # [B, K]
-    logp = logprobs.head_logprobs(picked, logprobs.embedding(model), targets)  # [B, K] float32
     weight = scored_weight.astype(jnp.float32)
+    logp = logprobs.head_logprobs(picked, logprobs.embedding(model), targets, active=weight > 0)  # [B, K] float32
     loss = -jnp.sum(logp * weight) / jnp.maximum(jnp.sum(weight), 1.0)
     return loss, loss
 
@@ -498,7 +581,7 @@ class SFTRun:
                                              loop_share=sft.loop_share, seed=sft.seed)
         if not examples:
             raise TrainingError(f"every training trace is longer than data.max_tokens={self.config.data.max_tokens}")
-        self.steps = total_steps(sft, len(examples))
+        self.steps = total_steps(sft, [len(e.ids) for e in examples])
         self.schedule = learning_rate_schedule(sft, self.steps)
 
         mesh = mesh_lib.make_mesh(self.config.mesh)
