@@ -28,7 +28,7 @@ import sides
 
 SIDES = {
     "chunked": ["grpo.rollout_engine=tracetune", "grpo.logprobs=chunked"],
-    "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full"],
+    "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full", "grpo.rows_per_pass=0"],  # Tunix's loss takes the whole micro-batch
     "vanilla": ["grpo.rollout_engine=vanilla", "grpo.logprobs=chunked"],
 }
 
