@@ -268,7 +268,7 @@ def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_toke
     P, C = trimmed_widths(prompt_tokens, completion_tokens, pad_id, multiple)
     graphdef, state = nnx.split(model)
     out = _run_frozen(graphdef, state, jnp.asarray(prompt_tokens[:, -P:]), jnp.asarray(completion_tokens[:, :C]),
-                                      pad_id, float(temperature))
+                      pad_id, float(temperature))
     return jnp.pad(out, ((0, 0), (0, completion_tokens.shape[1] - C)))
 
 
