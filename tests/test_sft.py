@@ -203,11 +203,8 @@ def test_a_packed_row_trains_as_its_traces_alone(path):
               Tokenized(np.arange(2, 14, dtype=np.int32), 2)]
     apart = pad_batch(traces, micro_batch=3, multiple=4, pad_id=0, conclusion_weight=2.0)
     packed = pack_batch([traces], micro_batch=1, width=32, pad_id=0, conclusion_weight=2.0)
-    results = []
-    for batch in (apart, packed):
-        inputs = {k: jnp.asarray(v) for k, v in model_inputs(batch, pad_id=0).items()}
-        grad = nnx.value_and_grad(lambda m: LOSSES[path](m, **inputs)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
-        results.append(grad(model))
+    grad = nnx.jit(nnx.value_and_grad(lambda m, inputs: LOSSES[path](m, **inputs)[0], argnums=nnx.DiffState(0, nnx.LoRAParam)))
+    results = [grad(model, {k: jnp.asarray(v) for k, v in model_inputs(batch, pad_id=0).items()}) for batch in (apart, packed)]
     np.testing.assert_allclose(float(results[0][0]), float(results[1][0]), rtol=1e-5, atol=1e-6)
     for x, y in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
