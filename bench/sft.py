@@ -5,7 +5,9 @@ multiple of `sft.pad_multiple`) through the jitted PeftTrainer step with the
 completion-only float32 loss, the tied head applied only at completion positions
 (`sft.logprobs=chunked`, logprobs.py) and tracetune's Trainer, whose step returns
 the adapters only (lora.adapter_step). "full": the same batches and loss with logits at every
-position (`sft.logprobs=full`) in Tunix's PeftTrainer: the path before both. Peer, in the
+position (`sft.logprobs=full`) in Tunix's PeftTrainer. "before": full logits in Tunix's
+PeftTrainer on unpacked micro-batches of 4 (similar lengths, padded to a multiple of 64):
+the path this work started from. Peer, in the
 same run: the vanilla Tunix recipe from its examples:
 the same examples in plain shuffled order, padded to the sequence budget, and
 PeftTrainer's default loss (one-hot targets over the vocabulary). Both train the
@@ -63,9 +65,9 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
                  else optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate)))
     trainer_class = Trainer if side == "chunked" else peft_trainer.PeftTrainer
     trainer = trainer_class(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
-    if side in LOSSES:
+    if side in LOSSES or side == "before":
         batches = list(Batches(examples, sft, pad, micro_batches, StopFlag()))
-        trainer.with_loss_fn(LOSSES[side], has_aux=True)
+        trainer.with_loss_fn(LOSSES["full" if side == "before" else side], has_aux=True)
         trainer.with_gen_model_input_fn(lambda b: model_inputs(b, pad_id=pad))
     else:
         order = np.random.default_rng(sft.seed).permutation(len(examples))
@@ -125,16 +127,16 @@ def main() -> None:
                         help="the vanilla side's micro-batches (it cannot pack: rows of one trace)")
     parser.add_argument("--peer-micro-batch-size", type=int, default=4,
                         help="the vanilla side's traces per micro-batch (4: cpu-demo's before packing, its fastest)")
-    parser.add_argument("--side", choices=("chunked", "full", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("chunked", "full", "before", "peer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         sides.report(run_side(args.side, args.micro_batches, args.set))
         return
     results = {}
-    names = {"chunked": "chunked", "full": "full logits", "peer": "vanilla Tunix"}
+    names = {"chunked": "chunked", "full": "full logits", "before": "before", "peer": "vanilla Tunix"}
     for side in names:
         settings, micro_batches = args.set, args.micro_batches
-        if side == "peer":
+        if side in ("before", "peer"):  # rows of one trace, as cpu-demo trained before packing
             settings = [*args.set, "sft.pack_tokens=0", f"sft.micro_batch_size={args.peer_micro_batch_size}",
                         f"sft.batch_size={args.peer_micro_batch_size}"]
             micro_batches = args.peer_micro_batches
@@ -146,6 +148,7 @@ def main() -> None:
         print(f"{key:32}" + "".join(f"{fmt.format(results[side][key]):>15}" for side in names))
     chunked = results["chunked"]["tokens_per_second"]
     print(f"ratio (real tokens/s): chunked / full {chunked / results['full']['tokens_per_second']:.2f}x, "
+          f"chunked / before {chunked / results['before']['tokens_per_second']:.2f}x, "
           f"chunked / vanilla Tunix {chunked / results['peer']['tokens_per_second']:.2f}x")
     print(json.dumps(results))
 
