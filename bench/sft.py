@@ -16,13 +16,13 @@ same LoRA (rank, targets, optimizer) on the same examples.
 Each side runs in its own process (its peak RSS is its own) and runs the same
 micro-batches twice: the first pass compiles every shape, the second is timed.
 Tokens/s counts real (non-padding) tokens; padding share = padding / all tokens;
-seconds per update of 8 = seconds per 8 traces trained (cpu-demo: 2 micro-batches
-of 4; packed, `--set sft.pack_tokens=256`, rows hold 1-3 traces each).
+seconds per update of 8 = seconds per 8 traces trained (cpu-demo's packed rows of
+352 tokens hold about 2 traces each).
 
     python bench/sft.py [--micro-batches 20] [--set sft.pack_tokens=0 --set sft.micro_batch_size=4 --set sft.batch_size=8]
 
-The vanilla side always trains rows of one trace, `--peer-micro-batch-size` (4) at a
-time; the others follow the preset (cpu-demo: packed rows of 320 tokens, one per
+The "before" and vanilla sides train rows of one trace, `--peer-micro-batch-size` (4)
+at a time; the others follow the preset (cpu-demo: packed rows of 352 tokens, one per
 micro-batch).
 """
 
@@ -65,9 +65,10 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
                  else optax.chain(optax.clip_by_global_norm(sft.max_grad_norm), optax.adamw(sft.learning_rate)))
     trainer_class = Trainer if side == "chunked" else peft_trainer.PeftTrainer
     trainer = trainer_class(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=1 << 30, max_steps=10**6))
-    if side in LOSSES or side == "before":
+    loss = {"chunked": "chunked", "full": "full", "before": "full"}.get(side)  # the vanilla peer keeps Tunix's default
+    if loss:
         batches = list(Batches(examples, sft, pad, micro_batches, StopFlag()))
-        trainer.with_loss_fn(LOSSES["full" if side == "before" else side], has_aux=True)
+        trainer.with_loss_fn(LOSSES[loss], has_aux=True)
         trainer.with_gen_model_input_fn(lambda b: model_inputs(b, pad_id=pad))
     else:
         order = np.random.default_rng(sft.seed).permutation(len(examples))

@@ -276,10 +276,10 @@ class SFTConfig:
     pack_tokens: 0 (off), or pack whole traces, first-fit, into rows of this many
       tokens (at least ``data.max_tokens``), each trace attending only to itself and
       positioned from 0 as if alone (``sft.pack_batch``). Every micro-batch then has
-      one width, so one or two programs compile instead of one per padded length,
-      and little is padding. ``batch_size`` and ``micro_batch_size`` then count
-      rows, not traces (as TRL's packing does): an update of 5 rows of 256 tokens
-      holds about 8 GSM8K traces.
+      one shape, so one program compiles instead of one per padded length, and
+      little is padding. ``batch_size`` and ``micro_batch_size`` then count rows,
+      not traces (as TRL's packing does): an update of 4 rows of 352 tokens holds
+      about 8 GSM8K traces (``cpu-demo``).
     checkpoint_minutes / checkpoint_steps: save when either is due (0 = off); always
       at the end and on SIGTERM / Ctrl-C.
     conclusion_weight: the loss weight of the conclusion line's tokens ("Therefore,
