@@ -9,6 +9,7 @@ its live part (the memory benches).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,8 +22,11 @@ def report(result: dict) -> None:
     print(PREFIX + json.dumps(result), flush=True)
 
 
-def run(script: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``script *args`` in a new Python process (with ``env`` added to this
+    process's environment) and return the result it reported."""
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env={**os.environ, **env} if env else None)
     if done.returncode != 0:
         sys.exit(f"benchmark side {' '.join(args)} failed: {done.stderr[-3000:]}")
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith(PREFIX))[len(PREFIX):])
