@@ -2,13 +2,14 @@
 
 Runs `bench/grpo.py`'s chunked side (cpu-demo, the embedded 270M) in this
 process while a thread samples the resident set every 0.2 s, and prints the
-highest sample inside each rollout, inside each update call, and outside both,
-then the run's getrusage peak and seconds per step, and what the run's compiled
+highest sample inside each rollout, update call, validation and export, and outside
+them, then the run's getrusage peak and seconds per step, and what the run's compiled
 programs keep resident (the fall at ``jax.clear_caches()``). JAX dispatches an update
-asynchronously, so its memory can show after its call returns (outside both).
+asynchronously, so its memory can show after its call returns (outside them).
 
     python bench/grpo_memory.py --steps 3 --set grpo.select=last --set grpo.val_every_steps=0
     python bench/grpo_memory.py --steps 3 --set grpo.rows_per_pass=1 ...
+    python bench/grpo_memory.py --steps 2 --set grpo.val_every_steps=1   # with validations, as make run
     MALLOC_MMAP_THRESHOLD_=1048576 python bench/grpo_memory.py ...   # glibc returns large freed blocks
 
 The README's "Where GRPO's peak memory is" table came from these commands, one
@@ -50,11 +51,13 @@ def main() -> None:
 
     import grpo as grpo_bench
 
-    from tracetune import lora, rollout
+    from tracetune import grpo, lora, rollout
 
     timed(rollout.TracetuneRollout, "step_rollout", "rollout")
     timed(rollout.TunixEngineRollout, "step_rollout", "rollout")
     timed(lora._AdapterStep, "__call__", "update")
+    timed(grpo.GRPORun, "validate", "validate")  # greedy validation (grpo.val_every_steps)
+    timed(lora.BestAdapters, "export", "export")  # merge and write the exported weights
     result = grpo_bench.run_side("chunked", args.steps, args.init, args.set)
 
     samples = [(t, b / 1e9) for t, b in list(rss)]  # GB
