@@ -224,12 +224,12 @@ def finish_grpo(process: subprocess.Popen) -> subprocess.CompletedProcess:
 def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft_run):
     """Also the prompt and checkpoint options: the dynamic-sampling filter on
     correctness, the curriculum, masked truncations, clip-higher, token-mean, and
-    validation every 2 steps with the best step exported. Killed once after its
-    first validation, before any checkpoint: the re-run starts over without
-    recording step 0's validation twice."""
+    validation every 2 steps (in the harness's batches) with the best step
+    exported. Killed once after its first validation, before any checkpoint: the
+    re-run starts over without recording step 0's validation twice."""
     settings = ("grpo.max_steps=4", "grpo.dynamic_sampling=correctness", "grpo.max_filter_rounds=1", "grpo.curriculum=steps",
                 "grpo.mask_truncated=true", "grpo.epsilon_high=0.28", "grpo.loss_agg_mode=token-mean",
-                "grpo.val_every_steps=2", "grpo.val_examples=8", "grpo.select=best")
+                "grpo.val_every_steps=2", "grpo.val_examples=8", "grpo.select=best", "eval.batch_size=4")
     first = grpo_process(tmp_path / "run", sft_run, *settings, compile_cache=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     wait_for(metrics, first, timeout=600)
@@ -244,6 +244,7 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     validations = [r for r in lines if "val/accuracy" in r]
     records = [r for r in lines if "val/accuracy" not in r]
     assert [v["step"] for v in validations] == [0, 2, 4] and all(v["val/examples"] == 8 for v in validations)
+    assert all(v["val/batch_size"] == 4 for v in validations)  # decoded eval.batch_size at a time, as the harness
     # each validation's own seconds, not the validator's running total
     assert 0 < validations[2]["val/seconds"] < validations[0]["val/seconds"] + validations[1]["val/seconds"]
     for record in records:  # the filter's round is a whole step of prompts, sampled with the step's own

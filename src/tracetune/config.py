@@ -531,7 +531,9 @@ class EvalConfig:
     split / limit: problems of ``data.source`` to score (limit 0 = the whole split).
     max_new_tokens: the token budget per completion.
     batch_size: prompts decoded together; samples are saved after each batch, so a
-      killed evaluation resumes at the batch it was in.
+      killed evaluation resumes at the batch it was in. SFT's held-out evaluation
+      and GRPO's validation decode in batches of this size too (the decoder's cache
+      and activations grow with it: GRPO's stage peak is its validation).
     judge_*: the LLM judge (any OpenAI-compatible chat endpoint). An empty
       ``judge_base_url`` falls back to TRACETUNE_JUDGE_BASE_URL / OPENAI_BASE_URL;
       with none set, ``tracetune run`` skips the judge and the report says so.

@@ -785,8 +785,8 @@ class GRPORun:
         if not self.validation:
             return None
         if getattr(self, "_validator", None) is None:
-            self._validator = Generator(self.actor, self.loaded.tokenizer, max_batch=min(32, len(self.validation)),
-                                        with_weights=False)
+            batch = min(self.config.eval.batch_size, len(self.validation))  # decoded as the harness decodes
+            self._validator = Generator(self.actor, self.loaded.tokenizer, max_batch=batch, with_weights=False)
         self._validator.set_params(merged_tree(self.actor, grpo.lora))
         before = self._validator.stats.seconds  # the validator's stats add up over the run
         try:
@@ -798,7 +798,8 @@ class GRPORun:
         scores = [score for score, _ in scored]
         metrics = aggregate(scores)  # the harness's own aggregation, as `tracetune eval` reports it
         result = {"step": step, **{f"val/{m}": metrics[m].mean for m in ("accuracy", "format_rate", "trace", "composite")},
-                  "val/examples": len(scores), "val/seconds": round(self._validator.stats.seconds - before, 3)}
+                  "val/examples": len(scores), "val/batch_size": self._validator.max_batch,
+                  "val/seconds": round(self._validator.stats.seconds - before, 3)}
         self.validations.append(result)
         self._append(self.metrics_path, result)
         better = self.best.offer(result, self.actor, self.loaded, grpo.lora, "grpo")

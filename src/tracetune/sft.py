@@ -529,7 +529,7 @@ class SFTRun:
         if not held_out:
             return {}
         plain = merged_model(lora_model, self.loaded, sft.lora)
-        generator = Generator(plain, self.loaded.tokenizer, max_batch=min(32, len(held_out)))
+        generator = Generator(plain, self.loaded.tokenizer, max_batch=min(self.config.eval.batch_size, len(held_out)))
         scored = generate_and_score(generator, [t.example() for t in held_out],
                                     max_new_tokens=sft.eval_max_new_tokens, prompt_style=self.config.data.prompt_style,
                                     weights=self.config.rewards)
