@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -92,17 +91,6 @@ def run_side(side: str, steps: int, init: str, overrides: list[str]) -> dict:
     }
 
 
-def worktree(rev: str) -> Path:
-    """A detached git worktree of ``rev`` beside this checkout (made once, kept)."""
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    path = Path(tempfile.gettempdir()) / f"tracetune-{commit}"
-    if not (path / "src" / "tracetune").is_dir():
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(path), commit], check=True)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
@@ -124,7 +112,7 @@ def main() -> None:
     results = {}
     for side in names:
         if side == "before":
-            tree = worktree(args.before)
+            tree = sides.worktree(args.before)
             results[side] = sides.run(__file__, "--side", side, *common, env={"PYTHONPATH": str(tree / "src")})
             if not results[side]["tracetune"].startswith(str(tree)):
                 raise SystemExit(f"the before side imported {results[side]['tracetune']}, not {tree}")

@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 PREFIX = "RESULT "
 
@@ -30,6 +32,18 @@ def run(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
     if done.returncode != 0:
         sys.exit(f"benchmark side {' '.join(args)} failed: {done.stderr[-3000:]}")
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith(PREFIX))[len(PREFIX):])
+
+
+def worktree(rev: str) -> Path:
+    """A detached git worktree of ``rev`` beside this checkout (made once, kept): a
+    bench's "before" side runs it with ``env={"PYTHONPATH": str(tree / "src")}``."""
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"tracetune-{commit}"
+    if not (path / "src" / "tracetune").is_dir():
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(path), commit], check=True)
+    return path
 
 
 def sample_rss(every: float) -> list[tuple[float, int]]:

@@ -83,7 +83,7 @@ def test_a_cut_off_evaluation_resumes_and_matches_an_uninterrupted_one(tmp_path,
     (tmp_path / "cut" / "samples.jsonl").write_text("".join(lines[:3]) + lines[3][:40])
     advanced = []
     resumed = evaluate(tiny, examples, tmp_path / "cut", config, progress=advanced.append)
-    assert advanced == [3, 4, 1]  # 3 already scored, then the 5 missing in batches of 4
+    assert advanced == [3, 1, 1, 1, 1, 1]  # 3 already scored, then each of the 5 missing as it finishes
     assert [r["completion"] for r in resumed.records] == [r["completion"] for r in whole.records]
     assert resumed.metrics == whole.metrics
     assert len(read_records(tmp_path / "cut" / "samples.jsonl")) == 8

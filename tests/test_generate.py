@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracetune.generate import Generator, SamplingConfig, _argmax, _categorical, _decode, _prefill
+from tracetune import generate
+from tracetune.generate import Generator, SamplingConfig, _argmax, _categorical, _decode, _prefill, _take
 from tracetune.models.registry import load_model
 
 PROMPTS = ["Q: What is 2 + 3?\nA:\n", "Q: Natalia sold 48 clips in April and half as many in May. How many?\nA:\n", "Q: 7?\nA:\n"]
@@ -71,7 +74,8 @@ def test_temperature_sampling_draws_from_the_softmax(vocab):
     rng = np.random.default_rng(0)
     scaled = rng.normal(0, 2.0, (vocab, 2)).astype(np.float32)  # [V, B]
     scaled[::7, 1] = -1e30  # row 1: every 7th token has weight exp(-1e30) = 0
-    draws = jax.jit(jax.vmap(_categorical, in_axes=(None, 0)))(jnp.asarray(scaled), jax.random.split(jax.random.key(3), 40_000))
+    keys = jax.random.split(jax.random.key(3), (40_000, 2))  # one key per row, per draw
+    draws = jax.jit(jax.vmap(_categorical, in_axes=(None, 0)))(jnp.asarray(scaled), keys)
     draws = np.asarray(draws)  # [N, B]
     for row in range(2):
         expected = np.asarray(jax.nn.softmax(scaled[:, row]))
@@ -134,3 +138,44 @@ def test_blocked_argmax_picks_the_first_most_likely_token_like_jnp_argmax():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.integers(0, 50, (1000, 6)).astype(np.float32))  # [V, B], many ties
     assert (np.asarray(_argmax(logits)) == np.asarray(jnp.argmax(logits, axis=0))).all()
+
+
+def test_freed_rows_take_the_next_prompts_and_every_result_is_as_in_one_batch(tiny):
+    """Five prompts through two rows: a row whose prompt stops early (a stop string
+    taken from its own completion) takes the next prompt while the other row decodes
+    on at its own cache slot; greedy and sampled results equal those of one batch
+    holding all five (a row draws from its own key: seed, prompt index, position)."""
+    prompts = PROMPTS + ["Q: 5 + 8?\nA:\n", "Q: Ten apples, three eaten?\nA:\n"]
+    two_rows, wide = (Generator(tiny.model, tiny.tokenizer, max_batch=b) for b in (2, 8))
+    for sampling in (SamplingConfig(max_new_tokens=40, stop_strings=()),
+                     SamplingConfig(max_new_tokens=40, temperature=1.0, seed=7, stop_strings=())):
+        free = wide.generate(prompts, sampling)
+        stop = "".join(free[1].token_texts[:3])  # prompt 1 stops within the first chunk, prompt 0 runs on
+        assert stop and stop not in free[0].text and free[0].finish_reason == "length"
+        sampling = dataclasses.replace(sampling, stop_strings=(stop,))
+        order = [index for index, _ in two_rows.stream(prompts, sampling)]
+        together = two_rows.generate(prompts, sampling)
+        at_once = wide.generate(prompts, sampling)
+        assert sorted(order) == list(range(5)) and order.index(1) < order.index(0)  # the early stop is handed back first
+        assert together[1].finish_reason == "stop" and len(together[1].token_ids) <= 3
+        assert [r.token_ids for r in together] == [r.token_ids for r in at_once]
+        for a, b in zip(together, at_once):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+
+
+def test_the_last_rows_decode_on_in_a_smaller_batch_with_the_same_results(tiny, monkeypatch):
+    """Five prompts in a batch of 8 where four stop in the first chunk: the one left
+    moves to a batch of 1 (``_take``) and decodes on to the same tokens as alone."""
+    prompts = PROMPTS + ["Q: 5 + 8?\nA:\n", "Q: Ten apples, three eaten?\nA:\n"]
+    wide = Generator(tiny.model, tiny.tokenizer, max_batch=8)
+    free = wide.generate(prompts, SamplingConfig(max_new_tokens=40, stop_strings=()))
+    stops = tuple("".join(r.token_texts[:3]) for r in free[1:])
+    assert not any(stop in free[0].text for stop in stops)
+    sampling = SamplingConfig(max_new_tokens=40, stop_strings=stops)
+    shrunk = []
+    monkeypatch.setattr(generate, "_take", lambda caches, valid, rows: shrunk.append(len(rows)) or _take(caches, valid, rows))
+    together = wide.generate(prompts, sampling)
+    assert shrunk == [1]  # from 8 rows to 1, once
+    assert [r.finish_reason for r in together] == ["length"] + ["stop"] * 4
+    alone = [Generator(tiny.model, tiny.tokenizer, max_batch=1).generate([p], sampling)[0] for p in prompts]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,10 +93,30 @@ def generate_and_score(
     """Greedy completions of ``examples`` under the harness's prompt, scored."""
     from tracetune.generate import SamplingConfig
 
+    scored: list = [None] * len(examples)
+    for index, score, generation in stream_and_score(generator, examples, max_new_tokens=max_new_tokens,
+                                                      prompt_style=prompt_style, weights=weights):
+        scored[index] = (score, generation)
+        if progress:
+            progress(1)
+    return scored
+
+
+def stream_and_score(
+    generator: Generator,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    prompt_style: str = "plain",
+    weights: RewardWeights = RewardWeights(),
+) -> Iterator[tuple[int, SampleScore, Generation]]:
+    """``generate_and_score`` one example at a time as each finishes: (index, score, generation)."""
+    from tracetune.generate import SamplingConfig
+
     prompts = [build_prompt(e.question, prompt_style, e.kind) for e in examples]
-    outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS),
-                                 progress=progress)
-    return [(score_generation(e, o, weights), o) for e, o in zip(examples, outputs)]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS)
+    for index, generation in generator.stream(prompts, sampling):
+        yield index, score_generation(examples[index], generation, weights), generation
 
 
 def sample_record(score: SampleScore, generation: Generation, example: Example) -> dict[str, Any]:
@@ -333,15 +353,14 @@ def evaluate(
         from tracetune.generate import Generator
 
         generator = Generator(loaded.model, loaded.tokenizer, max_batch=min(harness.batch_size, len(todo)))
-        for first in range(0, len(todo), harness.batch_size):
-            batch = todo[first : first + harness.batch_size]
-            scored = generate_and_score(generator, batch, max_new_tokens=harness.max_new_tokens,
-                                        prompt_style=config.data.prompt_style, weights=config.rewards)
-            batch_records = [sample_record(score, generation, example) for example, (score, generation) in zip(batch, scored)]
-            records += batch_records
-            append_jsonl(samples_path, *batch_records)
+        # Each record is appended as its problem finishes, so a stopped evaluation resumes from there.
+        for index, score, generation in stream_and_score(generator, todo, max_new_tokens=harness.max_new_tokens,
+                                                          prompt_style=config.data.prompt_style, weights=config.rewards):
+            record = sample_record(score, generation, todo[index])
+            records.append(record)
+            append_jsonl(samples_path, record)
             if progress:
-                progress(len(batch))
+                progress(1)
     order = {e.id: i for i, e in enumerate(examples)}
     records.sort(key=lambda r: order[r["id"]])
     metrics, rows = write_summary(out_dir, records, settings)

@@ -25,9 +25,17 @@ arithmetic, checked against Tunix's forward pass in the tests) instead of Tunix'
 
 Shapes are padded to buckets (batch to a power of two, prompt length to a
 multiple of 64) so that a new batch size or prompt length does not recompile.
-Prompts are left-padded: every row's next token goes to the same cache slot.
-Decoding runs in chunks of ``CHUNK`` steps; between chunks the host checks stop
-strings (``</answer>``) and ends the loop once every row has stopped.
+Prompts are left-padded to the call's prompt bucket; each row has its own cache
+slot. Decoding runs in chunks of ``CHUNK`` steps; between chunks the host checks
+stop strings (``</answer>``), hands back the rows that have stopped, and, when a
+call has more prompts than rows, refills freed rows with the next prompts (in
+groups of a quarter of the batch: one more prefill shape). A batch is then no
+longer as slow as its longest completion: in the 2026-12-05 evaluations of 250
+GSM8K problems, a greedy loop to the 320-token budget held most batches of 32 at
+320 steps, 2,512 decode steps at B=32 for 1,235 steps' worth of tokens after SFT
+(2,560 for 497 zero-shot).
+Each row draws from its own key, fixed by (seed, prompt index, position): a
+prompt's sample does not depend on the rows beside it.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -328,8 +336,8 @@ def _argmax(logits):
     return first * block + jnp.argmax(inside == top, axis=0)
 
 
-def _categorical(scaled, key):
-    """A token [B] drawn from softmax(scaled) over the vocabulary, scaled [V, B] (float32).
+def _categorical(scaled, keys):
+    """A token [B] drawn from softmax(scaled) over the vocabulary, scaled [V, B] (float32), keys [B].
 
     Inverse-CDF sampling in two levels, with one uniform number per row: the block of
     ARGMAX_BLOCK tokens whose running mass passes u, then the token inside it. Exact,
@@ -342,7 +350,7 @@ def _categorical(scaled, key):
     weights = jnp.exp(scaled - jnp.max(scaled, axis=0)).reshape(V // block, block, B)  # the top token weighs 1
     cumulative = jnp.cumsum(jnp.sum(weights, axis=1), axis=0)  # [V/block, B]
     total = cumulative[-1]
-    u = jnp.minimum(jax.random.uniform(key, (B,)) * total, jnp.nextafter(total, 0.0))  # [B] in [0, total)
+    u = jnp.minimum(jax.vmap(jax.random.uniform)(keys) * total, jnp.nextafter(total, 0.0))  # [B] in [0, total)
     chosen = jnp.sum(cumulative <= u, axis=0)  # [B]: the first block whose running mass exceeds u
     before = jnp.where(chosen > 0, jnp.take_along_axis(cumulative, jnp.maximum(chosen - 1, 0)[None], axis=0)[0], 0.0)
     inside = jnp.cumsum(jnp.take_along_axis(weights, chosen[None, None, :], axis=0)[0], axis=0)  # [block, B]
@@ -350,13 +358,14 @@ def _categorical(scaled, key):
     return chosen * block + jnp.sum(inside <= rest, axis=0)
 
 
-def _choose(logits, key, mode: str, temperature, top_k, top_p):
-    """Next token [B] from logits [V, B] (float32), and its log-probability at temperature 1."""
+def _choose(logits, keys, mode: str, temperature, top_k, top_p):
+    """Next token [B] from logits [V, B] (float32) with one key per row (keys [B]),
+    and its log-probability at temperature 1."""
     V, B = logits.shape
     if mode == "greedy":
         token = _argmax(logits)
     elif mode == "full":
-        token = _categorical(logits / temperature, key)
+        token = _categorical(logits / temperature, keys)
     else:  # top-k / top-p among the CANDIDATES most likely tokens
         top_logits, top_ids = jax.lax.top_k(logits.T, CANDIDATES)  # [B, C], sorted descending
         scaled = top_logits / temperature
@@ -365,7 +374,7 @@ def _choose(logits, key, mode: str, temperature, top_k, top_p):
         probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
         keep &= before < top_p  # the nucleus: the smallest prefix with mass >= top_p
-        choice = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf))  # [B]
         token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
     # log p(token) = logit - logsumexp(logits): no [V, B] array of log-probs is written.
     logprob = logits[token, jnp.arange(B)] - _logsumexp(logits)
@@ -378,9 +387,16 @@ def _logsumexp(logits):  # [V, B] -> [B]
     return jax.nn.logsumexp(logits, axis=0)
 
 
+def _row_keys(key, rows, positions):
+    """One key per row [B] for the token after ``positions`` [B] of prompts ``rows`` [B]:
+    a row's draws depend on (seed, prompt index, position) alone."""
+    return jax.vmap(lambda row, position: jax.random.fold_in(jax.random.fold_in(key, row), position))(rows, positions)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "mode", "cache_size"))
-def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mode: str, cache_size: int):
-    """tokens [B, P] left-padded with 0 -> first new token [B], its log-prob, caches."""
+def _prefill(params, tokens, key, rows, temperature, top_k, top_p, *, config: Arch, mode: str, cache_size: int):
+    """tokens [B, P] left-padded with 0, prompts ``rows`` [B] -> first new token [B],
+    its log-prob, caches of ``cache_size`` slots, key_valid [B, S], last positions [B]."""
     B, P = tokens.shape
     valid = tokens != 0  # [B, P]
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)  # RoPE positions start at 0 per row
@@ -393,19 +409,27 @@ def _prefill(params, tokens, key, temperature, top_k, top_p, *, config: Arch, mo
         for k, v in new_kv
     )  # keys [B, K, H, S], values [B, K, S, H]
     key_valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=True)  # [B, S]
-    token, logprob = _choose(logits, jax.random.fold_in(key, 0), mode, temperature, top_k, top_p)
+    token, logprob = _choose(logits, _row_keys(key, rows, positions[:, -1]), mode, temperature, top_k, top_p)
     return token, logprob, caches, key_valid, positions[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode", "steps", "stop_ids"), donate_argnames=("caches",))
-def _decode(params, caches, key_valid, token, last_position, slot, done, key, temperature, top_k, top_p, *,
-            config: Arch, mode: str, steps: int, stop_ids: tuple[int, ...]):
-    """``steps`` decode steps from ``token``, whose key goes to cache ``slot``.
+@functools.partial(jax.jit, donate_argnames=("caches", "key_valid"))
+def _insert(caches, key_valid, rows, new_caches, new_valid):
+    """Replace rows ``rows`` [R] of the caches and key_valid [B, S] with a prefill's [R, ...] (in place)."""
+    caches = tuple((kc.at[rows].set(nk), vc.at[rows].set(nv)) for (kc, vc), (nk, nv) in zip(caches, new_caches))
+    return caches, key_valid.at[rows].set(new_valid)
 
-    token, last_position, done [B]; returns tokens and log-probs [B, steps], the
-    next token, the updated state and caches. Rows that are done emit padding (0).
-    Inside the loop the caches are read-only; the chunk's keys and values collect
-    in small buffers, written into the caches once after the loop.
+
+@functools.partial(jax.jit, static_argnames=("config", "mode", "steps", "stop_ids"), donate_argnames=("caches",))
+def _decode(params, caches, key_valid, token, last_position, slot, done, key, rows, temperature, top_k, top_p, *,
+            config: Arch, mode: str, steps: int, stop_ids: tuple[int, ...]):
+    """``steps`` decode steps from ``token``, whose key goes to each row's cache ``slot``.
+
+    token, last_position, slot, done, rows (prompt indices) [B]; returns tokens and
+    log-probs [B, steps], the next token, the updated state and caches. Rows that
+    are done emit padding (0). Inside the loop the caches are read-only; the chunk's
+    keys and values collect in small buffers, written into the caches once after
+    the loop, each row at its own slot.
     """
     B = token.shape[0]
     K, H = config.num_kv_heads, config.head_dim
@@ -413,29 +437,30 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
     new_valid = jnp.ones((B, 1), bool)
     dtype = caches[0][0].dtype
     slots = jnp.arange(key_valid.shape[1])
-    chunk_slots = slot + jnp.arange(steps)
-    earlier = key_valid[:, None, :] & (slots < slot)[None, None, :]  # [B, 1, S]: written before this chunk
+    chunk_slots = jnp.arange(steps)
+    earlier = key_valid[:, None, :] & (slots[None, :] < slot[:, None])[:, None, :]  # [B, 1, S]: written before this chunk
     buffers = tuple((jnp.zeros((B, K, H, steps), dtype), jnp.zeros((B, K, steps, H), dtype)) for _ in caches)
 
     def step(i, carry):
         token, position, done, buffers, out_tokens, out_logprobs = carry
         position = position + 1
-        in_chunk = jnp.broadcast_to((jnp.arange(steps) < i)[None, None, :], (B, 1, steps))  # earlier steps of this chunk
+        in_chunk = jnp.broadcast_to((chunk_slots < i)[None, None, :], (B, 1, steps))  # earlier steps of this chunk
 
         def sources_of(layer, query, local):
             cache_mask, buffer_mask = earlier, in_chunk
-            if local:
-                cache_mask = cache_mask & _window(query, slots, config.sliding_window_size)[None]
-                buffer_mask = buffer_mask & _window(query, chunk_slots, config.sliding_window_size)[None]
+            if local:  # each row's window ends at its own slot: [B, 1, S] and [B, 1, steps]
+                cache_mask = cache_mask & (slots[None, :] > (slot + i - config.sliding_window_size)[:, None])[:, None, :]
+                buffer_mask = buffer_mask & (chunk_slots > i - config.sliding_window_size)[None, None, :]
             (k_cache, v_cache), (k_buf, v_buf) = caches[layer], buffers[layer]
             return [(k_cache, v_cache, cache_mask), (k_buf, v_buf, buffer_mask)]
 
-        logits, new_kv = _forward(params, config, token[:, None], position[:, None], new_valid, slot + i, sources_of)
+        # write_at only places the new token among the new tokens (T = 1); the slots are per row, in sources_of.
+        logits, new_kv = _forward(params, config, token[:, None], position[:, None], new_valid, 0, sources_of)
         buffers = tuple(
             (jax.lax.dynamic_update_slice(kb, k, (0, 0, 0, i)), jax.lax.dynamic_update_slice(vb, v, (0, 0, i, 0)))
             for (kb, vb), (k, v) in zip(buffers, new_kv)
         )
-        nxt, logprob = _choose(logits, jax.random.fold_in(key, slot + i + 1), mode, temperature, top_k, top_p)
+        nxt, logprob = _choose(logits, _row_keys(key, rows, position), mode, temperature, top_k, top_p)
         done = done | jnp.isin(token, stops)
         nxt = jnp.where(done, 0, nxt)
         logprob = jnp.where(done, 0.0, logprob)
@@ -445,11 +470,16 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, te
 
     init = (token, last_position, done, buffers, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B, steps), jnp.float32))
     token, position, done, buffers, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, step, init)
-    caches = tuple(
-        (jax.lax.dynamic_update_slice(kc, kb, (0, 0, 0, slot)), jax.lax.dynamic_update_slice(vc, vb, (0, 0, slot, 0)))
-        for (kc, vc), (kb, vb) in zip(caches, buffers)
-    )
+    write_keys = jax.vmap(lambda c, b, at: jax.lax.dynamic_update_slice(c, b, (0, 0, at)))  # one row [K, H, S] at its slot
+    write_values = jax.vmap(lambda c, b, at: jax.lax.dynamic_update_slice(c, b, (0, at, 0)))  # [K, S, H]
+    caches = tuple((write_keys(kc, kb, slot), write_values(vc, vb, slot)) for (kc, vc), (kb, vb) in zip(caches, buffers))
     return out_tokens, out_logprobs, token, position, done, caches
+
+
+@jax.jit
+def _take(caches, key_valid, rows):
+    """Rows ``rows`` [B'] of the caches and key_valid [B, S]: a smaller batch."""
+    return tuple((kc[rows], vc[rows]) for kc, vc in caches), key_valid[rows]
 
 
 # Each new shape compiles before it runs, its compile's memory handed back first.
@@ -498,67 +528,103 @@ class Generator:
         sampling: SamplingConfig = SamplingConfig(),
         progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
-        """Generate for every prompt, ``max_batch`` at a time; ``progress(n)`` is
-        called with the number of prompts finished in each batch."""
+        """Generate for every prompt, in their order; ``progress(n)`` is called as n
+        more prompts finish."""
+        out: list[Generation | None] = [None] * len(prompts)
+        for index, generation in self.stream(prompts, sampling):
+            out[index] = generation
+            if progress:
+                progress(1)
+        return out  # type: ignore[return-value]
+
+    def stream(self, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig()) -> Iterator[tuple[int, Generation]]:
+        """(prompt index, generation) for every prompt, as each finishes: ``max_batch``
+        rows decode together, and a row that stops takes the next prompt (see the
+        module docstring)."""
         if self.params is None:
             raise ValueError("this Generator holds no weights: call set_params first")
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.max_batch):
-            batch = list(prompts[start : start + self.max_batch])
-            out.extend(self._generate_batch(batch, sampling, row_offset=start))
-            if progress:
-                progress(len(batch))
-        return out
-
-    def _generate_batch(self, prompts: list[str], sampling: SamplingConfig, row_offset: int) -> list[Generation]:
+        if not prompts:
+            return
         start = time.perf_counter()
         encoded = [self.tokenizer.encode(p) for p in prompts]
         n = len(prompts)
-        B = _bucket_batch(n)
+        B = _bucket_batch(min(n, self.max_batch))
+        R = max(1, B // 4)  # rows refilled together: one [R, P] prefill
         P = _bucket_prompt(max(len(e) for e in encoded))
         steps = math.ceil(sampling.max_new_tokens / CHUNK) * CHUNK
-        cache_size = P + steps
-        tokens = np.zeros((B, P), np.int32)
-        for row, ids in enumerate(encoded):
-            tokens[row, P - len(ids) :] = ids
-        tokens[n:, -1] = self.tokenizer.bos_id  # filler rows: one BOS, results dropped
-        # One key per call; rows differ by their index, so G copies of a prompt differ.
-        key = jax.random.fold_in(jax.random.key(sampling.seed), row_offset)
+        key = jax.random.key(sampling.seed)
         args = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
-        token, logprob, caches, key_valid, position = _run_prefill(
-            self.params, jnp.asarray(tokens), key, *args, config=self.config, mode=sampling.mode, cache_size=cache_size
-        )
-        ids = [np.asarray(token)[:, None]]
-        logprobs = [np.asarray(logprob)[:, None]]
-        done = np.zeros(B, bool)
-        done[n:] = True
-        for chunk_start in range(0, steps, CHUNK):
+        def prefill(indices: list[int], size: int):
+            """The first token of prompts ``indices``, in ``size`` rows (the rest one BOS each, unused)."""
+            tokens = np.zeros((size, P), np.int32)
+            tokens[len(indices) :, -1] = self.tokenizer.bos_id
+            for r, index in enumerate(indices):
+                tokens[r, P - len(encoded[index]) :] = encoded[index]
+            rows = np.full(size, -1, np.int32)
+            rows[: len(indices)] = indices
+            return _run_prefill(self.params, jnp.asarray(tokens), key, jnp.asarray(rows), *args, config=self.config,
+                                mode=sampling.mode, cache_size=P + steps)
+
+        # Host state per row: which prompt (-1: none), its tokens and log-probs so far.
+        row_prompt = np.full(B, -1)
+        ids: list[list[np.ndarray]] = [[] for _ in range(B)]
+        logprobs: list[list[np.ndarray]] = [[] for _ in range(B)]
+        first = list(range(min(n, B)))
+        token, logprob, caches, key_valid, position = prefill(first, B)
+        token, logprob, position = np.asarray(token), np.asarray(logprob), np.asarray(position)
+        slot = np.full(B, P, np.int32)
+        done = np.ones(B, bool)
+        for r, index in enumerate(first):
+            row_prompt[r], done[r], ids[r], logprobs[r] = index, False, [token[r : r + 1]], [logprob[r : r + 1]]
+        pending = n - len(first)
+        while True:
             chunk_tokens, chunk_logprobs, token, position, done_dev, caches = _run_decode(
-                self.params, caches, key_valid, token, position, jnp.int32(P + chunk_start), jnp.asarray(done), key, *args,
+                self.params, caches, key_valid, jnp.asarray(token), jnp.asarray(position), jnp.asarray(slot),
+                jnp.asarray(done), key, jnp.asarray(np.maximum(row_prompt, 0).astype(np.int32)), *args,
                 config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=self.tokenizer.stop_ids,
             )
-            ids.append(np.asarray(chunk_tokens))
-            logprobs.append(np.asarray(chunk_logprobs))
-            done = np.asarray(done_dev).copy()
-            generated = np.concatenate(ids, axis=1)
-            for row in range(n):
-                if not done[row] and sampling.stop_strings:
-                    text = _lead(prompts[row]) + self.tokenizer.decode(generated[row])
-                    if any(s in text for s in sampling.stop_strings):
-                        done[row] = True
-            if done.all():
+            chunk_tokens, chunk_logprobs = np.asarray(chunk_tokens), np.asarray(chunk_logprobs)
+            token, position, done = np.asarray(token).copy(), np.asarray(position).copy(), np.asarray(done_dev).copy()
+            slot += CHUNK
+            for r in np.flatnonzero(row_prompt >= 0):
+                index = int(row_prompt[r])
+                ids[r].append(chunk_tokens[r])
+                logprobs[r].append(chunk_logprobs[r])
+                generated = np.concatenate(ids[r])
+                if not done[r] and sampling.stop_strings:
+                    text = _lead(prompts[index]) + self.tokenizer.decode(generated)
+                    done[r] = any(s in text for s in sampling.stop_strings)
+                if done[r] or len(generated) >= sampling.max_new_tokens:
+                    done[r], row_prompt[r] = True, -1
+                    result = self._finish(prompts[index], len(encoded[index]), generated, np.concatenate(logprobs[r]), sampling)
+                    self.stats.prompt_tokens += len(encoded[index])
+                    self.stats.generated_tokens += len(result.token_ids)
+                    yield index, result
+            free = list(np.flatnonzero(row_prompt < 0))
+            while pending and (len(free) >= R or len(free) == B):
+                indices = list(range(n - pending, n - pending + min(pending, R)))
+                rows, free = free[:R], free[R:]
+                pending -= len(indices)
+                new_token, new_logprob, new_caches, new_valid, new_position = prefill(indices, R)
+                caches, key_valid = _insert(caches, key_valid, jnp.asarray(np.array(rows, np.int32)), new_caches, new_valid)
+                new_token, new_logprob, new_position = np.asarray(new_token), np.asarray(new_logprob), np.asarray(new_position)
+                for j, r in enumerate(rows[: len(indices)]):
+                    row_prompt[r], done[r], slot[r] = indices[j], False, P
+                    token[r], position[r] = new_token[j], new_position[j]
+                    ids[r], logprobs[r] = [new_token[j : j + 1]], [new_logprob[j : j + 1]]
+            if (row_prompt < 0).all():
                 break
-        generated = np.concatenate(ids, axis=1)
-        all_logprobs = np.concatenate(logprobs, axis=1)
-        results = [
-            self._finish(prompts[row], len(encoded[row]), generated[row], all_logprobs[row], sampling)
-            for row in range(n)
-        ]
-        self.stats.prompt_tokens += sum(len(e) for e in encoded)
-        self.stats.generated_tokens += sum(len(r.token_ids) for r in results)
-        self.stats.seconds += time.perf_counter() - start
-        return results
+            active = np.flatnonzero(row_prompt >= 0)
+            if not pending and _bucket_batch(len(active)) <= B // 4:
+                # The last rows decode on in a smaller batch: a step at B=2 costs about a
+                # third of one at B=32 (the head's weights are read once per step either way).
+                B = _bucket_batch(len(active))
+                keep = np.concatenate([active, np.flatnonzero(row_prompt < 0)])[:B]
+                caches, key_valid = _take(caches, key_valid, jnp.asarray(keep.astype(np.int32)))
+                row_prompt, token, position, slot, done = (a[keep] for a in (row_prompt, token, position, slot, done))
+                ids, logprobs = [ids[r] for r in keep], [logprobs[r] for r in keep]
+        self.stats.seconds += time.perf_counter() - start  # (a consumer that stops early leaves it uncounted)
 
     def _finish(self, prompt: str, prompt_tokens: int, ids: np.ndarray, logprobs: np.ndarray, sampling: SamplingConfig) -> Generation:
         """Cut a row at its first stop token or stop string, within the token budget."""
