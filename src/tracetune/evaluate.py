@@ -363,6 +363,9 @@ def evaluate(
                 progress(1)
     order = {e.id: i for i, e in enumerate(examples)}
     records.sort(key=lambda r: order[r["id"]])
+    if todo:  # appended in the order they finished; the finished file is in the problems' order
+        with atomic_path(samples_path) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     metrics, rows = write_summary(out_dir, records, settings)
     return EvalResult(out_dir, settings, records, metrics, rows, time.perf_counter() - start if todo else 0.0,
                       directory_domains(out_dir, records))
