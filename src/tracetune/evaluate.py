@@ -33,7 +33,7 @@ from tracetune import failures
 from tracetune.config import Config, RewardWeights
 from tracetune.data import Example, mix_label
 from tracetune.errors import TrainingError
-from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended
+from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended, rewrite_jsonl
 from tracetune.format import build_prompt
 from tracetune.rewards import answer_token_logprobs
 from tracetune.scoring import (
@@ -342,8 +342,7 @@ def evaluate(
     wanted = {e.id for e in examples}
     records = [r for r in read_records(samples_path) if r.get("id") in wanted]
     done = {r["id"] for r in records}
-    with atomic_path(samples_path) as tmp:  # drop a cut-off last line before appending
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    rewrite_jsonl(samples_path, records)  # drop a cut-off last line before appending
     if progress and done:
         progress(len(done))
 
@@ -364,8 +363,7 @@ def evaluate(
     order = {e.id: i for i, e in enumerate(examples)}
     records.sort(key=lambda r: order[r["id"]])
     if todo:  # appended in the order they finished; the finished file is in the problems' order
-        with atomic_path(samples_path) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        rewrite_jsonl(samples_path, records)
     metrics, rows = write_summary(out_dir, records, settings)
     return EvalResult(out_dir, settings, records, metrics, rows, time.perf_counter() - start if todo else 0.0,
                       directory_domains(out_dir, records))

@@ -88,6 +88,13 @@ def append_jsonl(path: Path, *records: dict) -> None:
         handle.flush()
 
 
+def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace an append-only JSONL file with ``records``, atomically (a kill leaves
+    the old file or the new one)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
 def read_appended(path: Path, *, repair: bool = True) -> list[Any]:
     """The records of an append-only JSONL file written by ``append_jsonl``.
 

@@ -8,7 +8,6 @@ hang."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from tracetune.config import Config, load_config, save_config
 from tracetune.errors import DiskFull, TrainingError
-from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended, writing
+from tracetune.files import append_jsonl, atomic_path, is_disk_full, read_appended, rewrite_jsonl, writing
 
 
 def optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float) -> optax.GradientTransformation:
@@ -117,8 +116,7 @@ def truncate_metrics(path: Path, step: int) -> list[dict]:
     kept = [r for r in records if r.get("step", 0) <= step]
     if not is_primary() or not path.exists() or len(kept) == len(records):  # read-only on the other hosts
         return kept
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    rewrite_jsonl(path, kept)
     return kept
 
 
