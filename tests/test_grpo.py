@@ -117,6 +117,40 @@ def test_the_curriculum_starts_with_the_fewest_reference_steps_and_refills_no_ha
     assert extra["reference"].tolist() != batches.refill(step=0, round=2)["reference"].tolist()
 
 
+def test_the_pass_rate_curriculum_revisits_problems_whose_groups_had_spread_first():
+    examples = [Example(id=f"e{i}", question=f"q{i}", reference=str(i)) for i in range(30)]
+    plain = PromptBatches(examples, 2, 42, "plain", StopFlag())
+    batches = PromptBatches(examples, 2, 42, "plain", StopFlag(), revisit=2)
+    # nothing observed yet: the same seeded draw as without the curriculum
+    assert batches.refill(3, 1)["id"].tolist() == plain.refill(3, 1)["id"].tolist()
+    assert batches.observe([("e1", True), ("e2", False), ("e3", True)]) == 0
+    assert batches.due() == [3, 1]  # most recent first; e2 had no spread
+    first, second = batches.refill(4, 1)["id"].tolist(), batches.refill(4, 2)["id"].tolist()
+    assert first == ["e3", "e1"] and second[0] not in ("e1", "e3")  # round 2: fresh prompts only
+    assert batches.refill(4, 1)["id"].tolist() == first  # a pure function of the observations
+    assert batches.observe([("e3", True), ("e1", False), ("e5", True)]) == 2
+    assert batches.due() == [5, 3]  # e1's revisit had no spread: it leaves
+    batches.observe([("e3", True)])  # sampled 3 times = 1 + revisit: done
+    assert batches.due() == [5]
+    refill = batches.refill(5, 1)["id"].tolist()
+    assert refill[0] == "e5" and refill[1] != "e5"  # the rest of the round is a fresh draw, never a repeat
+    assert plain.observe([("e1", True)]) == 0 and plain.due() == []  # revisit=0: off
+
+    # rebuilt from the metrics records of a resumed run, the queue is the same
+    again = PromptBatches(examples, 2, 42, "plain", StopFlag(), revisit=2)
+    for groups in ([["e1", True], ["e2", False], ["e3", True]], [["e3", True], ["e1", False], ["e5", True]], [["e3", True]]):
+        again.observe(map(tuple, groups))
+    assert again.due() == batches.due() and again.refill(5, 1)["id"].tolist() == refill
+
+
+def test_the_pass_rate_curriculum_needs_the_filters_rounds():
+    with pytest.raises(ConfigError, match="grpo.revisit draws into the dynamic-sampling filter"):
+        load_config("tiny", ["grpo.revisit=1"])
+    with pytest.raises(ConfigError, match="grpo.revisit must be >= 0"):
+        load_config("tiny", ["grpo.revisit=-1"])
+    assert load_config("tiny", ["grpo.revisit=1", "grpo.dynamic_sampling=correctness", "grpo.max_filter_rounds=1"]).grpo.revisit == 1
+
+
 def step(truncated=0.0, zero_spread=0.0, correctness=0.5, trace=0.5):
     return {"truncated": truncated, "zero_spread": zero_spread, "reward/correctness": correctness, "reward/trace": trace}
 
@@ -223,13 +257,13 @@ def finish_grpo(process: subprocess.Popen) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft_run):
     """Also the prompt and checkpoint options: the dynamic-sampling filter on
-    correctness, the curriculum, masked truncations, clip-higher, token-mean, and
+    correctness, the curricula (reference steps, revisits), masked truncations, clip-higher, token-mean, and
     validation every 2 steps (in the harness's batches) with the best step
     exported. Killed once after its first validation, before any checkpoint: the
     re-run starts over without recording step 0's validation twice."""
     settings = ("grpo.max_steps=4", "grpo.dynamic_sampling=correctness", "grpo.max_filter_rounds=1", "grpo.curriculum=steps",
                 "grpo.mask_truncated=true", "grpo.epsilon_high=0.28", "grpo.loss_agg_mode=token-mean",
-                "grpo.val_every_steps=2", "grpo.val_examples=8", "grpo.select=best", "eval.batch_size=4")
+                "grpo.val_every_steps=2", "grpo.val_examples=8", "grpo.select=best", "eval.batch_size=4", "grpo.revisit=1")
     first = grpo_process(tmp_path / "run", sft_run, *settings, compile_cache=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     wait_for(metrics, first, timeout=600)
@@ -249,6 +283,9 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert 0 < validations[2]["val/seconds"] < validations[0]["val/seconds"] + validations[1]["val/seconds"]
     for record in records:  # the filter's round is a whole step of prompts, sampled with the step's own
         assert record["filter_rollouts"] == 16 * 8 and 0 <= record["groups_with_spread"] <= 1
+        # every sampled group (the step's 16 prompts and the round's 16) is observed for the pass-rate curriculum
+        assert len(record["groups"]) == 32 and all(isinstance(spread, bool) for _, spread in record["groups"])
+        assert 0 <= record["revisited_groups"] <= 32
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     best = max(validations, key=lambda v: (v["val/accuracy"], v["val/composite"]))
     assert summary["exported_step"] == summary["best"]["step"] == best["step"]

@@ -55,7 +55,7 @@ def new_grpo_records(steps: int = 6) -> list[dict]:
     for s in range(1, steps + 1):
         r = {"step": s, "reward/composite": 0.3, "reward/correctness": 0.1 * s, "reward/trace": 0.8,
              "reward/confidence": 0.05, "reward/arithmetic": 0.5, "zero_spread": 0.5, "groups_with_spread": 0.9,
-             "filter_rollouts": 4 * (s % 2)}
+             "filter_rollouts": 4 * (s % 2), "revisited_groups": s // 3}
         out.append(r)
         if s % 2 == 0:  # a line of its own, after the update's
             out.append({"step": s, "val/accuracy": 0.05 * s, "val/format_rate": 0.9, "val/composite": 0.4})
@@ -110,6 +110,7 @@ def test_every_evaluation_and_training_run_states_its_reward_weights(run, tmp_pa
     assert "(SFT): 4 updates, loss 2.000 -> 0.500" in training and "no reward weights (token loss)" in training
     assert "validation accuracy 10.0% -> 30.0% (best 30.0% at step 6)" in training
     assert "the dynamic-sampling filter sampled 12 completions beyond the steps' own" in training  # 4 on each odd step of 6
+    assert "; 5 sampled groups were of problems sampled before (grpo.revisit)" in training  # 0+0+1+1+1+2
     assert "exported step 6 (best validation accuracy)" in training
 
 
@@ -163,6 +164,7 @@ def test_grpo_panels_plot_every_logged_curve_and_skip_missing_keys(tmp_path):
     assert panels["validation (held out)"]["accuracy"] == [(2, 0.1), (4, 0.2), (6, pytest.approx(0.3))]  # every 2 updates
     assert panels["groups with spread"] == {"groups with spread": [(s, 0.9) for s in range(1, 7)]}
     assert panels["dynamic-sampling filter"]["filter rollouts"] == [(s, 4.0 * (s % 2)) for s in range(1, 7)]
+    assert panels["dynamic-sampling filter"]["revisited groups"] == [(s, float(s // 3)) for s in range(1, 7)]
 
     old = collect_run(tmp_path / "old", old_grpo_records())
     panels = {title: dict(lines) for title, _, lines in grpo_panels(old)}

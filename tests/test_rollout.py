@@ -69,6 +69,9 @@ def test_step_facts_record_means_spread_truncation_and_samples():
     assert record["truncated"] == 0.5  # two completions hit the budget
     assert record["completion_length"] == np.mean(rollout.lengths)
     assert record["padded_widths"] == [[32, 64]] and record["rollout_seeds"] == [1234]
+    assert record["groups"] == []  # no problem ids in this batch: nothing for the pass-rate curriculum
+    with_ids = Scored(rollout, {"id": ["a", "a", "b", "b"]}, scored.components, scored.rewards)
+    assert StepFacts(with_ids, with_ids, (32, 64), 1, {}, num_generations=2, spread_on="correctness").groups() == [("a", True), ("b", False)]
     samples = facts.samples()
     assert [s["finish_reason"] for s in samples] == ["stop", "length", "eos", "length"]
     assert samples[2] == {"prompt": "p", "completion": "ccc", "reward": 0.5, "reference": "7", "finish_reason": "eos",

@@ -430,6 +430,15 @@ class GRPOConfig:
       problems with the fewest reference solution steps to the most, seeded
       shuffle within a step count: the small model meets problems it can solve
       first, where its groups have spread).
+    revisit: a pass-rate curriculum on top of the filter: a problem whose group
+      had spread in the filter's signal (the policy solved it sometimes, on
+      correctness) comes back in the refill rounds of later steps, up to
+      ``revisit`` more times, most recent first, before any fresh prompt; it
+      leaves the queue when a revisit's group has no spread (its pass rate
+      measured at 0 or 1). Needs dynamic_sampling and max_filter_rounds >= 1
+      (0 = off). At a pass rate near 2%, most groups of G=4 are all wrong, and a
+      problem with one right completion in four is where the next group most
+      likely differs again.
 
     Checkpoint selection by validation (never the test split):
     val_every_steps: every N updates, greedy completions of the first
@@ -479,6 +488,7 @@ class GRPOConfig:
     dynamic_sampling: str = "off"
     max_filter_rounds: int = 2
     curriculum: str = "none"
+    revisit: int = 0
     val_every_steps: int = 0
     val_examples: int = 50
     val_max_new_tokens: int = 0
@@ -496,6 +506,11 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{name} must be one of {', '.join(known)}, got {value!r}")
         if self.epsilon_high < 0 or self.max_filter_rounds < 0 or self.val_every_steps < 0 or self.val_examples < 0 or self.val_max_new_tokens < 0:
             raise ConfigError("grpo.epsilon_high, max_filter_rounds, val_every_steps, val_examples and val_max_new_tokens must be >= 0")
+        if self.revisit < 0:
+            raise ConfigError(f"grpo.revisit must be >= 0, got {self.revisit}")
+        if self.revisit and (self.dynamic_sampling == "off" or not self.max_filter_rounds):
+            raise ConfigError("grpo.revisit draws into the dynamic-sampling filter's refill rounds: "
+                              "set grpo.dynamic_sampling and grpo.max_filter_rounds >= 1, or grpo.revisit=0")
         if self.select == "best" and not (self.val_every_steps and self.val_examples):
             raise ConfigError("grpo.select=best needs validation: set grpo.val_every_steps and grpo.val_examples > 0")
         if self.pad_multiple < 1:

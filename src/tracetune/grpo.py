@@ -26,6 +26,7 @@ two share one backbone in memory. tracetune adds around it:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib.util
@@ -33,7 +34,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,18 @@ class StepFacts:
             "completion_length": float(np.mean(trained.rollout.lengths)),
             "padded_widths": [list(self.widths)],
             "rollout_seeds": [self.seed],
+            "groups": [list(g) for g in self.groups()],
             **(self.judge.record() if self.judge is not None else {}),
         }
+
+    def groups(self) -> list[tuple[str, bool]]:
+        """(problem id, whether its G completions differed in the filter's signal) of
+        every group the step sampled: the pass-rate curriculum's observations."""
+        ids = self.sampled.columns.get("id")
+        if ids is None:
+            return []
+        G = self.num_generations
+        return [(str(ids[g * G]), bool(spread)) for g, spread in enumerate(self.sampled.spread(self.spread_on, G))]
 
     def samples(self) -> list[dict]:
         rollout, trained = self.trained.rollout, self.trained
@@ -589,7 +600,14 @@ class PromptBatches:
     """{'prompts', 'id', 'reference', 'question', 'solution', 'kind', 'choices'} batches (np.arrays, as Tunix
     needs) in an order fixed by the seed; Tunix resumes by re-reading and skipping,
     and ``stop`` ends the stream. ``curriculum="steps"`` orders each epoch from the
-    fewest reference steps to the most (a seeded shuffle within a step count)."""
+    fewest reference steps to the most (a seeded shuffle within a step count).
+
+    ``revisit`` > 0 adds a pass-rate curriculum: every sampled group is ``observe``d
+    as (problem id, whether its G completions differed), and a problem whose latest
+    group had spread comes back first in later refill rounds, until it has been
+    sampled 1 + ``revisit`` times or a group of it has no spread. The queue is a
+    pure function of the observations in order, which each step's metrics record
+    keeps ("groups"), so a resumed run rebuilds it and refills the same way."""
 
     examples: list[Example]
     per_step: int
@@ -597,6 +615,29 @@ class PromptBatches:
     prompt_style: str
     stop: StopFlag
     curriculum: str = "none"
+    revisit: int = 0
+
+    def __post_init__(self) -> None:
+        self._observed: list[tuple[str, bool]] = []  # (problem id, group had spread) of every sampled group, in order
+        self._index = {e.id: i for i, e in enumerate(self.examples)}
+
+    def observe(self, groups: Iterable[tuple[str, bool]]) -> int:
+        """Record sampled groups as (problem id, spread); returns how many were of
+        problems sampled before (revisits, or a problem met again in a new epoch)."""
+        groups = [(str(i), bool(spread)) for i, spread in groups]
+        seen = {i for i, _ in self._observed}
+        self._observed += groups
+        return sum(i in seen for i, _ in groups)
+
+    def due(self) -> list[int]:
+        """Example indices to revisit, most recently observed first: problems whose
+        latest group had spread and that have been sampled at most ``revisit`` times."""
+        if not self.revisit:
+            return []
+        counts = collections.Counter(i for i, _ in self._observed)
+        latest = {i: (position, spread) for position, (i, spread) in enumerate(self._observed)}
+        ranked = sorted(latest.items(), key=lambda item: -item[1][0])
+        return [self._index[i] for i, (_, spread) in ranked if spread and counts[i] <= self.revisit and i in self._index]
 
     def order(self, epoch: int) -> np.ndarray:
         shuffled = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
@@ -633,16 +674,21 @@ class PromptBatches:
     def refill(self, step: int, round: int) -> dict[str, np.ndarray]:
         """Fresh prompts for the dynamic-sampling filter's ``round`` in ``step``: a
         seeded draw fixed by (seed, step, round), so a resumed run refills the same
-        way. Under the curriculum, only problems no harder than the step's own."""
+        way. Under the curriculum, only problems no harder than the step's own.
+        Problems due for a revisit (``due``) take the rounds' places first, round 1
+        the most recent."""
         rng = np.random.default_rng([self.seed, 1 << 20, step, round])
+        revisits = self.due()[(round - 1) * self.per_step : round * self.per_step]
         candidates = np.arange(len(self.examples))
         if self.curriculum == "steps":
             position = step * self.per_step
             order = self.order(position // len(self.examples))
             hardest = reference_steps(self.examples[order[(position + self.per_step - 1) % len(order)]])
             candidates = np.array([i for i in candidates if reference_steps(self.examples[i]) <= hardest])
-        picked = rng.choice(candidates, min(self.per_step, len(candidates)), replace=False)
-        return self.batch(picked)
+        if revisits:
+            candidates = np.setdiff1d(candidates, revisits)
+        fresh = rng.choice(candidates, min(self.per_step - len(revisits), len(candidates)), replace=False)
+        return self.batch([*revisits, *fresh])
 
 
 # -------------------------------------------------------------------- warnings
@@ -698,6 +744,7 @@ class GRPORun:
         self.started = time.perf_counter()
         self.history: list[dict] = []
         self.pending: list[StepFacts] = []  # the facts of the step being trained, from the learner
+        self.revisited = 0  # groups of problems sampled before, in the step being trained
         self.warned: set[str] = set()
 
     @property
@@ -708,14 +755,16 @@ class GRPORun:
         append_record(path, record)
 
     def _on_step(self, facts: StepFacts) -> None:
-        """Called by the learner with each training step's facts, before its update."""
+        """Called by the learner with each training step's facts, before its update
+        (and before the next step's refill rounds, which may revisit these groups)."""
         self.pending.append(facts)
+        self.revisited += self.data.observe(facts.groups())
 
     def _on_metrics(self, buffer) -> None:
         """Called by RLCluster once per finished step (after its update) with the step's buffered metrics."""
         if buffer.mode != "train" or not self.pending:
             return
-        facts, self.pending = self.pending, []
+        facts, self.pending, revisited, self.revisited = self.pending, [], self.revisited, 0
         self.watch.check()  # a writer thread that died (full disk) stops the run here
         check_saves(self.cluster.actor_trainer.checkpoint_manager, self.run_dir / "checkpoints" / "actor")
         step = int(self.cluster.actor_trainer.train_steps)
@@ -737,7 +786,7 @@ class GRPORun:
             )
         records = [f.record() for f in facts]  # one per rollout of the step (one unless Tunix splits it)
         record = {"step": step, **{k: float(np.mean([r[k] for r in records])) for k in records[0]
-                                   if k not in ("padded_widths", "rollout_seeds")}}
+                                   if k not in ("padded_widths", "rollout_seeds", "groups")}}
         phases = {}
         for f in facts:
             for phase, seconds in f.seconds.items():
@@ -746,6 +795,8 @@ class GRPORun:
         record.update({
             "padded_widths": [w for r in records for w in r["padded_widths"]],  # [prompt, completion] the update trained on
             "rollout_seeds": [s for r in records for s in r["rollout_seeds"]],
+            "groups": [g for r in records for g in r["groups"]],  # (problem id, spread) of every sampled group
+            "revisited_groups": revisited,  # of problems sampled before (grpo.revisit)
             "loss": loss,
             "kl": actor_metric("kl"),
             "seconds": {k: round(v, 3) for k, v in phases.items()},
@@ -909,7 +960,8 @@ class GRPORun:
                                    logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
         check_shared_backbone(self.cluster)
         algorithm = algorithm_config(grpo)
-        self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum)
+        self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum,
+                                  grpo.revisit)
         # Tunix holds the composite as its reward function; the learner scores with the
         # same arithmetic itself, to keep each component (see Learner).
         self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm,
@@ -926,6 +978,8 @@ class GRPORun:
         kept = truncate_metrics(self.metrics_path, resumed if resumed else -1)
         self.history = [r for r in kept if "reward/composite" in r]
         self.validations = [r for r in kept if "val/accuracy" in r]
+        for record in self.history:  # the pass-rate curriculum's queue, as it stood
+            self.data.observe(map(tuple, record.get("groups", [])))
         self.best = BestAdapters(self.run_dir / "best", "val/", grpo.select == "best", self.validations)
         truncate_metrics(self.run_dir / "samples.jsonl", resumed)  # redone steps write their samples again
         if resumed:

@@ -382,6 +382,9 @@ def training_section(runs: Sequence[TrainingRun]) -> str:
             spent = _values(run.records, "filter_rollouts")
             if spent:
                 text += f"; the dynamic-sampling filter sampled {sum(v for _, v in spent):g} completions beyond the steps' own"
+            revisited = sum(v for _, v in _values(run.records, "revisited_groups"))
+            if revisited:
+                text += f"; {revisited:g} sampled groups were of problems sampled before (grpo.revisit)"
             if run.summary.get("seconds"):
                 text += f"; {run.summary['seconds'] / 60:.1f} min"
             lines.append(text)
@@ -500,7 +503,9 @@ def grpo_panels(run: TrainingRun) -> list[tuple[str, str, list[tuple[str, list[t
         label = "1 - zero_spread"
     panels.append(("groups with spread", "share of groups", [(label, spread)] if spread else []))
     spent = _values(records, "filter_rollouts")
-    panels.append(("dynamic-sampling filter", "rollouts spent", [("filter rollouts", spent)] if spent else []))
+    revisited = _values(records, "revisited_groups") if any(v for _, v in _values(records, "revisited_groups")) else []
+    panels.append(("dynamic-sampling filter", "rollouts / groups",
+                   [(label, points) for label, points in (("filter rollouts", spent), ("revisited groups", revisited)) if points]))
     return [panel for panel in panels if panel[2]]
 
 
