@@ -503,7 +503,9 @@ def grpo_panels(run: TrainingRun) -> list[tuple[str, str, list[tuple[str, list[t
         label = "1 - zero_spread"
     panels.append(("groups with spread", "share of groups", [(label, spread)] if spread else []))
     spent = _values(records, "filter_rollouts")
-    revisited = _values(records, "revisited_groups") if any(v for _, v in _values(records, "revisited_groups")) else []
+    revisited = _values(records, "revisited_groups")
+    if not any(v for _, v in revisited):  # runs without grpo.revisit log zeros: no line for them
+        revisited = []
     panels.append(("dynamic-sampling filter", "rollouts / groups",
                    [(label, points) for label, points in (("filter rollouts", spent), ("revisited groups", revisited)) if points]))
     return [panel for panel in panels if panel[2]]
