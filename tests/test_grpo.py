@@ -16,7 +16,7 @@ import pytest
 from conftest import adapter_weights, finish, start_tracetune, wait_for, wait_for_save_in_flight
 from tracetune.config import ConfigError, load_config
 from tracetune.data import Example
-from tracetune.grpo import PromptBatches, Scored, StepFacts, algorithm_config, failure_warnings, fill_with_spread, reference_steps
+from tracetune.grpo import PromptBatches, Scored, StepFacts, algorithm_config, failure_warnings, fill_with_spread, reference_steps, sample_rounds
 from tracetune.rollout import StepRollout
 from tracetune.runs import StopFlag
 
@@ -99,6 +99,39 @@ def test_dynamic_sampling_replaces_exactly_the_groups_without_spread_within_its_
     assert calls == [1, 2]  # stops once the step is full, well within the cap
     whole = scored([1, 0, 0, 1])
     assert fill_with_spread(whole, lambda r: pytest.fail("sampled"), "correctness", G, 3, 0) == (whole, whole)
+
+
+def test_filter_rollouts_sample_rounds_a_few_at_a_time_until_the_step_has_its_groups_with_spread():
+    G = 2
+    # each prompt's G correctness values: p0, p3 and p6 have spread
+    script = {"p0": [1, 0], "p1": [0, 0], "p2": [0, 0], "p3": [1, 0], "p4": [1, 1], "p5": [0, 0], "p6": [0, 1], "p7": [0, 0]}
+    rows = lambda *names: {"prompts": [n for n in names for _ in range(G)], "id": [n for n in names for _ in range(G)]}
+    batch, refills = rows("p0", "p1"), [rows("p2", "p3"), rows("p4", "p5"), rows("p6", "p7")]
+    calls = []
+
+    def sample(batch, call):
+        calls.append((call, batch["prompts"][::G]))
+        values = [v for p in batch["prompts"][::G] for v in script[p]]
+        done = scored(values, G)
+        done.rollout.prompts[:] = batch["prompts"]
+        done.columns["id"] = batch["id"]
+        return done
+
+    trained, sampled = sample_rounds(batch, refills, sample, "correctness", G, each=1, pad_id=0)
+    assert calls == [(0, ["p0", "p1", "p2", "p3"])]  # p0 and p3: the step is full after its first rollout
+    assert trained.rollout.prompts == ["p0", "p0", "p3", "p3"] and len(sampled.rewards) == 8
+    calls.clear()
+    batch = rows("p1", "p2")
+    trained, sampled = sample_rounds(batch, refills, sample, "correctness", G, each=1, pad_id=0)
+    assert [c for c, _ in calls] == [0, 1, 2] and calls[2][1] == ["p6", "p7"]  # one round a rollout, each its own seed
+    assert trained.rollout.prompts == ["p3", "p3", "p6", "p6"] and len(sampled.rewards) == 16
+    assert StepFacts(trained, sampled, (4, 2), 7, {}, G, "correctness").record()["filter_rollouts"] == 12
+    calls.clear()
+    trained, _ = sample_rounds(rows("p1", "p5"), refills[1:2], sample, "correctness", G, each=1, pad_id=0)
+    assert len(calls) == 1 and trained.rollout.prompts == ["p1", "p1", "p5", "p5"]  # the cap: trained as sampled
+    calls.clear()
+    sample_rounds(rows("p1", "p2"), refills, sample, "correctness", G, each=0, pad_id=0)
+    assert calls == [(0, ["p1", "p2", "p2", "p3", "p4", "p5", "p6", "p7"])]  # 0: every round in one batch
 
 
 def test_the_curriculum_starts_with_the_fewest_reference_steps_and_refills_no_harder():
@@ -261,7 +294,8 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     validation every 2 steps (in the harness's batches) with the best step
     exported. Killed once after its first validation, before any checkpoint: the
     re-run starts over without recording step 0's validation twice."""
-    settings = ("grpo.max_steps=4", "grpo.dynamic_sampling=correctness", "grpo.max_filter_rounds=1", "grpo.curriculum=steps",
+    settings = ("grpo.max_steps=4", "grpo.dynamic_sampling=correctness", "grpo.max_filter_rounds=2", "grpo.rounds_per_rollout=1",
+                "grpo.curriculum=steps",
                 "grpo.mask_truncated=true", "grpo.epsilon_high=0.28", "grpo.loss_agg_mode=token-mean",
                 "grpo.val_every_steps=2", "grpo.val_examples=8", "grpo.select=best", "eval.batch_size=4", "grpo.revisit=1")
     first = grpo_process(tmp_path / "run", sft_run, *settings, compile_cache=False)
@@ -281,11 +315,12 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert all(v["val/batch_size"] == 4 for v in validations)  # decoded eval.batch_size at a time, as the harness
     # each validation's own seconds, not the validator's running total
     assert 0 < validations[2]["val/seconds"] < validations[0]["val/seconds"] + validations[1]["val/seconds"]
-    for record in records:  # the filter's round is a whole step of prompts, sampled with the step's own
-        assert record["filter_rollouts"] == 16 * 8 and 0 <= record["groups_with_spread"] <= 1
-        # every sampled group (the step's 16 prompts and the round's 16) is observed for the pass-rate curriculum
-        assert len(record["groups"]) == 32 and all(isinstance(spread, bool) for _, spread in record["groups"])
-        assert 0 <= record["revisited_groups"] <= 32
+    for record in records:  # a round is a whole step of prompts; the first sampled with the step's own, the second only if needed
+        rounds = record["filter_rollouts"] // (16 * 8)
+        assert record["filter_rollouts"] == rounds * 16 * 8 and rounds in (1, 2) and 0 <= record["groups_with_spread"] <= 1
+        # every sampled group (the step's 16 prompts and each round's 16) is observed for the pass-rate curriculum
+        assert len(record["groups"]) == 16 * (1 + rounds) and all(isinstance(spread, bool) for _, spread in record["groups"])
+        assert 0 <= record["revisited_groups"] <= 16 * (1 + rounds)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     best = max(validations, key=lambda v: (v["val/accuracy"], v["val/composite"]))
     assert summary["exported_step"] == summary["best"]["step"] == best["step"]

@@ -423,9 +423,13 @@ class GRPOConfig:
       advantage and no gradient; such groups are replaced by groups of fresh
       prompts, from ``max_filter_rounds`` extra rounds of ``prompts_per_step``
       prompts, in order, until the step has ``prompts_per_step`` groups with
-      spread (what is still missing after the cap trains as sampled). The rounds
-      are sampled in the step's own rollout, as one batch (faster than one
-      rollout after another), so each step spends all of them.
+      spread (what is still missing after the cap trains as sampled).
+    rounds_per_rollout: how many refill rounds each of the step's rollouts
+      samples. 0: all of them in the step's own rollout, as one batch (faster
+      than one rollout after another), so each step spends all of them. k > 0:
+      the step's prompts and k rounds in its first rollout, then k rounds a
+      rollout while groups with spread are missing and rounds are left: a high
+      cap then costs only where the groups are hard to find.
     curriculum: "none" (a seeded shuffle per epoch) or "steps" (each epoch from the
       problems with the fewest reference solution steps to the most, seeded
       shuffle within a step count: the small model meets problems it can solve
@@ -487,6 +491,7 @@ class GRPOConfig:
     mask_truncated: bool = False
     dynamic_sampling: str = "off"
     max_filter_rounds: int = 2
+    rounds_per_rollout: int = 0
     curriculum: str = "none"
     revisit: int = 0
     val_every_steps: int = 0
@@ -504,8 +509,8 @@ class GRPOConfig:
                                    ("curriculum", self.curriculum, CURRICULA), ("select", self.select, SELECTIONS)):
             if value not in known:
                 raise ConfigError(f"grpo.{name} must be one of {', '.join(known)}, got {value!r}")
-        if self.epsilon_high < 0 or self.max_filter_rounds < 0 or self.val_every_steps < 0 or self.val_examples < 0 or self.val_max_new_tokens < 0:
-            raise ConfigError("grpo.epsilon_high, max_filter_rounds, val_every_steps, val_examples and val_max_new_tokens must be >= 0")
+        if self.epsilon_high < 0 or self.max_filter_rounds < 0 or self.rounds_per_rollout < 0 or self.val_every_steps < 0 or self.val_examples < 0 or self.val_max_new_tokens < 0:
+            raise ConfigError("grpo.epsilon_high, max_filter_rounds, rounds_per_rollout, val_every_steps, val_examples and val_max_new_tokens must be >= 0")
         if self.revisit < 0:
             raise ConfigError(f"grpo.revisit must be >= 0, got {self.revisit}")
         if self.revisit and (self.dynamic_sampling == "off" or not self.max_filter_rounds):

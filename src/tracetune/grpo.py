@@ -142,6 +142,37 @@ def fill_with_spread(first: Scored, sample: Callable[[int], Scored], on: str, G:
     return Scored.concat((kept + spare)[:wanted], pad_id), Scored.concat(sampled, pad_id)
 
 
+def sample_rounds(batch: dict[str, list], refills: Sequence[dict[str, list]], sample: Callable[[dict[str, list], int], Scored],
+                  on: str, G: int, each: int, pad_id: int) -> tuple[Scored, Scored]:
+    """A step's prompts (``batch``) and the dynamic-sampling filter's ``refills``
+    (one batch of rows a round), rolled out ``each`` rounds a rollout by
+    ``sample(rows, call)`` (0: every round in the first, one batch), until the step
+    has its groups with spread or the rounds are spent; then ``fill_with_spread``.
+    Returns (trained, everything sampled).
+
+    A decode step costs far less than twice as much at twice the rows
+    (bench/generate.py: 112 tok/s at B=8, 173 at B=32), so a rollout's rounds are
+    sampled together and count as the filter's spend whether or not they are used.
+    Where groups with spread are rare (the 270M after SFT: about one group in ten),
+    rollouts that stop once they are found buy more of them per minute than a fixed
+    batch of rounds."""
+    each = each or len(refills)
+    calls = [[batch, *refills[:each]]] + [list(refills[i : i + each]) for i in range(each, len(refills), each)]
+    wanted = len(batch["prompts"]) // G
+    pieces: list[Scored] = []
+    rollouts: list[Scored] = []
+    for call, parts in enumerate(calls):
+        shared = [k for k in parts[0] if all(k in part for part in parts)]  # not Tunix's own (trajectory_ids)
+        together = sample({k: [x for part in parts for x in part[k]] for k in shared}, call)
+        rollouts.append(together)
+        bounds = np.cumsum([0] + [len(part["prompts"]) for part in parts])
+        pieces += [together.take(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        if sum(int(piece.spread(on, G).sum()) for piece in pieces) >= wanted:
+            break
+    trained, _ = fill_with_spread(pieces[0], lambda round: pieces[round], on, G, len(pieces) - 1, pad_id)
+    return trained, rollouts[0] if len(rollouts) == 1 else Scored.concat(rollouts, pad_id)
+
+
 def group_advantages(rewards: np.ndarray, excluded: np.ndarray, G: int, estimator: str) -> np.ndarray:
     """[B] advantages by Tunix's registered ``estimator``, each group of G on its
     own. A completion without a reward (the judge gave it no score) is left out:
@@ -342,8 +373,8 @@ class Learner(grpo_learner.GRPOLearner):
 
     def __init__(self, *args, seed: int, weights: RewardWeights, on_step: Callable[[StepFacts], None],
                  refill: Callable[[int, int], dict[str, np.ndarray]] | None = None, spread_on: str = "off",
-                 max_filter_rounds: int = 0, mask_truncated: bool = False, judge: RewardJudge | None = None,
-                 max_unscored: float = 1.0, **kwargs):
+                 max_filter_rounds: int = 0, rounds_per_rollout: int = 0, mask_truncated: bool = False,
+                 judge: RewardJudge | None = None, max_unscored: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._judge = judge  # asked for the "judge" component's column before the pure rewards run
         self._max_unscored = max_unscored
@@ -354,6 +385,7 @@ class Learner(grpo_learner.GRPOLearner):
         self._refill = refill  # (step, round) -> a fresh batch of prompts, for the dynamic-sampling filter
         self._spread_on = spread_on
         self._max_filter_rounds = max_filter_rounds
+        self._rounds_per_rollout = rounds_per_rollout
         self._mask_truncated = mask_truncated
 
     def _rollout_step(self, mode) -> int:
@@ -368,9 +400,10 @@ class Learner(grpo_learner.GRPOLearner):
         counter = self._rollout_step(mode)
         return (self._seed * 1_000_003 + 2 * counter + (mode == Mode.EVAL)) % (2**31 - 1)
 
-    def _sample(self, batch: dict[str, list], mode) -> Scored:
-        """Roll out ``batch`` (prompts repeated G times) and score every completion."""
-        self.rl_cluster.get_rollout_config(mode).seed = self._rollout_seed(mode)
+    def _sample(self, batch: dict[str, list], mode, call: int = 0) -> Scored:
+        """Roll out ``batch`` (prompts repeated G times) and score every completion;
+        ``call`` counts the step's rollouts (the filter's later ones), each its own seed."""
+        self.rl_cluster.get_rollout_config(mode).seed = (self._rollout_seed(mode) + 7919 * call) % (2**31 - 1)
         prompts = [str(p) for p in batch["prompts"]]
         rollout = self.rl_cluster.rollout_step(prompts, mode)
         if not rollout.finite:
@@ -401,22 +434,13 @@ class Learner(grpo_learner.GRPOLearner):
         return judged
 
     def _with_spread(self, batch: dict[str, list], mode) -> tuple[Scored, Scored]:
-        """The step's prompts and every refill round's, sampled in one rollout: the
-        270M's filter replaced groups in most steps (75-100% of groups had no spread),
-        and a decode step costs far less than twice as much at twice the rows
-        (bench/generate.py: 112 tok/s at B=8, 173 at B=32), so the refills are sampled
-        ahead and counted as the filter's spend whether or not they are used."""
+        """The step's prompts and its refill rounds (see ``sample_rounds``)."""
         G = self.algo_config.num_generations
         step = self._rollout_step(mode)
-        parts = [batch] + [{k: list(np.repeat(np.asarray(v), G)) for k, v in self._refill(step, round).items()}
-                           for round in range(1, self._max_filter_rounds + 1)]
-        shared = [k for k in batch if all(k in part for part in parts)]  # not Tunix's own (trajectory_ids)
-        together = self._sample({k: [x for part in parts for x in part[k]] for k in shared}, mode)
-        bounds = np.cumsum([0] + [len(part["prompts"]) for part in parts])
-        pieces = [together.take(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        trained, _ = fill_with_spread(pieces[0], lambda round: pieces[round], self._spread_on, G,
-                                      self._max_filter_rounds, self.rl_cluster.rollout.pad_id())
-        return trained, together
+        refills = [{k: list(np.repeat(np.asarray(v), G)) for k, v in self._refill(step, round).items()}
+                   for round in range(1, self._max_filter_rounds + 1)]
+        return sample_rounds(batch, refills, lambda rows, call: self._sample(rows, mode, call), self._spread_on, G,
+                             self._rounds_per_rollout, self.rl_cluster.rollout.pad_id())
 
     def _generate_and_compute_advantage(self, training_input, mode=Mode.TRAIN):
         cluster, algo = self.rl_cluster, self.algo_config
@@ -968,7 +992,7 @@ class GRPORun:
                                reward_fns=[make_composite_reward(self.config.rewards)],
                                seed=grpo.seed, weights=self.config.rewards, on_step=self._on_step,
                                refill=self.data.refill, spread_on=spread_on, max_filter_rounds=grpo.max_filter_rounds,
-                               mask_truncated=grpo.mask_truncated, judge=reward_judge(self.config, self.run_dir),
+                               rounds_per_rollout=grpo.rounds_per_rollout, mask_truncated=grpo.mask_truncated, judge=reward_judge(self.config, self.run_dir),
                                max_unscored=self.config.judge.max_unscored)
         self.actor, self.loaded = actor, loaded
         resumed = self.cluster.actor_trainer.train_steps
