@@ -208,3 +208,18 @@ def test_a_sample_record_carries_its_domain_and_kind():
     assert (out["domain"], out["kind"]) == ("math", "numeric")
     plain = sample_record(score_generation(EXAMPLE, generation(RIGHT), load_config().rewards), generation(RIGHT), EXAMPLE)
     assert plain["domain"] == ""
+
+
+def test_the_held_out_split_is_the_one_grpo_validates_on():
+    from types import SimpleNamespace
+
+    from tracetune.evaluate import problems
+    from tracetune.grpo import prompt_examples
+
+    config = load_config("cpu-demo", ["eval.split=held-out", "eval.limit=0"])
+    _, validation = prompt_examples(config, SimpleNamespace(encode=lambda text: [0]))
+    held_out = problems(config)
+    assert [e.id for e in held_out] == [e.id for e in validation] and len(held_out) == 374
+    test_ids = {e.id for e in problems(load_config("cpu-demo", ["eval.limit=0"]))}
+    assert not test_ids & {e.id for e in held_out}  # never the test split
+    assert len(problems(load_config("cpu-demo", ["eval.split=held-out", "eval.limit=64"]))) == 64

@@ -366,7 +366,7 @@ def _judge(cfg: Config, result) -> None:
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Model to evaluate: a name (gemma3-270m, gemma3-1b-it, tiny, ...), a checkpoint path, a Gemma 3 .gguf, or a published export (hf:OWNER/NAME, kaggle:...).")] = "gemma3-270m",
     checkpoint: Annotated[Optional[Path], typer.Option(help="A finished SFT or GRPO run directory: evaluates its merged export instead of --model.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split of data.source to score. Default: the preset's eval.split (test).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of data.source to score, or held-out: the validation problems SFT and GRPO hold out of the train split (choose on these, not on test). Default: the preset's eval.split (test).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Score the first N problems (0 = all). Default: the preset's eval.limit.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Evaluation directory (eval.json, samples.jsonl, metrics.json, metrics.md). Default: runs/eval/<model>-<split>.")] = None,
     judge: Annotated[bool, typer.Option("--judge/--no-judge", help="Also rate reasoning 1-5 with an LLM judge (an OpenAI-compatible endpoint; see --judge-url).")] = False,

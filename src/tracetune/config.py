@@ -256,7 +256,7 @@ LOGPROB_PATHS = ("chunked", "full")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
 LOSS_AGG_MODES = ("sequence-mean-token-mean", "token-mean", "sequence-mean-token-scale", "seq-mean-token-sum",
                   "sequence-mean-token-sum-norm")
-CURRICULA = ("none", "steps")
+CURRICULA = ("none", "steps", "paced")
 SELECTIONS = ("last", "best")
 
 
@@ -433,7 +433,14 @@ class GRPOConfig:
     curriculum: "none" (a seeded shuffle per epoch) or "steps" (each epoch from the
       problems with the fewest reference solution steps to the most, seeded
       shuffle within a step count: the small model meets problems it can solve
-      first, where its groups have spread).
+      first, where its groups have spread), or "paced": the run's own
+      ``max_steps`` go from the easiest ``curriculum_start`` share of the problems
+      (by reference steps) at the first update to all of them at the last, on a
+      square-root schedule (competence-based, Platanios et al., 2019); each step's
+      prompts and refills are a seeded draw from its share. "steps" walks a whole
+      epoch, so a run shorter than an epoch only ever meets the easiest problems
+      (15 updates of the 270M: one-step problems only, and shorter traces).
+    curriculum_start: "paced"'s share at the first update, in (0, 1].
     revisit: a pass-rate curriculum on top of the filter: a problem whose group
       had spread in the filter's signal (the policy solved it sometimes, on
       correctness) comes back in the refill rounds of later steps, up to
@@ -493,6 +500,7 @@ class GRPOConfig:
     max_filter_rounds: int = 2
     rounds_per_rollout: int = 0
     curriculum: str = "none"
+    curriculum_start: float = 0.25
     revisit: int = 0
     val_every_steps: int = 0
     val_examples: int = 50
@@ -511,6 +519,8 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{name} must be one of {', '.join(known)}, got {value!r}")
         if self.epsilon_high < 0 or self.max_filter_rounds < 0 or self.rounds_per_rollout < 0 or self.val_every_steps < 0 or self.val_examples < 0 or self.val_max_new_tokens < 0:
             raise ConfigError("grpo.epsilon_high, max_filter_rounds, rounds_per_rollout, val_every_steps, val_examples and val_max_new_tokens must be >= 0")
+        if not 0 < self.curriculum_start <= 1:
+            raise ConfigError(f"grpo.curriculum_start must be in (0, 1], got {self.curriculum_start}")
         if self.revisit < 0:
             raise ConfigError(f"grpo.revisit must be >= 0, got {self.revisit}")
         if self.revisit and (self.dynamic_sampling == "off" or not self.max_filter_rounds):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracetune import failures
-from tracetune.config import Config, RewardWeights
+from tracetune.config import Config, ConfigError, RewardWeights
 from tracetune.data import Example, mix_label
 from tracetune.errors import TrainingError
 from tracetune.files import append_jsonl, atomic_path, json_safe, read_appended, rewrite_jsonl
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # generation needs JAX; reading a finished evaluation (report
     from tracetune.generate import Generation, Generator
 
 # What must be equal for a resumed evaluation to add to the samples it finds.
+HELD_OUT = "held-out"  # eval.split: the train split's held-out validation problems
 SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
 # Where the harness stops a completion: the answer's end, or the start of a new
 # question ("Q:" on a line of its own, the prompt's own newline included): the base
@@ -384,6 +385,9 @@ def problems(config: Config) -> list[Example]:
     """The harness's problems: ``eval.split`` of ``data.source``, the first ``eval.limit``.
     With ``data.mix``: each source's evaluation split (its ``eval_split``, else
     ``eval.split``), the first ``eval.limit`` of each, concatenated in mix order.
+    ``eval.split="held-out"``: the validation problems GRPO validates on (the
+    train split's held-out ``data.val_fraction``, drawn with ``data.seed``), in
+    that order, for choices that must not look at the test split.
 
     A source whose rows have domains (the ``open`` set) is read round-robin over
     its domains before the limit, so that a limit sees every domain (the first 16
@@ -392,10 +396,20 @@ def problems(config: Config) -> list[Example]:
     from tracetune.data import load_examples, load_mix
 
     limit = config.eval.limit or None
+    if config.data.mix and config.eval.split == HELD_OUT:
+        raise ConfigError(f"eval.split={HELD_OUT} is the held-out part of one source's train split; with data.mix, "
+                          "name each source's eval_split instead")
     if config.data.mix:
         parts = load_mix(config.data, "eval", eval_split=config.eval.split)
         # load_mix gives a row without a domain its source's name: one domain, file order
         return [example for part in parts for example in by_domain(part.examples)[:limit]]
+    if config.eval.split == HELD_OUT:  # what SFT and GRPO hold out of the train split to choose steps on
+        from tracetune.data import split_examples
+
+        train = load_examples(config.data.source, "train", question_field=config.data.question_field,
+                              answer_field=config.data.answer_field, skip_invalid=config.data.skip_invalid,
+                              kind=config.data.kind).examples
+        return split_examples(train, config.data.val_fraction, config.data.seed)[1][:limit]
     examples = load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
                              answer_field=config.data.answer_field, kind=config.data.kind).examples
     return by_domain(examples)[:limit]

@@ -626,6 +626,11 @@ class PromptBatches:
     and ``stop`` ends the stream. ``curriculum="steps"`` orders each epoch from the
     fewest reference steps to the most (a seeded shuffle within a step count).
 
+    ``curriculum="paced"`` paces difficulty over the run's own ``steps`` instead
+    (competence-based, Platanios et al., 2019): step k draws its prompts and its
+    refills from the easiest ``competence(k)`` share of the problems, from
+    ``start`` at step 0 to all of them at the last step (a square-root schedule).
+
     ``revisit`` > 0 adds a pass-rate curriculum: every sampled group is ``observe``d
     as (problem id, whether its G completions differed), and a problem whose latest
     group had spread comes back first in later refill rounds, until it has been
@@ -640,6 +645,8 @@ class PromptBatches:
     stop: StopFlag
     curriculum: str = "none"
     revisit: int = 0
+    steps: int = 0  # the run's updates, which "paced" spreads the difficulty over
+    start: float = 0.25  # "paced": the share of problems step 0 draws from, the easiest
 
     def __post_init__(self) -> None:
         self._observed: list[tuple[str, bool]] = []  # (problem id, group had spread) of every sampled group, in order
@@ -662,6 +669,24 @@ class PromptBatches:
         latest = {i: (position, spread) for position, (i, spread) in enumerate(self._observed)}
         ranked = sorted(latest.items(), key=lambda item: -item[1][0])
         return [self._index[i] for i, (_, spread) in ranked if spread and counts[i] <= self.revisit and i in self._index]
+
+    def competence(self, step: int) -> float:
+        """The share of problems, easiest first, that step ``step`` draws from under
+        "paced": sqrt(start^2 + (1 - start^2) k / (steps - 1)), 1 from the last step on."""
+        done = min(1.0, step / max(1, self.steps - 1))
+        return math.sqrt(self.start**2 + (1 - self.start**2) * done)
+
+    def pool(self, step: int) -> np.ndarray:
+        """Example indices step ``step`` may draw under "paced": the easiest
+        ``competence(step)`` share by reference steps (a seeded shuffle within a step count)."""
+        return self._easiest[: max(self.per_step, math.ceil(self.competence(step) * len(self._easiest)))]
+
+    @functools.cached_property
+    def _easiest(self) -> np.ndarray:
+        """[N] example indices, fewest reference steps first, a seeded shuffle within a step count."""
+        shuffled = np.random.default_rng([self.seed, 0]).permutation(len(self.examples))
+        difficulty = np.array([reference_steps(self.examples[i]) for i in shuffled])
+        return shuffled[np.argsort(difficulty, kind="stable")]
 
     def order(self, epoch: int) -> np.ndarray:
         shuffled = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
@@ -686,6 +711,13 @@ class PromptBatches:
         }
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.curriculum == "paced":  # step k: a seeded draw from its pool
+            step = 0
+            while self.stop.signum is None:
+                pool = self.pool(step)
+                yield self.batch(np.random.default_rng([self.seed, 2 << 20, step]).choice(pool, self.per_step, replace=False))
+                step += 1
+            return
         epoch = 0
         while True:
             order = self.order(epoch)
@@ -698,13 +730,16 @@ class PromptBatches:
     def refill(self, step: int, round: int) -> dict[str, np.ndarray]:
         """Fresh prompts for the dynamic-sampling filter's ``round`` in ``step``: a
         seeded draw fixed by (seed, step, round), so a resumed run refills the same
-        way. Under the curriculum, only problems no harder than the step's own.
+        way. Under "steps", only problems no harder than the step's own; under
+        "paced", the step's pool.
         Problems due for a revisit (``due``) take the rounds' places first, round 1
         the most recent."""
         rng = np.random.default_rng([self.seed, 1 << 20, step, round])
         revisits = self.due()[(round - 1) * self.per_step : round * self.per_step]
         candidates = np.arange(len(self.examples))
-        if self.curriculum == "steps":
+        if self.curriculum == "paced":
+            candidates = self.pool(step)
+        elif self.curriculum == "steps":
             position = step * self.per_step
             order = self.order(position // len(self.examples))
             hardest = reference_steps(self.examples[order[(position + self.per_step - 1) % len(order)]])
@@ -985,7 +1020,7 @@ class GRPORun:
         check_shared_backbone(self.cluster)
         algorithm = algorithm_config(grpo)
         self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum,
-                                  grpo.revisit)
+                                  grpo.revisit, grpo.max_steps, grpo.curriculum_start)
         # Tunix holds the composite as its reward function; the learner scores with the
         # same arithmetic itself, to keep each component (see Learner).
         self.learner = Learner(rl_cluster=self.cluster, algo_config=algorithm,
