@@ -617,6 +617,15 @@ def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) 
     return train, validation
 
 
+def held_out_split(data: DataConfig) -> tuple[list[Example], list[Example]]:
+    """(train, validation) problems of ``data.source``'s train split, the validation
+    ones held out by ``data.val_fraction`` and ``data.seed``: what GRPO validates on
+    and ``tracetune eval --split held-out`` scores, never the test split."""
+    loaded = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
+                           skip_invalid=data.skip_invalid, kind=data.kind)
+    return split_examples(loaded.examples, data.val_fraction, data.seed)
+
+
 @dataclass
 class CurationResult:
     train: list[Trace]

@@ -404,12 +404,9 @@ def problems(config: Config) -> list[Example]:
         # load_mix gives a row without a domain its source's name: one domain, file order
         return [example for part in parts for example in by_domain(part.examples)[:limit]]
     if config.eval.split == HELD_OUT:  # what SFT and GRPO hold out of the train split to choose steps on
-        from tracetune.data import split_examples
+        from tracetune.data import held_out_split
 
-        train = load_examples(config.data.source, "train", question_field=config.data.question_field,
-                              answer_field=config.data.answer_field, skip_invalid=config.data.skip_invalid,
-                              kind=config.data.kind).examples
-        return split_examples(train, config.data.val_fraction, config.data.seed)[1][:limit]
+        return held_out_split(config.data)[1][:limit]
     examples = load_examples(config.data.source, config.eval.split, question_field=config.data.question_field,
                              answer_field=config.data.answer_field, kind=config.data.kind).examples
     return by_domain(examples)[:limit]

@@ -54,7 +54,7 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tracetune import logprobs
 from tracetune import mesh as mesh_lib
 from tracetune.config import Config, ConfigError, GRPOConfig, RewardWeights
-from tracetune.data import Example, load_examples, load_mix, mix_label, mix_problems, split_examples
+from tracetune.data import Example, held_out_split, load_mix, mix_label, mix_problems
 from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
@@ -161,13 +161,15 @@ def sample_rounds(batch: dict[str, list], refills: Sequence[dict[str, list]], sa
     wanted = len(batch["prompts"]) // G
     pieces: list[Scored] = []
     rollouts: list[Scored] = []
+    found = 0  # groups with spread so far
     for call, parts in enumerate(calls):
         shared = [k for k in parts[0] if all(k in part for part in parts)]  # not Tunix's own (trajectory_ids)
         together = sample({k: [x for part in parts for x in part[k]] for k in shared}, call)
         rollouts.append(together)
         bounds = np.cumsum([0] + [len(part["prompts"]) for part in parts])
         pieces += [together.take(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        if sum(int(piece.spread(on, G).sum()) for piece in pieces) >= wanted:
+        found += int(together.spread(on, G).sum())  # a rollout's groups are its pieces' groups
+        if found >= wanted:
             break
     trained, _ = fill_with_spread(pieces[0], lambda round: pieces[round], on, G, len(pieces) - 1, pad_id)
     return trained, rollouts[0] if len(rollouts) == 1 else Scored.concat(rollouts, pad_id)
@@ -591,7 +593,7 @@ def check_shared_backbone(cluster: rl_cluster_lib.RLCluster) -> None:
 
 def prompt_examples(config: Config, tokenizer: Tokenizer) -> tuple[list[Example], list[Example]]:
     """(training problems whose prompt fits the budget, validation problems), in file
-    order. The validation problems are the ones SFT holds out (``split_examples``
+    order. The validation problems are the ones SFT holds out (``held_out_split``:
     with ``data.val_fraction`` and ``data.seed``): GRPO never trains on them, so they
     can choose its checkpoint. With ``data.mix``, every source (open ones too) is
     held out on its own and the training problems are drawn by weight, in the
@@ -605,9 +607,7 @@ def prompt_examples(config: Config, tokenizer: Tokenizer) -> tuple[list[Example]
         parts = load_mix(data, "train", skip_invalid=data.skip_invalid)
         fitting, validation = mix_problems(parts, data.val_fraction, data.seed, keep=fits)
     else:
-        examples = load_examples(data.source, "train", question_field=data.question_field, answer_field=data.answer_field,
-                                 skip_invalid=data.skip_invalid, kind=data.kind).examples
-        train, validation = split_examples(examples, data.val_fraction, data.seed)
+        train, validation = held_out_split(data)
         fitting = [e for e in train if fits(e)]
     return fitting[: grpo.train_examples or None], validation
 
@@ -683,17 +683,19 @@ class PromptBatches:
 
     @functools.cached_property
     def _easiest(self) -> np.ndarray:
-        """[N] example indices, fewest reference steps first, a seeded shuffle within a step count."""
-        shuffled = np.random.default_rng([self.seed, 0]).permutation(len(self.examples))
+        """[N] example indices, fewest reference steps first (epoch 0's "steps" order)."""
+        return self._by_difficulty(0)
+
+    def _by_difficulty(self, epoch: int) -> np.ndarray:
+        """[N] example indices, fewest reference steps first, a shuffle seeded by ``epoch`` within a step count."""
+        shuffled = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
         difficulty = np.array([reference_steps(self.examples[i]) for i in shuffled])
         return shuffled[np.argsort(difficulty, kind="stable")]
 
     def order(self, epoch: int) -> np.ndarray:
-        shuffled = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
         if self.curriculum == "steps":
-            difficulty = np.array([reference_steps(self.examples[i]) for i in shuffled])
-            return shuffled[np.argsort(difficulty, kind="stable")]
-        return shuffled
+            return self._by_difficulty(epoch)
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
     def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         # Every host walks the same global order and keeps its own share.
