@@ -130,7 +130,7 @@ NATALIA_SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sol
 def test_every_registered_reward_is_a_metric_with_a_label():
     # correctness is the accuracy; every other component is its own metric.
     assert REWARD_METRICS == ("trace", "confidence", "arithmetic")  # the judge rates a sample apart (judge.json)
-    assert METRICS == ("accuracy", "lenient_accuracy", "format_rate", "trace", "confidence", "arithmetic", "composite")
+    assert METRICS == ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", "trace", "confidence", "arithmetic", "composite")
     assert all(METRIC_LABELS[name] == REWARDS[name].label for name in REWARD_METRICS)
     # A record holds the rewards beside the score's own fields: no name may be both.
     assert not set(REWARD_METRICS) & {f.name for f in dataclasses.fields(SampleScore)}
@@ -161,3 +161,18 @@ def test_records_are_flat_and_round_trip():
     old = {k: v for k, v in record.items() if k != "arithmetic"}
     assert SampleScore.from_record(old).arithmetic is None
     assert aggregate([SampleScore.from_record(old)])["arithmetic"].n == 0
+
+
+def test_sound_accuracy_counts_right_answers_whose_claims_all_hold():
+    """A right answer reached through a false step is luck: right, not sound."""
+    lucky = wrap("72", "Step 1: 48 / 2 = 20.\nStep 2: 48 + 24 = 72.\nTherefore, the answer is 72.")
+    scores = [score_sample(NATALIA_Q, "72", c, id=str(i)) for i, c in enumerate([GOOD, lucky, wrap("71")])]
+    assert [(s.correct, s.sound) for s in scores] == [(True, True), (True, False), (False, False)]
+    metrics = aggregate(scores)
+    assert (metrics["accuracy"].mean, metrics["sound_accuracy"].mean) == (pytest.approx(2 / 3), pytest.approx(1 / 3))
+    assert "| Sound accuracy | 33.3% |" in markdown_table(metrics)
+    # Records written before it read with no sound accuracy, and the metric has no n.
+    old = {k: v for k, v in scores[0].record().items() if k != "sound"}
+    assert SampleScore.from_record(old).sound is None and aggregate([SampleScore.from_record(old)])["sound_accuracy"].n == 0
+    # An open row (nothing to check) has none either.
+    assert score_sample("Why?", "", wrap("because"), kind="open").sound is None

@@ -31,7 +31,8 @@ from tracetune.scoring import METRICS, PROPORTIONS
 
 # The per-sample field (SampleScore's name) behind each rate in scoring.PROPORTIONS;
 # a mean metric's field has the metric's own name (trace, confidence, composite, ...).
-RATE_FIELDS = {"accuracy": "correct", "lenient_accuracy": "lenient_correct", "format_rate": "well_formed"}
+RATE_FIELDS = {"accuracy": "correct", "lenient_accuracy": "lenient_correct", "sound_accuracy": "sound",
+               "format_rate": "well_formed"}
 RESAMPLES = 10_000
 SEED = 0
 LEVEL = 0.95

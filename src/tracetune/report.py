@@ -33,7 +33,7 @@ from tracetune.files import atomic_path
 from tracetune.scoring import METRIC_LABELS, METRICS, PROPORTIONS, Estimate
 
 # The results table's columns, in the recipe's order.
-COLUMNS = ("accuracy", "lenient_accuracy", "format_rate", "trace", "arithmetic", "composite")
+COLUMNS = ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", "trace", "arithmetic", "composite")
 # Known variants first, in pipeline order; anything else after, by name.
 VARIANT_ORDER = ("zero-shot", "sft", "grpo")
 VARIANT_LABELS = {"zero-shot": "Zero-shot", "sft": "SFT only", "grpo": "SFT + GRPO"}

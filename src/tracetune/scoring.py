@@ -10,6 +10,12 @@ Metrics (each with a 95% confidence interval):
                       rows that have a reference (an open row is judged, not checked)
     lenient_accuracy  numeric rows: the last number anywhere equals the reference
                       (reporting only; other kinds have none)
+    sound_accuracy    numeric rows: right, and every ``expr = value`` claim in the
+                      completion holds (``arithmetic.arithmetic_claims``, the
+                      evaluator the failure analysis and the arithmetic reward
+                      read). A small model's right answers are often reached
+                      through false steps (the 270M after SFT: 6 of its 9 right
+                      answers on 500 GSM8K test problems): luck, not reasoning.
     format_rate       share of completions in the strict trace format
     trace             mean trace reward (trace_structure)
     confidence        mean calibration reward (when answer log-probabilities are given)
@@ -31,6 +37,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from tracetune.arithmetic import arithmetic_claims
 from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
 from tracetune.files import atomic_path, json_safe
@@ -43,16 +50,17 @@ Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 # not scored per sample here: the evaluation's judge (judge.json) rates a seeded
 # sample on its own 1-5 scale, and the report shows it beside these.
 REWARD_METRICS = tuple(name for name in REWARDS if name not in ("correctness", "judge"))
-METRICS = ("accuracy", "lenient_accuracy", "format_rate", *REWARD_METRICS, "composite")
+METRICS = ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", *REWARD_METRICS, "composite")
 METRIC_LABELS = {
     "accuracy": REWARDS["correctness"].label,
     "lenient_accuracy": "Lenient accuracy",
+    "sound_accuracy": "Sound accuracy",
     "format_rate": "Format rate",
     **{name: REWARDS[name].label for name in REWARD_METRICS},
     "composite": "Avg composite reward",
 }
 UNIT = (0.0, 1.0)  # the reward components lie in [0, 1]
-PROPORTIONS = {"accuracy", "lenient_accuracy", "format_rate"}
+PROPORTIONS = {"accuracy", "lenient_accuracy", "sound_accuracy", "format_rate"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class SampleScore:
     rewards: dict[str, float | None]
     composite: float | None
     kind: str = "numeric"
+    sound: bool | None = None  # right with no false arithmetic claim (numeric rows)
 
     def __getattr__(self, name: str) -> float | None:
         rewards = self.__dict__.get("rewards", {})
@@ -99,9 +108,10 @@ class SampleScore:
     def from_record(cls, record: dict[str, Any]) -> SampleScore:
         """Back from ``record()``; a reward the record lacks (scored before it was
         registered) is None."""
-        names = [f.name for f in fields(cls) if f.name not in ("rewards", "kind")]
+        names = [f.name for f in fields(cls) if f.name not in ("rewards", "kind", "sound")]
         return cls(**{k: record[k] for k in names}, rewards={name: record.get(name) for name in REWARD_METRICS},
-                   kind=record.get("kind", "numeric"))  # records from before task kinds are numeric
+                   kind=record.get("kind", "numeric"),  # records from before task kinds are numeric
+                   sound=record.get("sound"))  # None in records from before sound accuracy
 
 
 def score_sample(
@@ -154,6 +164,7 @@ def score_sample(
         rewards={name: components[name][0] if name in components else None for name in REWARD_METRICS},
         composite=combine(components, weights)[0] if weighted else None,
         kind=kind,
+        sound=(correct == 1.0 and all(claim.holds for claim in arithmetic_claims(completion))) if numeric and correct is not None else None,
     )
 
 
@@ -199,9 +210,11 @@ def aggregate(scores: Sequence[SampleScore]) -> dict[str, Estimate]:
     the accuracies over those with a reference to check (their n says how many)."""
     checked = [s.correct for s in scores if s.correct is not None]
     lenient = [s.lenient_correct for s in scores if s.lenient_correct is not None]
+    sound = [s.sound for s in scores if s.sound is not None]
     return {
         "accuracy": proportion_ci(sum(checked), len(checked)),
         "lenient_accuracy": proportion_ci(sum(lenient), len(lenient)),
+        "sound_accuracy": proportion_ci(sum(sound), len(sound)),
         "format_rate": proportion_ci(sum(s.well_formed for s in scores), len(scores)),
         **{name: mean_ci([v for s in scores if (v := s.rewards.get(name)) is not None], UNIT) for name in REWARD_METRICS},
         "composite": mean_ci([s.composite for s in scores if s.composite is not None]),  # weights may sum past 1
