@@ -12,11 +12,7 @@ the same shape bucket, so compilation is excluded (it is printed separately);
 transformers has no compilation. Each side runs in its own process, so its peak
 RSS is its own.
 
-    python bench/generate.py [--batches 1 8 32] [--new-tokens 256] [--dtype float32] [--temperature 0.9] [--bf16-head]
-
---bf16-head adds a third side: tracetune with the vocabulary projection from a
-bfloat16 copy of the embedding (``Generator(head_dtype="bfloat16")``, GRPO's
-``grpo.rollout_head_dtype``), on the same prompts.
+    python bench/generate.py [--batches 1 8 32] [--new-tokens 256] [--dtype float32] [--temperature 0.9]
 
 Needs torch for the peer: pip install -e '.[bench]'.
 """
@@ -31,7 +27,7 @@ import time
 import sides
 
 
-def run_ours(batch: int, new_tokens: int, dtype: str, temperature: float, head_dtype: str = "float32") -> dict:
+def run_ours(batch: int, new_tokens: int, dtype: str, temperature: float) -> dict:
     from tracetune.data import load_examples
     from tracetune.format import build_prompt
     from tracetune.generate import Generator, SamplingConfig
@@ -40,7 +36,7 @@ def run_ours(batch: int, new_tokens: int, dtype: str, temperature: float, head_d
     loaded = load_model("gemma3-270m", dtype=dtype)
     prompts = [build_prompt(e.question) for e in load_examples("gsm8k", "test").examples]
     prompts = [p for p in prompts if len(loaded.tokenizer.encode(p)) <= 128][: 2 * batch]  # one length bucket
-    generator = Generator(loaded.model, loaded.tokenizer, max_batch=batch, head_dtype=head_dtype)
+    generator = Generator(loaded.model, loaded.tokenizer, max_batch=batch)
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, stop_strings=())
     start = time.perf_counter()
     warm = generator.generate(prompts[:batch], sampling)
@@ -90,15 +86,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256, help="token budget per completion")
     parser.add_argument("--dtype", default="float32", help="tracetune parameter dtype")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample the full vocabulary at T")
-    parser.add_argument("--bf16-head", action="store_true", help="also time tracetune with a bfloat16 vocabulary projection")
-    parser.add_argument("--head-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.side == "ours":
-        sides.report(run_ours(args.batch, args.new_tokens, args.dtype, args.temperature, args.head_dtype))
+        sides.report(run_ours(args.batch, args.new_tokens, args.dtype, args.temperature))
         return
     if args.side == "peer":
         sides.report(run_peer(args.batch, args.new_tokens, json.loads(open(args.ids).read()), args.temperature))
@@ -108,8 +102,7 @@ def main() -> None:
 
     decoding = f"sampled at T={args.temperature:g}" if args.temperature else "greedy"
     print(f"Gemma 3 270M (embedded GGUF), {decoding}, {args.new_tokens} new tokens, GSM8K test prompts, this machine's CPUs")
-    bf16 = f" | {'bf16-head tok/s':>15} | {'peak MB':>7} | {'x f32':>5}" if args.bf16_head else ""
-    print(f"{'batch':>5} | {'tracetune tok/s':>15} | {'compile s':>9} | {'peak MB':>7} | {'transformers tok/s':>18} | {'peak MB':>7} | {'ratio':>5}{bf16}")
+    print(f"{'batch':>5} | {'tracetune tok/s':>15} | {'compile s':>9} | {'peak MB':>7} | {'transformers tok/s':>18} | {'peak MB':>7} | {'ratio':>5}")
     for batch in args.batches:
         common = ("--batch", str(batch), "--new-tokens", str(args.new_tokens), "--temperature", str(args.temperature))
         ours = sides.run(__file__, "--side", "ours", *common, "--dtype", args.dtype)
@@ -117,13 +110,8 @@ def main() -> None:
             json.dump(ours["ids"], handle)
         peer = sides.run(__file__, "--side", "peer", *common, "--ids", handle.name)
         ours_rate, peer_rate = ours["tokens"] / ours["seconds"], peer["tokens"] / peer["seconds"]
-        row = (f"{batch:>5} | {ours_rate:>15.1f} | {ours['compile_seconds']:>9.1f} | {ours['peak_rss_mb']:>7.0f} | "
-               f"{peer_rate:>18.1f} | {peer['peak_rss_mb']:>7.0f} | {ours_rate / peer_rate:>5.2f}")
-        if args.bf16_head:
-            half = sides.run(__file__, "--side", "ours", *common, "--dtype", args.dtype, "--head-dtype", "bfloat16")
-            half_rate = half["tokens"] / half["seconds"]
-            row += f" | {half_rate:>15.1f} | {half['peak_rss_mb']:>7.0f} | {half_rate / ours_rate:>5.2f}"
-        print(row, flush=True)
+        print(f"{batch:>5} | {ours_rate:>15.1f} | {ours['compile_seconds']:>9.1f} | {ours['peak_rss_mb']:>7.0f} | "
+              f"{peer_rate:>18.1f} | {peer['peak_rss_mb']:>7.0f} | {ours_rate / peer_rate:>5.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ Sides, each in its own process on a fresh run directory, one after the other:
             only at completion positions and the step's padding trimmed
             (`grpo.logprobs=chunked`, logprobs.py)
   full      the path before it: Tunix's own `compute_per_token_logps` and GRPO
-            loss over the whole padded budget (`grpo.logprobs=full`), the
-            rollout's vocabulary head in float32 (`grpo.rollout_head_dtype`)
+            loss over the whole padded budget (`grpo.logprobs=full`)
   vanilla   (with --vanilla) Tunix's sampler instead of tracetune's, chunked
   before    (with --before REV) tracetune at an earlier commit, from a git worktree
             of REV, on Tunix's log-prob path (`grpo.logprobs=full`): the step as it
@@ -39,8 +38,7 @@ import sides
 
 SIDES = {
     "chunked": ["grpo.rollout_engine=tracetune", "grpo.logprobs=chunked"],
-    # Tunix's loss takes the whole micro-batch; the rollout's head in float32, as before rollout_head_dtype
-    "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full", "grpo.rows_per_pass=0", "grpo.rollout_head_dtype=float32"],
+    "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full", "grpo.rows_per_pass=0"],  # Tunix's loss takes the whole micro-batch
     "vanilla": ["grpo.rollout_engine=vanilla", "grpo.logprobs=chunked"],
     "before": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full"],  # names that commit knows
 }

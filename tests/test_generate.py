@@ -179,28 +179,3 @@ def test_the_last_rows_decode_on_in_a_smaller_batch_with_the_same_results(tiny, 
     assert [r.finish_reason for r in together] == ["length"] + ["stop"] * 4
     alone = [Generator(tiny.model, tiny.tokenizer, max_batch=1).generate([p], sampling)[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-
-
-def test_a_bfloat16_head_keeps_the_first_token_and_its_logprob_close_to_tunix(tiny):
-    """head_dtype="bfloat16" (GRPO's rollout_head_dtype): a bfloat16 copy of the tied
-    embedding, summed in float32. The next-token log-probs stay within bfloat16's
-    rounding of Tunix's float32 forward, one row alone (the vector-matrix product)
-    and in a padded batch; a bad dtype is refused."""
-    half = Generator(tiny.model, tiny.tokenizer, max_batch=4, head_dtype="bfloat16")
-    assert half.params["head"].dtype == jnp.bfloat16 and half.params["embedding"].dtype == jnp.float32
-    sampling = SamplingConfig(max_new_tokens=1, stop_strings=())
-    for batch in (PROMPTS, PROMPTS[:1]):
-        for prompt, result in zip(batch, half.generate(batch, sampling)):
-            reference = tunix_next_token_logprobs(tiny, prompt)
-            assert reference[result.token_ids[0]] >= reference.max() - 0.02  # the top token, or a near-tie
-            assert result.token_logprobs[0] == pytest.approx(float(reference[result.token_ids[0]]), abs=0.02)
-    with pytest.raises(ValueError, match="head_dtype"):
-        Generator(tiny.model, tiny.tokenizer, head_dtype="float16")
-
-
-def test_auto_head_dtype_is_bfloat16_only_where_the_host_multiplies_it(monkeypatch):
-    monkeypatch.setattr(generate, "native_bfloat16", lambda: False)
-    assert generate.resolve_head_dtype("auto") == "float32"
-    monkeypatch.setattr(generate, "native_bfloat16", lambda: True)
-    assert generate.resolve_head_dtype("auto") == "bfloat16"
-    assert generate.resolve_head_dtype("float32") == "float32"

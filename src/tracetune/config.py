@@ -384,13 +384,6 @@ class GRPOConfig:
       sampler: 1.9x the vanilla sampler's tokens/s on a 2-core CPU, so the CPU
       presets use it; it folds LoRA into a merged copy of the weights for each
       rollout, one more backbone's worth of memory while it samples).
-    rollout_head_dtype: with "tracetune", the weights of the rollout's vocabulary
-      projection: "float32", "bfloat16" (a bfloat16 copy of the tied embedding,
-      summed in float32: the head is most of a decode step, and a CPU with
-      AVX512-BF16 runs it about 1.6x faster; sampled logits differ from float32's
-      in about the third significant digit) or "auto" (bfloat16 where the host
-      multiplies it natively, else float32: on an AVX2 CPU bfloat16 is slower).
-      Evaluation always uses float32.
     vllm_model / vllm_memory_fraction: for "vllm", the Hugging Face id of the
       architecture ("" = the base model's, from the registry) and the share of
       accelerator memory vLLM may take.
@@ -486,7 +479,6 @@ class GRPOConfig:
     max_prompt_tokens: int = 256
     max_new_tokens: int = 1144
     rollout_engine: str = "vanilla"
-    rollout_head_dtype: str = "float32"
     vllm_model: str = ""
     vllm_memory_fraction: float = 0.4
     train_examples: int = 0
@@ -554,10 +546,6 @@ class GRPOConfig:
             raise ConfigError(f"grpo.beta must be >= 0 and grpo.epsilon in (0, 1), got {self.beta}, {self.epsilon}")
         if self.rollout_engine not in ("vanilla", "vllm", "tracetune"):
             raise ConfigError(f"grpo.rollout_engine must be 'vanilla', 'vllm' or 'tracetune', got {self.rollout_engine!r}")
-        if self.rollout_head_dtype not in ("float32", "bfloat16", "auto"):
-            raise ConfigError(f"grpo.rollout_head_dtype must be float32, bfloat16 or auto, got {self.rollout_head_dtype!r}")
-        if self.rollout_head_dtype != "float32" and self.rollout_engine != "tracetune":
-            raise ConfigError("grpo.rollout_head_dtype applies to grpo.rollout_engine=tracetune only")
         if not 0 < self.vllm_memory_fraction <= 1:
             raise ConfigError(f"grpo.vllm_memory_fraction must be in (0, 1], got {self.vllm_memory_fraction}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -55,7 +55,6 @@ from tracetune import memory
 from tracetune.models.params import ModelConfig
 from tracetune.models.tokenizer import Tokenizer
 
-HEAD_DTYPES = ("float32", "bfloat16", "auto")  # the vocabulary projection's weights, see _head and head_dtype
 CANDIDATES = 64  # top-k / top-p consider at most this many most likely tokens
 CHUNK = 16  # decode steps per jitted call; stop strings are checked between calls (16: 2-4% faster steps than 32)
 PROMPT_BUCKET = 64
@@ -151,7 +150,7 @@ class Arch:
         )
 
 
-def decode_layout(tree: dict, config: ModelConfig, head_dtype: str = "float32") -> dict:
+def decode_layout(tree: dict, config: ModelConfig) -> dict:
     """Tunix's einsum weights re-laid as transposed plain matrices [out, in], once per Generator.
 
     XLA on CPU copies and transposes an einsum weight such as q [N, D, H] on every
@@ -159,8 +158,7 @@ def decode_layout(tree: dict, config: ModelConfig, head_dtype: str = "float32") 
     matrices avoid it. They are stored [out, in] because the forward pass keeps its
     activations feature-major (see _layer). q and kv share one matrix, gate and up
     another: one matmul each, whose outputs split along the leading axis for free.
-    The arithmetic is unchanged, except with ``head_dtype="bfloat16"``: a bfloat16
-    copy of the tied embedding then makes the vocabulary projection (see _head).
+    The arithmetic is unchanged.
     """
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
     layers = []
@@ -178,34 +176,7 @@ def decode_layout(tree: dict, config: ModelConfig, head_dtype: str = "float32") 
             "down": p["mlp"]["down_proj"]["kernel"].T,  # [D, F]
             **{name: p[name]["scale"] for name in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")},
         })
-    embedding = tree["embedder"]["input_embedding"]
-    params = {"embedding": embedding, "final_norm": tree["final_norm"]["scale"], "layers": layers}
-    if head_dtype != "float32" and embedding.dtype != head_dtype:
-        params["head"] = embedding.astype(head_dtype)  # [V, D]
-    return params
-
-
-def native_bfloat16() -> bool:
-    """Whether this host multiplies bfloat16 natively: an accelerator, or a CPU with
-    AVX512-BF16 or AMX (Linux's /proc/cpuinfo flags). Without it XLA:CPU converts, and
-    a bfloat16 head is slower than float32's (117 vs 82-85 ms on an AVX2 CPU)."""
-    if jax.default_backend() != "cpu":
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_head_dtype(name: str) -> str:
-    """``name`` with "auto" resolved: bfloat16 where this host multiplies it natively."""
-    if name not in HEAD_DTYPES:
-        raise ValueError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {name!r}")
-    if name == "auto":
-        return "bfloat16" if native_bfloat16() else "float32"
-    return name
+    return {"embedding": tree["embedder"]["input_embedding"], "final_norm": tree["final_norm"]["scale"], "layers": layers}
 
 
 def _bucket_batch(n: int) -> int:
@@ -331,15 +302,11 @@ def _forward(params, config: Arch, tokens, positions, new_valid, write_at, sourc
                                  own_local if local else own, last_only=i == config.num_layers - 1)
         new_kv.append((k_new, v_new))
     x = _rms_norm(x, params["final_norm"])  # [D, B]: only the last position is projected
-    return _head(x, params.get("head", emb)), new_kv
+    return _head(x, emb), new_kv
 
 
 def _head(x, emb):
     """The tied vocabulary projection of x [D, B] -> logits [V, B], float32 (for stable log-probs).
-
-    A bfloat16 ``emb`` (decode_layout's ``head``) multiplies a bfloat16 x and sums
-    in float32: on a CPU with AVX512-BF16 the [262144, 640] head at B=32 took 43 ms
-    against 70 ms in float32 (AMD EPYC, 2026-12-06); half the bytes read per step.
 
     Vocabulary-major: with the 262k embedding rows as the matmul's long side, XLA:CPU
     runs it in 139 ms instead of 208 ms at B=32 (59 vs 103 ms at B=8); a single row
@@ -347,10 +314,9 @@ def _head(x, emb):
     laid out as [V, 1]; that product re-reads x per output, so x must not be a strided
     view (a column of [D, B*T] made it 136 ms, hence the final layer's last_only).
     """
-    x = x.astype(emb.dtype)
     if x.shape[1] == 1:
-        return jnp.matmul(x.T, emb.T, preferred_element_type=jnp.float32).T  # [V, 1]
-    return jnp.matmul(emb, x, preferred_element_type=jnp.float32)  # [V, B]
+        return (x.T @ emb.T).T.astype(jnp.float32)  # [V, 1]
+    return (emb @ x).astype(jnp.float32)  # [V, B]
 
 
 def _argmax(logits):
@@ -535,28 +501,21 @@ class Generator:
     >>> gen.generate(["Q: 2 + 3?\\nA:\\n"], SamplingConfig(max_new_tokens=64))[0].text  # doctest: +SKIP
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True,
-                 head_dtype: str = "float32"):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, max_batch: int = 32, with_weights: bool = True):
         """``with_weights=False``: no weights until ``set_params`` (an RL rollout engine
-        sets the live policy's before each rollout). ``head_dtype="bfloat16"``: the
-        vocabulary projection from a bfloat16 copy of the embedding, summed in float32
-        (faster where the CPU multiplies bfloat16; logits differ in about the third
-        significant digit, so greedy picks can differ at near-ties); "auto": bfloat16
-        where the host multiplies it natively (``native_bfloat16``)."""
+        sets the live policy's before each rollout)."""
         self.config = Arch.of(model.config)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.model_config = model.config
-        self.head_dtype = resolve_head_dtype(head_dtype)
-        self.params = (decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, head_dtype)
-                       if with_weights else None)
+        self.params = decode_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config) if with_weights else None
         self.stats = GenerateStats()
 
     def set_params(self, tree: dict) -> None:
         """Decode with new weights (a plain Gemma 3 parameter tree of the same shapes,
         e.g. a policy during RL); compiled programs are reused."""
         memory.release()  # an RL step's update temporaries, freed, before the decode's
-        self.params = decode_layout(tree, self.model_config, self.head_dtype)
+        self.params = decode_layout(tree, self.model_config)
 
     def drop_params(self) -> None:
         """Free the decode-layout weights (a whole model's worth) until the next ``set_params``."""

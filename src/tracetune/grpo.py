@@ -59,7 +59,7 @@ from tracetune.errors import Interrupted, TrainingError
 from tracetune.files import atomic_path
 from tracetune.format import build_prompt
 from tracetune.evaluate import generate_and_score
-from tracetune.generate import Generator, resolve_head_dtype
+from tracetune.generate import Generator
 from tracetune.judge import JudgeError, RewardJudge, RewardScores
 from tracetune.lora import BestAdapters, lora_on_mesh, merged_tree, use_adapter_step
 from tracetune.models.registry import MODELS, LoadedModel, load_model
@@ -1007,8 +1007,7 @@ class GRPORun:
             eos_tokens=list(tokenizer.stop_ids),
             **(vllm_settings(grpo, loaded, mesh) if grpo.rollout_engine == "vllm" else {}),
         )
-        engine = (functools.partial(TracetuneRollout, tracetune_tokenizer=tokenizer, lora=grpo.lora,
-                                    head_dtype=grpo.rollout_head_dtype)
+        engine = (functools.partial(TracetuneRollout, tracetune_tokenizer=tokenizer, lora=grpo.lora)
                   if grpo.rollout_engine == "tracetune" else grpo.rollout_engine)
         cluster_config = rl_cluster_lib.ClusterConfig(
             role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
@@ -1048,11 +1047,9 @@ class GRPORun:
             print(f"resuming {self.run_dir} from step {resumed}/{self.steps}", file=sys.stderr)
         self.cluster.with_external_metrics_logger(self._on_metrics)
         formula = str(self.config.rewards)
-        head = (f" ({resolve_head_dtype(grpo.rollout_head_dtype)} head)"
-                if grpo.rollout_engine == "tracetune" and grpo.rollout_head_dtype != "float32" else "")
         print(f"grpo: {len(examples)} problems, {self.steps} updates of {batch} prompts x G={grpo.num_generations}, "
               f"R = {formula}, "
-              f"from {loaded.source}, {grpo.rollout_engine} rollouts{head}, {mesh_lib.describe(mesh)}", file=sys.stderr)
+              f"from {loaded.source}, {grpo.rollout_engine} rollouts, {mesh_lib.describe(mesh)}", file=sys.stderr)
 
         with self.data.stop as stop:
             try:

@@ -131,8 +131,7 @@ class TracetuneRollout(base_rollout.BaseRollout):
     during the update that follows.
     """
 
-    def __init__(self, *, rollout_actor, tokenizer, mesh, rollout_config, tracetune_tokenizer: Tokenizer, lora: LoraConfig,
-                 head_dtype: str = "float32"):
+    def __init__(self, *, rollout_actor, tokenizer, mesh, rollout_config, tracetune_tokenizer: Tokenizer, lora: LoraConfig):
         self._model = rollout_actor
         self._tokenizer = tracetune_tokenizer
         self._lora = lora
@@ -141,8 +140,7 @@ class TracetuneRollout(base_rollout.BaseRollout):
         # padding every step to the budget cost the 270M's B=8 rollout 1.4x in decode
         # steps over the longer caches and prefill over pad positions (148 vs 104 ms
         # a step at 192 vs 128 tokens, measured 2026-12-03).
-        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32, with_weights=False,
-                                    head_dtype=head_dtype)
+        self._generator = Generator(rollout_actor, tracetune_tokenizer, max_batch=32, with_weights=False)
         self.mesh = None  # keep the cluster's rollout mesh
 
     def step_rollout(self, prompts: Sequence[str], rollout_config: base_rollout.RolloutConfig) -> StepRollout:
