@@ -28,12 +28,38 @@ from tracetune.rewards import (
     make_composite_reward,
     parse_reference,
     reward_components,
+    sound_reward,
+    soundness,
     trace_breakdown,
     trace_reward,
     trace_structure,
 )
 
 from conftest import wrap
+
+# ------------------------------------------------------------------ soundness
+
+SOUNDNESS_CASES = [
+    (wrap("72", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\nTherefore, the answer is 72."), "72", 1.0),  # right, all true
+    (wrap("72", "Step 1: 48 / 2 = 20.\nStep 2: 48 + 24 = 72.\nTherefore, the answer is 72."), "72", 0.0),  # right by luck
+    (wrap("72", "Step 1: The answer is 72.\nTherefore, the answer is 72."), "72", 1.0),  # no claim is no false claim
+    (wrap("72", "Step 1: 48 / 2 = 24.\nTherefore, the answer is 72.") + " 3 + 4 = 8", "72", 0.0),  # false claim outside
+    (wrap("71", "Step 1: 48 / 2 = 24.\nStep 2: 48 + 23 = 71.\nTherefore, the answer is 71."), "72", 0.0),  # true, wrong
+    (wrap("72", "Step 1: 10 / 3 = 3.\nStep 2: 69 + 3 = 72.\nTherefore, the answer is 72."), "72", 1.0),  # rounding holds
+    ("48 / 2 = 24, 48 + 24 = 72", "72", 0.0),  # no answer block
+]
+
+
+@pytest.mark.parametrize(("completion", "reference", "expected"), SOUNDNESS_CASES)
+def test_soundness_pays_right_answers_whose_claims_all_hold(completion, reference, expected):
+    assert soundness(completion, reference) == expected
+    assert sound_reward(["p"], [completion], reference=[reference]) == [expected]
+
+
+def test_soundness_is_undefined_where_correctness_is():
+    assert soundness(wrap("because"), "", "open") is None
+    assert soundness(wrap("B", "Step 1: 2 + 2 = 5.\nTherefore, B."), "B", "choice", {"A": "x", "B": "y"}) == 0.0
+
 
 # ------------------------------------------------------------------ correctness
 
@@ -400,7 +426,8 @@ def test_composite_is_the_weighted_sum():
     texts, logprobs = tokens_of(GOOD_TRACE, "72", [math.log(0.5)] * 2)
     columns = {"reference": ["72"], "token_texts": [texts], "token_logprobs": [logprobs]}
     components = reward_components(["p"], [GOOD_TRACE], RewardWeights(), **columns)
-    assert components == {"correctness": [1.0], "trace": [pytest.approx(1.0)], "confidence": [pytest.approx(0.5)]}
+    assert components == {"correctness": [1.0], "trace": [pytest.approx(1.0)], "confidence": [pytest.approx(0.5)],
+                          "sound": [1.0]}  # unweighted, yet scored: every component its columns allow
     # R = 0.6 * 1 + 0.25 * 1 + 0.15 * 0.5 = 0.925
     assert make_composite_reward()(["p"], [GOOD_TRACE], **columns) == [pytest.approx(0.925)]
 
@@ -423,7 +450,7 @@ def test_combine_applies_weights_once():
 
 
 def test_every_registered_reward_is_named_for_its_metric_key():
-    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic", "judge"]  # the positional weights' order
+    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic", "judge", "sound"]  # the positional weights' order
     assert list(RewardWeights().as_dict()) == list(REWARDS)
     for name, reward in REWARDS.items():
         assert re.fullmatch(r"[a-z_]+", name) and reward.name == name and reward.label  # "reward/<name>" reads well
@@ -432,7 +459,7 @@ def test_every_registered_reward_is_named_for_its_metric_key():
 
 def test_the_recipe_weights_are_the_registered_defaults():
     assert {name: r.default_weight for name, r in REWARDS.items()} == {
-        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0}
+        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0, "sound": 0.0}
 
 
 def test_arithmetic_joins_the_composite_by_weight():
@@ -451,7 +478,7 @@ def test_a_weighted_component_without_its_columns_is_an_error_and_an_unweighted_
     with pytest.raises(ValueError, match="the arithmetic reward \\(weight 0.2\\) needs the columns 'question'"):
         reward_components(["p"], completion, RewardWeights(confidence=0, arithmetic=0.2), reference=["72"])
     # Weight 0 and no question: not computed (the default weights need no question column).
-    assert set(reward_components(["p"], completion, RewardWeights(confidence=0), reference=["72"])) == {"correctness", "trace"}
+    assert set(reward_components(["p"], completion, RewardWeights(confidence=0), reference=["72"])) == {"correctness", "trace", "sound"}
     # The question given: computed for logging even at weight 0.
     assert "arithmetic" in reward_components(["p"], completion, RewardWeights(confidence=0), reference=["72"], question=["q"])
 

@@ -12,9 +12,11 @@ The composite reward, declared once::
                              (rubric: arithmetic_breakdown)
       judge        [0, 1]    an LLM judge's rating by the kind's rubric           0
                              (judge.RewardJudge; the ``judge_score`` column)
+      sound        {0, 1}    a right answer whose every "expr = value" claim      0
+                             holds (``soundness``): right by reasoning, not luck
 
     with (w_k) = RewardWeights(): the seed recipe's 0.6 / 0.25 / 0.15, and 0 for
-    arithmetic and judge, which the recipe does not have.
+    arithmetic, judge and sound, which the recipe does not have.
 
 A component may be undefined (None) for a row it cannot judge: correctness and
 confidence for an ``open`` row (no reference: it is judged, never checked), and
@@ -130,6 +132,26 @@ def correctness(completion: str, reference: str | float, kind: str = "numeric", 
     if kind == "open":
         return None
     raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
+
+
+def soundness(completion: str, reference: str | float, kind: str = "numeric", choices: Choices | None = None) -> float | None:
+    """1.0 if the answer is right (``correctness``) and every ``expr = value`` claim
+    in the completion holds, else 0.0; None where correctness is None (an open row).
+
+    The claims are ``arithmetic.arithmetic_claims``'s, the evaluator the arithmetic
+    reward and the failure analysis read. A small model's right answers are often
+    luck: the SFT 270M's ``60/200 = 0.25 ... 100 - 60 = 40`` answers 40, the reference,
+    and 6 of its 9 right answers on 500 GSM8K test problems held a false claim.
+
+    >>> soundness("<reasoning>48 / 2 = 24, 48 + 24 = 72.</reasoning>\n<answer>72</answer>", "72")
+    1.0
+    >>> soundness("<reasoning>48 / 2 = 20, 48 + 24 = 72.</reasoning>\n<answer>72</answer>", "72")
+    0.0
+    """
+    right = correctness(completion, reference, kind, choices)
+    if right is None:
+        return None
+    return float(right == 1.0 and all(claim.holds for claim in arithmetic_claims(completion)))
 
 
 # --------------------------------------------------------------------------- trace
@@ -792,6 +814,16 @@ def judge_reward(prompts: Sequence[str], completions: Sequence[str], judge_score
     rewards run. A completion the judge did not score is None here, and the
     learner leaves it out of its group's advantage (never paid as a 0)."""
     return [None if s is None else float(s) for s in judge_score]
+
+
+# Registered after the judge: the positional --reward-weights form keeps its order.
+@register("sound", columns=(("reference",),), label="Sound accuracy")
+def sound_reward(prompts: Sequence[str], completions: Sequence[str], reference: Sequence[Any],
+                 kind: Sequence[str] | None = None, choices: Sequence[Choices | None] | None = None,
+                 **_: Any) -> list[float | None]:
+    n = len(completions)
+    return [soundness(c, r, k, o) for c, r, k, o in
+            zip(completions, reference, _per_row(kind, n, "numeric"), _per_row(choices, n, None), strict=True)]
 
 
 # Components are computed a chunk of completions at a time: every component parses

@@ -10,12 +10,11 @@ Metrics (each with a 95% confidence interval):
                       rows that have a reference (an open row is judged, not checked)
     lenient_accuracy  numeric rows: the last number anywhere equals the reference
                       (reporting only; other kinds have none)
-    sound_accuracy    numeric rows: right, and every ``expr = value`` claim in the
-                      completion holds (``arithmetic.arithmetic_claims``, the
-                      evaluator the failure analysis and the arithmetic reward
-                      read). A small model's right answers are often reached
-                      through false steps (the 270M after SFT: 6 of its 9 right
-                      answers on 500 GSM8K test problems): luck, not reasoning.
+    sound_accuracy    right, and every ``expr = value`` claim in the completion
+                      holds (the ``sound`` reward, ``rewards.soundness``). A small
+                      model's right answers are often reached through false steps
+                      (the 270M after SFT: 6 of its 9 right answers on 500 GSM8K
+                      test problems): luck, not reasoning.
     format_rate       share of completions in the strict trace format
     trace             mean trace reward (trace_structure)
     confidence        mean calibration reward (when answer log-probabilities are given)
@@ -23,8 +22,9 @@ Metrics (each with a 95% confidence interval):
     composite         mean composite reward (when every weighted component is known)
 
 The reward metrics (trace, confidence, arithmetic, ...) are the registered reward
-components but correctness (``rewards.REWARDS``, each in [0, 1]): a new component is
-scored, aggregated and labelled here without an edit.
+components but correctness and sound (``rewards.REWARDS``, each in [0, 1]), which are
+the accuracy and the sound accuracy: a new component is scored, aggregated and
+labelled here without an edit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from tracetune.arithmetic import arithmetic_claims
 from tracetune.config import RewardWeights
 from tracetune.data import DataError, example_from_row, iter_jsonl
 from tracetune.files import atomic_path, json_safe
@@ -46,15 +45,16 @@ from tracetune.rewards import REWARDS, Choices, answer_token_logprobs, available
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
-# Every registered reward is a metric; correctness is the accuracy. The judge is
+# Every registered reward is a metric; correctness is the accuracy, sound the sound
+# accuracy (rates, with McNemar's test in the comparisons). The judge is
 # not scored per sample here: the evaluation's judge (judge.json) rates a seeded
 # sample on its own 1-5 scale, and the report shows it beside these.
-REWARD_METRICS = tuple(name for name in REWARDS if name not in ("correctness", "judge"))
+REWARD_METRICS = tuple(name for name in REWARDS if name not in ("correctness", "sound", "judge"))
 METRICS = ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", *REWARD_METRICS, "composite")
 METRIC_LABELS = {
     "accuracy": REWARDS["correctness"].label,
     "lenient_accuracy": "Lenient accuracy",
-    "sound_accuracy": "Sound accuracy",
+    "sound_accuracy": REWARDS["sound"].label,
     "format_rate": "Format rate",
     **{name: REWARDS[name].label for name in REWARD_METRICS},
     "composite": "Avg composite reward",
@@ -91,7 +91,7 @@ class SampleScore:
     rewards: dict[str, float | None]
     composite: float | None
     kind: str = "numeric"
-    sound: bool | None = None  # right with no false arithmetic claim (numeric rows)
+    sound: bool | None = None  # right with no false arithmetic claim (None: an open row)
 
     def __getattr__(self, name: str) -> float | None:
         rewards = self.__dict__.get("rewards", {})
@@ -150,6 +150,7 @@ def score_sample(
     weights = RewardWeights(rest) if any(rest.values()) else None
     weighted = weights is not None and all(name in components for name, w in weights.as_dict().items() if w)
     correct = components["correctness"][0]
+    sound = components["sound"][0]
     return SampleScore(
         id=id,
         question=question,
@@ -164,7 +165,7 @@ def score_sample(
         rewards={name: components[name][0] if name in components else None for name in REWARD_METRICS},
         composite=combine(components, weights)[0] if weighted else None,
         kind=kind,
-        sound=(correct == 1.0 and all(claim.holds for claim in arithmetic_claims(completion))) if numeric and correct is not None else None,
+        sound=None if sound is None else sound == 1.0,
     )
 
 
