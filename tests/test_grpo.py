@@ -351,7 +351,8 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
         assert json.loads((tmp_path / "run" / "export" / "last_adapter" / "adapter.json").read_text())["step"] == 4
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:
-        for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence", "zero_spread", "truncated", "completion_length"):
+        for key in ("reward/composite", "reward/correctness", "reward/trace", "reward/confidence", "reward/sound",  # weighted or not
+                    "zero_spread", "truncated", "completion_length"):
             assert record[key] is not None, key
     # Tunix writes the actor's loss and KL one update late: present from step 2 on.
     assert all(r["kl"] is not None and r["loss"] is not None for r in records[1:])
@@ -360,7 +361,8 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     assert all(r["compiles"]["count"] >= 0 for r in records)
     seeds = [s for r in records for s in r["rollout_seeds"]]
     assert len(set(seeds)) == len(seeds)  # a new rollout key every step
-    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0}
+    assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0,
+                                            "sound": 0.0}
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "correctness", "trace", "confidence"} <= set(samples[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
