@@ -45,7 +45,7 @@ SIDES = {
 # What the earlier commit's cpu-demo step did, for the sides beside it: the recipe's
 # three weights, a seeded shuffle of the prompts, every group kept, no validation.
 EQUAL_WORK = ["rewards.correctness=0.6", "rewards.trace=0.25", "rewards.confidence=0.15", "rewards.arithmetic=0",
-              "grpo.curriculum=none", "grpo.dynamic_sampling=off", "grpo.val_every_steps=0", "grpo.select=last"]
+              "grpo.curriculum=none", "grpo.dynamic_sampling=off", "grpo.revisit=0", "grpo.val_every_steps=0", "grpo.select=last"]
 
 
 def run_side(side: str, steps: int, init: str, overrides: list[str]) -> dict:

@@ -23,7 +23,7 @@ import qwix
 from flax import nnx
 from jax.interpreters import pxla
 
-from tracetune import memory
+from tracetune import lora_vjp, memory
 from tracetune import mesh as mesh_lib
 from tracetune.config import ConfigError, LoraConfig
 from tracetune.errors import DiskFull
@@ -49,6 +49,7 @@ def apply_lora(model: nnx.Module, lora: LoraConfig, seed: int) -> nnx.Module:
     unknown = [name for name in lora.targets.split("|") if name not in MERGE_SPECS]
     if unknown:
         raise ConfigError(f"lora.targets: cannot merge {unknown} back into Gemma 3 weights (known: {', '.join(MERGE_SPECS)})")
+    lora_vjp.install()  # the adapters' gradients as plain matmuls (3x faster backward on XLA:CPU)
     provider = qwix.LoraProvider(module_path=f".*({lora.targets})", rank=lora.rank, alpha=lora.alpha)
     tokens = jnp.ones((1, 8), jnp.int32)  # any input: qwix traces one call to find the targeted weights
     positions = jnp.arange(8)[None]

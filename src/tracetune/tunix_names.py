@@ -1,5 +1,6 @@
-"""Every private name of Tunix (google-tunix 0.1.7) that tracetune overrides,
-reads or calls, and the internal conventions it relies on, in one list.
+"""Every private name of Tunix (google-tunix 0.1.7), and of qwix's LoRA, that
+tracetune overrides, reads or calls, and the internal conventions it relies on,
+in one list.
 
 Tunix renames things between releases (0.1.8 has ``RLEngine`` for ``RLCluster``).
 A name here that an upgrade removes would otherwise fail late, or worse, silently:
@@ -90,6 +91,13 @@ NAMES = (
     Name("tunix.models.gemma3.model:Gemma3.__call__", "self.embedder.decode(x)", "source",
          "logprobs applies the tied head itself: the logits must be the embedding times the sown states, no soft-cap"),
     Name("tunix.models.gemma3.model:Embedder", "input_embedding", "attribute", "logprobs.embedding: the tied head [V, D]"),
+    # qwix's LoRA (lora_vjp.py): the adapters' deltas go through lora_vjp.delta_2d
+    Name("qwix._src.providers:lora", "_compute_lora_delta", "method",
+         "lora_vjp.install replaces it (the MLP's nnx.Linear path); its fallback calls the original"),
+    Name("qwix._src.providers.lora:LoraProvider.dot_general", "_compute_lora_delta(", "source",
+         "the MLP's delta is computed by the module function lora_vjp replaces"),
+    Name("qwix._src.providers.lora:LoraProvider.einsum", "jax.numpy.einsum(lora_einsum_str", "source",
+         "lora_vjp.install routes the attention's delta through the module's jax name to lora_vjp.lora_einsum"),
 )
 
 
