@@ -6,11 +6,12 @@ completion-only float32 loss, the tied head applied only at completion positions
 (`sft.logprobs=chunked`, logprobs.py) and tracetune's Trainer, whose step returns
 the adapters only (lora.adapter_step). "full": the same batches and loss with logits at every
 position (`sft.logprobs=full`) in Tunix's PeftTrainer. "before": full logits in Tunix's
-PeftTrainer on unpacked micro-batches of 4 (similar lengths, padded to a multiple of 64):
-the path this work started from. Peer, in the
+PeftTrainer on unpacked micro-batches of 4 (similar lengths, padded to a multiple of 64),
+with qwix's own LoRA gradient (not lora_vjp's): the path this work started from. Peer, in the
 same run: the vanilla Tunix recipe from its examples:
 the same examples in plain shuffled order, padded to the sequence budget, and
-PeftTrainer's default loss (one-hot targets over the vocabulary). Both train the
+PeftTrainer's default loss (one-hot targets over the vocabulary), with qwix's own
+LoRA gradient. Both train the
 same LoRA (rank, targets, optimizer) on the same examples.
 
 Each side runs in its own process (its peak RSS is its own) and runs the same
@@ -58,6 +59,10 @@ def run_side(side: str, micro_batches: int, overrides: list[str]) -> dict:
     examples, _ = tokenize_traces(traces, loaded.tokenizer, config.data.max_tokens)
     pad = loaded.tokenizer.pad_id
     model = apply_lora(loaded.model, sft.lora, sft.seed)
+    if side in ("before", "peer"):  # qwix's own LoRA gradient, as those paths had it (lora_vjp)
+        from tracetune import lora_vjp
+
+        lora_vjp.uninstall()
     # chunked: tracetune's Trainer (its step returns the adapters only) and optimizer
     # (runs.optimizer: the adapters as one vector, non-finite updates skipped); the
     # others: Tunix's own trainer and the recipe's plain clip + AdamW.
