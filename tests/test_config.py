@@ -31,6 +31,8 @@ def test_overrides_are_typed_and_checked():
         ("sft.loop_share=1.5", r"sft.loop_share must be in \[0, 1\]"),
         ("sft.conclusion_weight=0", "sft.conclusion_weight must be > 0"),
         ("grpo.rows_per_pass=3", r"grpo.rows_per_pass must divide the \d+ completions of a micro-batch"),
+        ("grpo.row_gradients=sum", "grpo.row_gradients must be one of recompute, accumulate"),
+        ("grpo.row_gradients=accumulate", "set grpo.rows_per_pass >= 1"),
         ("seed", "section.field=value"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -237,6 +237,14 @@ GRPO_CASES = {
     "tight clip": {"epsilon": 0.01},
     "one row per pass": {"rows_per_pass": 1},  # grpo.rows_per_pass: Tunix's loss ignores it
     "two rows per pass": {"rows_per_pass": 2, "loss_agg_mode": "token-mean"},
+    # grpo.row_gradients=accumulate: each pass's gradient in its forward pass, summed
+    "accumulated, one row per pass": {"rows_per_pass": 1, "row_gradients": "accumulate"},
+    "accumulated, two rows, token-mean": {"rows_per_pass": 2, "row_gradients": "accumulate", "loss_agg_mode": "token-mean"},
+    "accumulated, Dr. GRPO's scale": {"rows_per_pass": 2, "row_gradients": "accumulate",
+                                      "loss_agg_mode": "sequence-mean-token-scale", "loss_norm": 9},
+    "accumulated, gspo-token, dual clip": {"rows_per_pass": 1, "row_gradients": "accumulate", "loss_algo": "gspo-token",
+                                           "epsilon_c": 3.0},
+    "accumulated, no reference": {"rows_per_pass": 1, "row_gradients": "accumulate", "beta": 0.0},
 }
 
 

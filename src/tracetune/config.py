@@ -258,6 +258,7 @@ LOSS_AGG_MODES = ("sequence-mean-token-mean", "token-mean", "sequence-mean-token
                   "sequence-mean-token-sum-norm")
 CURRICULA = ("none", "steps", "paced")
 SELECTIONS = ("last", "best")
+ROW_GRADIENTS = ("recompute", "accumulate")  # grpo.row_gradients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -401,6 +402,11 @@ class GRPOConfig:
       recomputed in the backward pass (``logprobs._row_passes``): the update keeps
       one pass's activations instead of the micro-batch's, for about one more
       forward pass. Must divide micro_batch_size x num_generations.
+    row_gradients: how rows_per_pass's passes get their gradient: "recompute"
+      (each pass under ``jax.checkpoint``, its forward run again in the backward
+      pass) or "accumulate" (each pass's gradient taken in its own forward pass and
+      summed, ``logprobs._accumulated_loss``: the same memory bound without the
+      second forward pass).
 
     Loss options Tunix 0.1.7 implements (defaults: the recipe's GRPO):
     advantage_estimator: "grpo" (group mean and std), "rloo" (leave-one-out mean)
@@ -490,6 +496,7 @@ class GRPOConfig:
     logprobs: str = "chunked"
     pad_multiple: int = 32
     rows_per_pass: int = 0
+    row_gradients: str = "recompute"
     advantage_estimator: str = "grpo"
     loss_agg_mode: str = "sequence-mean-token-mean"
     epsilon_high: float = 0.0
@@ -540,6 +547,10 @@ class GRPOConfig:
         if self.rows_per_pass < 0 or (self.rows_per_pass and rows % self.rows_per_pass):
             raise ConfigError(f"grpo.rows_per_pass must divide the {rows} completions of a micro-batch "
                               f"(grpo.micro_batch_size x grpo.num_generations), got {self.rows_per_pass}")
+        if self.row_gradients not in ROW_GRADIENTS:
+            raise ConfigError(f"grpo.row_gradients must be one of {', '.join(ROW_GRADIENTS)}, got {self.row_gradients!r}")
+        if self.row_gradients == "accumulate" and not self.rows_per_pass:
+            raise ConfigError("grpo.row_gradients=accumulate sums the gradients of grpo.rows_per_pass's passes: set grpo.rows_per_pass >= 1")
         if self.rows_per_pass and self.logprobs != "chunked":
             raise ConfigError("grpo.rows_per_pass needs grpo.logprobs=chunked (Tunix's own loss takes the whole micro-batch)")
         if self.beta < 0 or not 0 < self.epsilon < 1:

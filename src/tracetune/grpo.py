@@ -1093,19 +1093,22 @@ class AlgorithmConfig(grpo_learner.GRPOConfig):
     """Tunix's GRPOConfig with the fields its losses read when present:
     ``epsilon_high`` (clip-higher), ``loss_norm`` (the constant of
     "sequence-mean-token-scale": the token budget, not the trimmed batch's width)
-    and ``rows_per_pass`` (read by ``logprobs.tracetune_grpo_loss``)."""
+    and ``rows_per_pass`` / ``row_gradients`` (read by ``logprobs.tracetune_grpo_loss``)."""
 
-    def __init__(self, *, epsilon_high: float, loss_norm: int, rows_per_pass: int = 0, **kwargs):
+    def __init__(self, *, epsilon_high: float, loss_norm: int, rows_per_pass: int = 0, row_gradients: str = "recompute",
+                 **kwargs):
         super().__init__(**kwargs)
         self.epsilon_high = epsilon_high
         self.loss_norm = loss_norm
         self.rows_per_pass = rows_per_pass
+        self.row_gradients = row_gradients
 
 
 def algorithm_config(grpo: GRPOConfig) -> AlgorithmConfig:
     return AlgorithmConfig(
         num_generations=grpo.num_generations, num_iterations=1, beta=grpo.beta, epsilon=grpo.epsilon,
         epsilon_high=grpo.epsilon_high or grpo.epsilon, loss_norm=grpo.max_new_tokens, rows_per_pass=grpo.rows_per_pass,
+        row_gradients=grpo.row_gradients,
         advantage_estimator=grpo.advantage_estimator, loss_agg_mode=grpo.loss_agg_mode,
         kl_loss_mode=grpo.kl_loss_mode, loss_algo=grpo.loss_algo,
         # logprobs.py registers "tracetune": Tunix's GRPO loss on the chunked path

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -300,23 +301,61 @@ def tracetune_grpo_loss(model, train_example, algo_config, pad_id, eos_id, **kwa
     optional dual clip and GSPO-token, KL to the reference, the configured loss
     aggregation), on log-probs and entropies from ``completion_logprobs``.
 
+    With ``row_gradients="accumulate"`` (and ``rows_per_pass``) the gradient is
+    accumulated over the micro-batch's row passes instead (``_accumulated_loss``).
     Returns (loss, aux) with the aux keys Tunix logs. Tested equal to Tunix's in
     value and gradient.
     """
-    mask = train_example.completion_mask  # [B, C]
-    mode = algo_config.loss_agg_mode
+    rows = getattr(algo_config, "rows_per_pass", 0)
+    example = _Example.of(train_example)
+    if rows and getattr(algo_config, "row_gradients", "recompute") == "accumulate":
+        loss, logps, entropy = _accumulated_loss(model, example, algo_config, pad_id, rows)
+        return loss, _aux(_token_terms(logps, example, algo_config), entropy, example.mask, algo_config)
+    logps, entropy = completion_logprobs(model, example.prompt, example.completion, pad_id, temperature=algo_config.temperature,
+                                         entropy=True, rows_per_pass=rows)  # [B, C] each
+    terms = _token_terms(logps, example, algo_config)
+    aux = _aux(terms, entropy, example.mask, algo_config)
+    loss = aux["pg_loss"] + (algo_config.beta * aux["kl_loss"] if terms.kl is not None and algo_config.beta else 0.0)
+    return loss, aux
+
+
+class _Example(NamedTuple):
+    """The arrays of Tunix's ``TrainExample`` the loss reads (a pytree: a slice of
+    rows is ``jax.tree.map``)."""
+
+    prompt: jax.Array  # [B, P] left-padded
+    completion: jax.Array  # [B, C] right-padded
+    mask: jax.Array  # [B, C]
+    advantages: jax.Array  # [B] or [B, C]
+    old: jax.Array | None  # [B, C]: the old policy's log-probs, or None (on-policy)
+    reference: jax.Array | None  # [B, C]
+    weights: jax.Array | None  # [B, C]: sampler importance weights
+
+    @classmethod
+    def of(cls, example) -> _Example:
+        return cls(example.prompt_ids, example.completion_ids, example.completion_mask, example.advantages,
+                   example.old_per_token_logps, example.ref_per_token_logps, getattr(example, "sampler_is_weights", None))
+
+
+class _Terms(NamedTuple):
+    per_token: jax.Array  # [B, C]: the policy-gradient loss of each token, before aggregation
+    kl: jax.Array | None  # [B, C]: KL to the reference, or None without one
+    clipped: jax.Array  # [B, C] bool: the clipped term was taken
+    lower: jax.Array  # [B, C] float: the dual clip's floor was taken
+    ppo_kl: jax.Array  # [B, C]: -log ratio
+
+
+def _token_terms(logps: jax.Array, example: _Example, algo_config) -> _Terms:
+    """Tunix's GRPO loss per token, from the policy's log-probs [B, C]."""
     epsilon = algo_config.epsilon
     epsilon_high = getattr(algo_config, "epsilon_high", epsilon)
     epsilon_c = getattr(algo_config, "epsilon_c", None)
-    logps, entropy = completion_logprobs(model, train_example.prompt_ids, train_example.completion_ids, pad_id,
-                                         temperature=algo_config.temperature, entropy=True,
-                                         rows_per_pass=getattr(algo_config, "rows_per_pass", 0))  # [B, C] each
-    advantages = train_example.advantages.astype(jnp.float32)
+    mask = example.mask
+    advantages = example.advantages.astype(jnp.float32)
     adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, 1] or [B, C]
-    old = (jax.lax.stop_gradient(logps) if train_example.old_per_token_logps is None
-           else train_example.old_per_token_logps.astype(jnp.float32))
+    old = jax.lax.stop_gradient(logps) if example.old is None else example.old.astype(jnp.float32)
     log_ratio = logps - old  # [B, C]
-    ppo_kl = algo_core.masked_mean(-log_ratio, mask)
+    ppo_kl = -log_ratio
     log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
     if algo_config.loss_algo == "gspo-token":  # one sequence-level ratio, token-level gradients
         sequence = (log_ratio * mask).sum(axis=-1) / jnp.clip(mask.sum(-1), min=1)  # [B]
@@ -328,28 +367,98 @@ def tracetune_grpo_loss(model, train_example, algo_config, pad_id, eos_id, **kwa
     floor = -epsilon_c * adv if epsilon_c is not None else per_token  # dual clip (negative advantages)
     lower = ((per_token > floor) & (adv < 0.0)).astype(jnp.float32)
     per_token = jnp.where(adv < 0.0, jnp.minimum(floor, per_token), per_token)
-    weights = getattr(train_example, "sampler_is_weights", None)
-    if weights is not None:
-        per_token = per_token * weights.astype(jnp.float32)
+    if example.weights is not None:
+        per_token = per_token * example.weights.astype(jnp.float32)
+    kl = None
+    if example.reference is not None:
+        kl = common.compute_kl_divergence(logps, example.reference, algo_config.kl_loss_mode,
+                                          clamp_value=getattr(algo_config, "kl_clamp_value", None))  # [B, C]
+    return _Terms(per_token, kl, jnp.greater(clipped, unclipped), lower, ppo_kl)
+
+
+def _norm(algo_config) -> dict:
     # "sequence-mean-token-scale" divides by a constant: the token budget (loss_norm),
     # not the width of a batch whose padding was trimmed (Tunix's default).
-    scale = mode == "sequence-mean-token-scale" and getattr(algo_config, "loss_norm", None)
-    norm = {"norm": algo_config.loss_norm} if scale else {}
-    loss = common.aggregate_loss(per_token, mask, mode, **norm)
+    scale = algo_config.loss_agg_mode == "sequence-mean-token-scale" and getattr(algo_config, "loss_norm", None)
+    return {"norm": algo_config.loss_norm} if scale else {}
+
+
+def _aux(terms: _Terms, entropy: jax.Array, mask: jax.Array, algo_config) -> dict:
+    """The metrics Tunix's loss returns beside it; ``pg_loss`` and ``kl_loss`` are the
+    aggregated terms (loss = pg_loss + beta * kl_loss)."""
+    mode, norm = algo_config.loss_agg_mode, _norm(algo_config)
     aux = {
         "kl": 0.0,
         "kl_loss": 0.0,
-        "pg_loss": loss,
-        "pg_clipfrac": algo_core.masked_mean(jnp.greater(clipped, unclipped), mask),
-        "pg_clipfrac_lower": common.aggregate_loss(lower, mask, mode, **norm),
-        "ppo_kl": ppo_kl,
+        "pg_loss": common.aggregate_loss(terms.per_token, mask, mode, **norm),
+        "pg_clipfrac": algo_core.masked_mean(terms.clipped, mask),
+        "pg_clipfrac_lower": common.aggregate_loss(terms.lower, mask, mode, **norm),
+        "ppo_kl": algo_core.masked_mean(terms.ppo_kl, mask),
         "entropy": common.aggregate_loss(entropy, mask, mode, **norm),
     }
-    if train_example.ref_per_token_logps is not None:
-        kl = common.compute_kl_divergence(logps, train_example.ref_per_token_logps, algo_config.kl_loss_mode,
-                                          clamp_value=getattr(algo_config, "kl_clamp_value", None))  # [B, C]
-        aux["kl"] = ((kl * mask).sum() / jnp.clip(mask.sum(), min=1)).astype(jnp.float32)
-        aux["kl_loss"] = common.aggregate_loss(kl, mask, mode, **norm)
-        if algo_config.beta:
-            loss = loss + algo_config.beta * aux["kl_loss"]
-    return loss, aux
+    if terms.kl is not None:
+        aux["kl"] = ((terms.kl * mask).sum() / jnp.clip(mask.sum(), min=1)).astype(jnp.float32)
+        aux["kl_loss"] = common.aggregate_loss(terms.kl, mask, mode, **norm)
+    return aux
+
+
+def _accumulated_loss(model, example: _Example, algo_config, pad_id: int, rows: int):
+    """(loss, log-probs [B, C], entropies [B, C]) with the loss's gradient accumulated
+    over passes of ``rows`` completions, each pass's gradient taken in the forward pass.
+
+    Every aggregation of Tunix's loss is linear in the per-token terms for a fixed
+    mask, so the loss is sum(W * (pg + beta * kl)) with W [B, C] the aggregation's
+    weights (its gradient at zero), and each pass contributes its rows' share. A
+    ``lax.scan`` runs each pass's ``value_and_grad`` and sums the adapters' gradients,
+    so a pass's activations are freed before the next: the memory of ``rows``
+    completions, without ``rows_per_pass``'s recomputation of the forward pass in the
+    backward one (one trunk forward per completion less). A custom VJP hands the
+    summed gradient to the trainer's differentiation.
+    """
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    mask = example.mask
+    B = mask.shape[0]
+    if B % rows:
+        raise ValueError(f"rows_per_pass={rows} must divide the batch's {B} rows")
+    weights = jax.grad(lambda x: common.aggregate_loss(x, mask, algo_config.loss_agg_mode, **_norm(algo_config)))(
+        jnp.zeros(mask.shape, jnp.float32))  # [B, C]
+    beta = algo_config.beta if example.reference is not None else 0.0
+    passes = jax.tree.map(lambda x: x.reshape(B // rows, rows, *x.shape[1:]), (example, weights))
+
+    def scan(adapters):
+        def one_pass(total, batch):
+            part, part_weights = batch
+
+            def pass_loss(adapters):
+                m = nnx.merge(graphdef, adapters, rest)
+                hidden = _completion_hidden(m, part.prompt, part.completion, pad_id)
+                logps, entropy = head_logprobs(hidden, embedding(m), part.completion, temperature=algo_config.temperature,
+                                               entropy=True)  # [rows, C] each
+                terms = _token_terms(logps, part, algo_config)
+                per_token = terms.per_token + beta * terms.kl if beta else terms.per_token
+                return jnp.sum(part_weights * per_token), (logps, entropy)
+
+            (value, outputs), grads = jax.value_and_grad(pass_loss, has_aux=True)(adapters)
+            loss, grad_sum = total
+            return (loss + value, jax.tree.map(jnp.add, grad_sum, grads)), outputs
+
+        start = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, adapters))
+        (loss, grads), (logps, entropy) = jax.lax.scan(one_pass, start, passes)
+        return loss, grads, logps.reshape(mask.shape), entropy.reshape(mask.shape)
+
+    @jax.custom_vjp
+    def run(adapters):
+        loss, _, logps, entropy = scan(adapters)
+        return loss, logps, entropy
+
+    def run_forward(adapters):
+        loss, grads, logps, entropy = scan(adapters)
+        return (loss, logps, entropy), grads
+
+    def run_backward(grads, cotangents):
+        d_loss = cotangents[0]  # the log-probs and entropies feed metrics only
+        return (jax.tree.map(lambda g: g * d_loss, grads),)
+
+    run.defvjp(run_forward, run_backward)
+    loss, logps, entropy = run(lora)
+    return loss, jax.lax.stop_gradient(logps), jax.lax.stop_gradient(entropy)
