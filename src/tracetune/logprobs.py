@@ -24,7 +24,8 @@ The three callers:
   completions): the policy's, the old policy's and the reference's log-probs;
 * ``tracetune_grpo_loss``: Tunix's GRPO loss on them, registered with Tunix's
   loss registry as ``"tracetune"`` (``grpo.logprobs=chunked`` selects it), with
-  the micro-batch's completions ``grpo.rows_per_pass`` at a time (``_row_passes``);
+  the micro-batch's completions ``grpo.rows_per_pass`` at a time (``_row_passes``,
+  or each pass's gradient summed: ``_accumulated_loss``);
 * ``sft.completion_loss``: the SFT loss at the positions ``sft.pad_batch`` lists.
 
 Tested equal to Tunix's own path (values and gradients) in tests/test_logprobs.py.
