@@ -236,10 +236,7 @@ def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, rows: int)
     sows its hidden states and qwix notes each einsum on the module, and nnx
     refuses those writes on a module of an outer trace.
     """
-    B, P = prompt_tokens.shape
-    C = completion_tokens.shape[1]
-    if B % rows:
-        raise ValueError(f"rows_per_pass={rows} must divide the batch's {B} rows")
+    B, C = completion_tokens.shape
     graphdef, state = nnx.split(model)
 
     @jax.checkpoint
@@ -247,8 +244,17 @@ def _row_passes(model, prompt_tokens, completion_tokens, pad_id: int, rows: int)
         prompt, completion = tokens  # [rows, P], [rows, C]
         return _completion_hidden(nnx.merge(graphdef, state), prompt, completion, pad_id)  # [rows, C, D]
 
-    hidden = jax.lax.map(one_pass, (prompt_tokens.reshape(B // rows, rows, P), completion_tokens.reshape(B // rows, rows, C)))
+    hidden = jax.lax.map(one_pass, _in_passes((prompt_tokens, completion_tokens), rows))
     return hidden.reshape(B, C, hidden.shape[-1])
+
+
+def _in_passes(tree, rows: int):
+    """The arrays of ``tree``, each [B, ...], as [B // rows, rows, ...]: the passes of
+    ``rows_per_pass``, for a loop over the first axis."""
+    B = jax.tree.leaves(tree)[0].shape[0]
+    if B % rows:
+        raise ValueError(f"rows_per_pass={rows} must divide the batch's {B} rows")
+    return jax.tree.map(lambda x: x.reshape(B // rows, rows, *x.shape[1:]), tree)
 
 
 @partial(jax.jit, static_argnames=("pad_id", "temperature"))
@@ -418,13 +424,10 @@ def _accumulated_loss(model, example: _Example, algo_config, pad_id: int, rows: 
     """
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     mask = example.mask
-    B = mask.shape[0]
-    if B % rows:
-        raise ValueError(f"rows_per_pass={rows} must divide the batch's {B} rows")
     weights = jax.grad(lambda x: common.aggregate_loss(x, mask, algo_config.loss_agg_mode, **_norm(algo_config)))(
         jnp.zeros(mask.shape, jnp.float32))  # [B, C]
     beta = algo_config.beta if example.reference is not None else 0.0
-    passes = jax.tree.map(lambda x: x.reshape(B // rows, rows, *x.shape[1:]), (example, weights))
+    passes = _in_passes((example, weights), rows)
 
     def scan(adapters):
         def one_pass(total, batch):

@@ -84,7 +84,7 @@ def lora_einsum(spec: str, lhs: jax.Array, a: jax.Array, b: jax.Array, **kwargs)
     lead = "".join(c for c in lhs_s if c not in contract)
     simple = (b_s[:1] == rank and rank not in lhs_s + out and all(c in lhs_s and c not in out for c in contract)
               and not set(remain) & set(lhs_s) and sorted(out) == sorted(lead + remain) and len(set(lhs_s)) == len(lhs_s))
-    if not simple or kwargs.get("preferred_element_type") or kwargs.get("optimize") not in (None, "optimal", True):
+    if not simple or set(kwargs) - {"precision"}:  # other options (a sharding, an output type): jnp's own
         return jnp.einsum(spec, lhs, a, b, **kwargs)
     x = jnp.transpose(lhs, [lhs_s.index(c) for c in lead + contract])  # [lead..., contract...]
     lead_shape = x.shape[: len(lead)]
