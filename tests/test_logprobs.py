@@ -58,12 +58,15 @@ def tunix_logps(model, prompt, completion, temperature=1.0, stop_gradient=True):
 @pytest.mark.parametrize("chunk", [5, 128])  # chunks that do not divide B*C, and one chunk for all
 def test_completion_logprobs_equal_tunix(model, temperature, chunk, monkeypatch):
     monkeypatch.setattr(logprobs, "CHUNK", chunk)
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", 100 if chunk == 5 else 2048)  # the tiny vocabulary in blocks, and whole
     prompt, completion = batch(np.random.default_rng(0))
     ours = nnx.jit(lambda m, p, c: logprobs.completion_logprobs(m, p, c, PAD, temperature=temperature))(model, prompt, completion)
     np.testing.assert_allclose(ours, tunix_logps(model, prompt, completion, temperature), **TOL)
 
 
-def test_head_logprobs_chunk_gives_the_same_values():
+@pytest.mark.parametrize("vocab_block", [7, 16, 2048])  # blocks with a tail, blocks that divide it, one block
+def test_head_logprobs_chunk_gives_the_same_values(vocab_block, monkeypatch):
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", vocab_block)
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
@@ -77,10 +80,13 @@ def test_head_logprobs_chunk_gives_the_same_values():
         np.testing.assert_allclose(entropy, -(probs * np.asarray(full)).sum(-1), **TOL)
 
 
+@pytest.mark.parametrize("vocab_block", [4, 7, 2048])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_head_logprobs_gradient_is_the_full_log_softmaxs(temperature):
+def test_head_logprobs_gradient_is_the_full_log_softmaxs(temperature, vocab_block, monkeypatch):
     """The custom VJP's gradient with respect to the hidden states, for a weighted sum
-    of log-probs (how every loss uses them), at chunks that do not divide B*K."""
+    of log-probs (how every loss uses them), at chunks that do not divide B*K and
+    vocabulary blocks that do not divide V."""
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", vocab_block)
     rng = np.random.default_rng(7)
     hidden = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
@@ -131,7 +137,9 @@ def lora_grads(model, fn):
     return jax.tree.leaves(grads)
 
 
-def test_completion_logprobs_gradients_equal_tunix(model):
+@pytest.mark.parametrize("vocab_block", [2048, 100])  # the tiny vocabulary in one block, and in blocks with a tail
+def test_completion_logprobs_gradients_equal_tunix(model, vocab_block, monkeypatch):
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", vocab_block)
     prompt, completion = batch(np.random.default_rng(2))
     weights = jnp.asarray(np.random.default_rng(3).normal(size=completion.shape), jnp.float32) * (completion != PAD)
 

@@ -11,10 +11,12 @@ multiply-adds (168M of 268M).
 Here the model's trunk runs once (``hidden_states``: the model's own
 ``__call__``, so qwix's LoRA interception applies, with the logits left unused
 so that XLA drops the head), and the head and log-softmax run only at the scored
-positions, ``CHUNK`` positions at a time (``head_logprobs``). In a training step
-each chunk's forward pass also computes the log-probs' gradient with respect to
-the hidden states (a custom VJP), so no more than ``[CHUNK, V]`` logits exist at
-once, forward or backward, and none is computed twice. Accumulation is in
+positions, ``CHUNK`` positions at a time (``head_logprobs``), each chunk in one
+pass over the vocabulary, ``VOCAB_BLOCK`` words at a time with a running
+log-sum-exp. In a training step that pass also computes the log-probs' gradient
+with respect to the hidden states (a custom VJP), so no more than ``[CHUNK,
+VOCAB_BLOCK]`` logits exist at once, forward or backward, and none is computed
+twice. Accumulation is in
 float32 whatever the weights' dtype: in bfloat16 the log-probability of a likely
 token loses most of its digits over a 262k vocabulary.
 
@@ -45,7 +47,8 @@ from tunix.rl import algo_core, common, function_registry
 
 from tracetune import memory
 
-CHUNK = 128  # scored positions per head call: [128, 262144] float32 is 134 MB
+CHUNK = 128  # scored positions per head call
+VOCAB_BLOCK = 2048  # head rows per step of a chunk's pass over the vocabulary: [128, 2048] float32 logits, 1 MB
 
 
 def bucket(length: int, multiple: int) -> int:
@@ -99,17 +102,52 @@ def _when(live, compute, *like):
     return jax.lax.cond(live, compute, lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in like))
 
 
-def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float, with_entropy: bool):
-    """One chunk's (log p(t) [chunk], entropy [chunk] or zeros, softmax [chunk, V]),
-    from its logits in float32. Where only the first two are used, XLA drops the rest."""
-    logits = jnp.dot(h, head.T, preferred_element_type=jnp.float32)  # [chunk, V]
-    if temperature not in (0.0, 1.0):  # Tunix's convention: 0 means greedy, scored at 1
-        logits = logits / temperature
-    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-    probs = jnp.exp(logits - normaliser[:, None])  # [chunk, V]
-    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - normaliser
-    spread = normaliser - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(picked)
-    return picked, spread, probs
+def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float, with_entropy: bool,
+                 with_grad: bool = False):
+    """One chunk's log p(t) [chunk], entropy [chunk] (zeros without ``with_entropy``) and,
+    with ``with_grad``, d log p(t) / d h [chunk, D], in float32.
+
+    The vocabulary goes through in blocks of ``VOCAB_BLOCK`` rows of the head with a
+    running maximum and running sums (the online softmax of flash attention): each
+    block's logits [chunk, block] are made, folded into the normaliser, the
+    entropy's sum and the softmax-weighted sum of head rows (the gradient's
+    expectation), and dropped while the block's rows are still in cache. On this
+    2-core CPU, for 128 positions of the 270M: 146 ms forward against 195 ms with
+    the [128, 262144] logits whole, 263 against 561 ms with the gradient, whose
+    product ``softmax @ head`` over the whole vocabulary ran at half the forward
+    matmul's rate (2026-12-06, alone)."""
+    N, D = h.shape
+    V = head.shape[0]
+    scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature  # Tunix's convention: 0 means greedy, scored at 1
+
+    def fold(carry, rows):  # rows [block, D] of the head
+        top, mass, weighted, expected = carry  # [N], [N], [N], [N, D]
+        logits = jnp.dot(h, rows.T, preferred_element_type=jnp.float32) * scale  # [N, block]
+        new_top = jnp.maximum(top, logits.max(axis=-1))
+        shrink = jnp.exp(top - new_top)  # rescales the sums so far to the new maximum
+        weight = jnp.exp(logits - new_top[:, None])  # [N, block]
+        mass = mass * shrink + weight.sum(axis=-1)
+        if with_entropy:
+            weighted = weighted * shrink + (weight * logits).sum(axis=-1)
+        if with_grad:
+            expected = expected * shrink[:, None] + jnp.dot(weight.astype(head.dtype), rows, preferred_element_type=jnp.float32)
+        return new_top, mass, weighted, expected
+
+    block = min(VOCAB_BLOCK, V)
+    full, tail = divmod(V, block)
+    zeros = jnp.zeros((N,), jnp.float32)
+    carry = (jnp.full((N,), -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros((N, D) if with_grad else (0,), jnp.float32))
+    carry = jax.lax.fori_loop(0, full, lambda i, c: fold(c, jax.lax.dynamic_slice_in_dim(head, i * block, block)), carry)
+    if tail:
+        carry = fold(carry, head[full * block :])
+    top, mass, weighted, expected = carry
+    normaliser = top + jnp.log(mass)  # logsumexp of the chunk's logits [N]
+    target = head[t].astype(jnp.float32)  # [N, D]
+    picked = jnp.sum(h.astype(jnp.float32) * target, axis=-1) * scale - normaliser
+    spread = normaliser - weighted / mass if with_entropy else zeros
+    if not with_grad:
+        return picked, spread
+    return picked, spread, (target - expected / mass[:, None]) * scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -120,28 +158,23 @@ def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, live: jax.Array | 
     def one(args):
         h, t, on = args
         zero = jnp.zeros(t.shape, jnp.float32)
-        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy)[:2], zero, zero)
+        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy), zero, zero)
 
     return jax.lax.map(one, (rows, ids, live))
 
 
 def _picked_forward(rows, head, ids, live, temperature, with_entropy):
     """The forward pass of a training step also computes d log p / d hidden for each
-    position: ``(head[t] - softmax @ head) / temperature`` [chunk, D]. The backward pass
+    position: ``(head[t] - softmax @ head) / temperature`` [chunk, D], in the same
+    pass over the vocabulary as the log-probs (``_chunk_terms``). The backward pass
     then only scales it by the incoming cotangent: each chunk's logits are computed
     once in the whole step, and what is kept is [positions, D], not [positions, V]."""
-
-    def terms(h, t):  # [chunk, D], [chunk]
-        picked, spread, probs = _chunk_terms(h, t, head, temperature, with_entropy)
-        expected = jnp.dot(probs.astype(head.dtype), head, preferred_element_type=jnp.float32)  # [chunk, D]
-        scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
-        grad = (head[t].astype(jnp.float32) - expected) * scale  # [chunk, D]
-        return picked, spread, grad
 
     def one(args):
         h, t, on = args
         zero = jnp.zeros(t.shape, jnp.float32)
-        return _when(on, lambda: terms(h, t), zero, zero, jnp.zeros(h.shape, jnp.float32))
+        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy, with_grad=True),
+                     zero, zero, jnp.zeros(h.shape, jnp.float32))
 
     picked, spread, grad = jax.lax.map(one, (rows, ids, live))
     return (picked, spread), (grad, head, ids, live)
