@@ -164,11 +164,11 @@ def pad_batch(rows: Sequence[Tokenized], micro_batch: int, multiple: int, pad_id
     conclusion line ("Therefore, ...") to EOS. T is the longest row rounded up to
     ``multiple``; missing rows are all padding. A row's ``loop`` weighs 0. With
     them, for the chunked loss, ``scored_positions``, whose count K per row is
-    rounded so that the micro-batch's B x K positions fill the head's chunks of
-    ``logprobs.CHUNK``: at micro-batch 1, K = 64 and K = 128 cost the same one
-    chunk, and each distinct shape is a compiled program (170-190 MB resident for
-    the 270M, README), so K comes in multiples of 128 there (an 80-update
-    ``cpu-demo`` run at micro-batch 1: 5 shapes instead of 7).
+    rounded so that the micro-batch's B x K positions fill a head chunk of
+    ``logprobs.CHUNK``: each distinct shape is a compiled program (170-190 MB
+    resident for the 270M, README), so K comes in multiples of ``CHUNK //
+    micro_batch`` (an 80-update ``cpu-demo`` run at micro-batch 1 with chunks of
+    128: 5 shapes instead of 7).
     """
     width = logprobs.bucket(max(len(r.ids) for r in rows), multiple)
     tokens = np.full((micro_batch, width), pad_id, np.int32)
