@@ -158,11 +158,18 @@ def _chunk_terms(h: jax.Array, t: jax.Array, head: jax.Array, temperature: float
 def _picked(rows: jax.Array, head: jax.Array, ids: jax.Array, live: jax.Array | None, temperature: float, with_entropy: bool):
     """(log p(ids), entropy) [chunks, chunk] each, one chunk of logits at a time (0 in
     chunks that ``live`` [chunks] marks unused)."""
+    return _over_chunks(rows, head, ids, live, temperature, with_entropy, with_grad=False)
+
+
+def _over_chunks(rows, head, ids, live, temperature: float, with_entropy: bool, with_grad: bool):
+    """``_chunk_terms`` of every chunk, in a loop (``lax.map``), zeros in the chunks
+    that ``live`` marks unused."""
 
     def one(args):
         h, t, on = args
         zero = jnp.zeros(t.shape, jnp.float32)
-        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy), zero, zero)
+        like = (zero, zero, jnp.zeros(h.shape, jnp.float32)) if with_grad else (zero, zero)
+        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy, with_grad), *like)
 
     return jax.lax.map(one, (rows, ids, live))
 
@@ -173,14 +180,7 @@ def _picked_forward(rows, head, ids, live, temperature, with_entropy):
     pass over the vocabulary as the log-probs (``_chunk_terms``). The backward pass
     then only scales it by the incoming cotangent: each chunk's logits are computed
     once in the whole step, and what is kept is [positions, D], not [positions, V]."""
-
-    def one(args):
-        h, t, on = args
-        zero = jnp.zeros(t.shape, jnp.float32)
-        return _when(on, lambda: _chunk_terms(h, t, head, temperature, with_entropy, with_grad=True),
-                     zero, zero, jnp.zeros(h.shape, jnp.float32))
-
-    picked, spread, grad = jax.lax.map(one, (rows, ids, live))
+    picked, spread, grad = _over_chunks(rows, head, ids, live, temperature, with_entropy, with_grad=True)
     return (picked, spread), (grad, head, ids, live)
 
 
