@@ -146,6 +146,13 @@ def main() -> None:
               f"less compiles {steady(other) / steady(chunked):.2f}x; update {other['phases']['update'] / chunked['phases']['update']:.2f}x, "
               f"reference {other['phases']['reference'] / chunked['phases']['reference']:.2f}x, "
               f"peak RSS {other['peak_rss_mb'] / chunked['peak_rss_mb']:.2f}x")
+    # The targets ("Training steps at the machine's limit"): against the path
+    # the work started from, measured in this run; the peak in bytes (4 GB = 3815 MiB).
+    if "before" in results:
+        before = results["before"]
+        sides.target("GRPO step, before / chunked, wall seconds", before["wall_seconds_per_step"] / chunked["wall_seconds_per_step"], 2.2)
+        sides.target("GRPO step, before / chunked, less compiles", steady(before) / steady(chunked), 2.2)
+    sides.target("GRPO peak RSS, GB (at most)", chunked["peak_rss_mb"] * 2**20 / 1e9, 4.0, at_most=True)
     print(json.dumps(results))
 
 

@@ -73,3 +73,9 @@ def live_rss() -> int:
     time.sleep(0.5)
     memory.release()
     return psutil.Process().memory_info().rss
+
+
+def target(label: str, value: float, bound: float, at_most: bool = False) -> None:
+    """One line per target of an issue: the measured value, the bound, met or MISSED."""
+    met = value <= bound if at_most else value >= bound
+    print(f"target {label}: {value:.2f} against {bound:g}: {'met' if met else 'MISSED'}")
