@@ -1,0 +1,72 @@
+"""How often a policy's samples are right on GRPO's training problems, by the reference
+solution's number of steps (the `steps` curriculum's difficulty) and by temperature:
+the signal GRPO has to work with before it is spent.
+
+For each step count, a seeded choice of training problems (never the held-out or test
+splits) gets G samples at each temperature (greedy: one), at GRPO's token budget, with
+the preset's prompt; each is scored by the correctness reward. Prints the share right,
+the groups with a right and a wrong answer ("spread": the only groups whose
+advantages are not all zero), the mean completion length, the share cut by the budget
+and the seconds taken.
+
+    python bench/pass_rate.py --model runs/cpu-demo/sft/export/merged \\
+        [--preset runs/cpu-demo/config.yaml] [--steps 2 3] [--problems 48] [--temperatures 0 0.9 0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model name or a merged export (an SFT run's export/merged)")
+    parser.add_argument("--preset", default="cpu-demo", help="preset or saved config.yaml: prompt style, G, token budget")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 3], help="reference solutions' step counts to sample")
+    parser.add_argument("--problems", type=int, default=48, help="training problems per step count")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.9, 0.7], help="0: greedy, one sample")
+    parser.add_argument("--seed", type=int, default=7, help="the choice of problems")
+    args = parser.parse_args()
+
+    from tracetune.config import load_config
+    from tracetune.format import build_prompt
+    from tracetune.generate import Generator, SamplingConfig
+    from tracetune.grpo import prompt_examples, reference_steps
+    from tracetune.models.registry import load_model
+    from tracetune.rewards import correctness
+
+    config = load_config(args.preset)
+    loaded = load_model(args.model)
+    train, _ = prompt_examples(config, loaded.tokenizer)  # the held-out problems are not among them
+    rng = random.Random(args.seed)
+    picked = {}
+    for steps in args.steps:
+        pool = [e for e in train if reference_steps(e) == steps]
+        if len(pool) < args.problems:
+            raise SystemExit(f"--problems {args.problems}: only {len(pool)} training problems have {steps} reference steps")
+        picked[steps] = rng.sample(pool, args.problems)
+    generator = Generator(loaded.model, loaded.tokenizer)
+    G = config.grpo.num_generations
+    print(f"{'T':>4} {'steps':>5} {'right':>12} {'spread':>10} {'any right':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
+    for temperature in args.temperatures:
+        n = 1 if temperature == 0 else G
+        for steps, examples in picked.items():
+            rows = [e for e in examples for _ in range(n)]
+            prompts = [build_prompt(e.question, config.data.prompt_style, e.kind) for e in rows]
+            start = time.perf_counter()
+            generations = generator.generate(prompts, SamplingConfig(max_new_tokens=config.grpo.max_new_tokens,
+                                                                     temperature=temperature, seed=config.grpo.seed))
+            seconds = time.perf_counter() - start
+            right = [correctness(g.text, e.reference, e.kind, e.choices or None) == 1.0 for g, e in zip(generations, rows)]
+            groups = [right[i * n:(i + 1) * n] for i in range(len(examples))]
+            spread = sum(1 for g in groups if any(g) and not all(g))
+            length = sum(len(g.token_ids) for g in generations) / len(generations)
+            cut = sum(g.finish_reason == "length" for g in generations) / len(generations)
+            print(f"{temperature:>4g} {steps:>5} {sum(right):>5} / {len(right):<4} {spread:>4} / {len(groups):<3} "
+                  f"{sum(1 for g in groups if any(g)):>10} {length:>7.1f} {cut:>6.1%} {seconds:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
