@@ -9,8 +9,14 @@ the groups with a right and a wrong answer ("spread": the only groups whose
 advantages are not all zero), the mean completion length, the share cut by the budget
 and the seconds taken.
 
+With ``--given K``, the prompt also carries the reference solution's first K steps
+(at most all but the last) in the trace format, as a reverse curriculum (R3, Xi et
+al., 2024) would start GRPO: the policy writes the rest, and the hint and its
+continuation are scored together. It asks whether hints would give GRPO a signal the
+bare problems do not.
+
     python bench/pass_rate.py --model runs/cpu-demo/sft/export/merged \\
-        [--preset runs/cpu-demo/config.yaml] [--steps 2 3] [--problems 48] [--temperatures 0 0.9 0.7]
+        [--preset runs/cpu-demo/config.yaml] [--steps 2 3] [--problems 48] [--temperatures 0 0.9 0.7] [--given 0 1 2]
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=48, help="training problems per step count")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.9, 0.7], help="0: greedy, one sample")
     parser.add_argument("--seed", type=int, default=7, help="the choice of problems")
+    parser.add_argument("--given", type=int, nargs="+", default=[0],
+                        help="reference steps written into the prompt (at most all but the last): 0 = none")
     args = parser.parse_args()
 
     from tracetune.config import load_config
-    from tracetune.format import build_prompt
+    from tracetune.data import solution_steps
+    from tracetune.format import REASONING_OPEN, build_prompt, numbered_steps
     from tracetune.generate import Generator, SamplingConfig
     from tracetune.grpo import prompt_examples, reference_steps
     from tracetune.models.registry import load_model
@@ -49,22 +58,31 @@ def main() -> None:
         picked[steps] = rng.sample(pool, args.problems)
     generator = Generator(loaded.model, loaded.tokenizer)
     G = config.grpo.num_generations
-    print(f"{'T':>4} {'steps':>5} {'right':>12} {'spread':>10} {'any right':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
+
+    def hint(example, given: int) -> str:  # the reference's first steps, as the trace would begin
+        steps = solution_steps(example.solution)[:given]
+        return REASONING_OPEN + "".join(f"{line}\n" for line in numbered_steps(steps)) if steps else ""
+
+    print(f"{'T':>4} {'steps':>5} {'given':>5} {'right':>12} {'spread':>10} {'any right':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
     for temperature in args.temperatures:
         n = 1 if temperature == 0 else G
-        for steps, examples in picked.items():
+        cells = [(steps, examples, given) for steps, examples in picked.items()
+                 for given in sorted({min(k, steps - 1) for k in args.given}, reverse=True)]
+        for steps, examples, given in cells:
             rows = [e for e in examples for _ in range(n)]
-            prompts = [build_prompt(e.question, config.data.prompt_style, e.kind) for e in rows]
+            hints = [hint(e, given) for e in rows]
+            prompts = [build_prompt(e.question, config.data.prompt_style, e.kind) + h for e, h in zip(rows, hints)]
             start = time.perf_counter()
             generations = generator.generate(prompts, SamplingConfig(max_new_tokens=config.grpo.max_new_tokens,
                                                                      temperature=temperature, seed=config.grpo.seed))
             seconds = time.perf_counter() - start
-            right = [correctness(g.text, e.reference, e.kind, e.choices or None) == 1.0 for g, e in zip(generations, rows)]
+            right = [correctness(h + g.text, e.reference, e.kind, e.choices or None) == 1.0
+                     for h, g, e in zip(hints, generations, rows)]
             groups = [right[i * n:(i + 1) * n] for i in range(len(examples))]
             spread = sum(1 for g in groups if any(g) and not all(g))
             length = sum(len(g.token_ids) for g in generations) / len(generations)
             cut = sum(g.finish_reason == "length" for g in generations) / len(generations)
-            print(f"{temperature:>4g} {steps:>5} {sum(right):>5} / {len(right):<4} {spread:>4} / {len(groups):<3} "
+            print(f"{temperature:>4g} {steps:>5} {given:>5} {sum(right):>5} / {len(right):<4} {spread:>4} / {len(groups):<3} "
                   f"{sum(1 for g in groups if any(g)):>10} {length:>7.1f} {cut:>6.1%} {seconds:>8.1f}", flush=True)
 
 
