@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--given", type=int, nargs="+", default=[0],
                         help="reference steps written into the prompt (at most all but the last): 0 = none")
     args = parser.parse_args()
+    if min(args.given) < 0:
+        parser.error("--given counts reference steps: 0 or more")
 
     from tracetune.config import load_config
     from tracetune.data import solution_steps
