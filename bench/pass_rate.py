@@ -66,13 +66,13 @@ def main() -> None:
         return REASONING_OPEN + "".join(f"{line}\n" for line in numbered_steps(steps)) if steps else ""
 
     print(f"{'T':>4} {'steps':>5} {'given':>5} {'right':>12} {'spread':>10} {'any right':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
+    cells = [(steps, examples, given) for steps, examples in picked.items()
+             for given in sorted({min(k, steps - 1) for k in args.given}, reverse=True)]
     for temperature in args.temperatures:
         n = 1 if temperature == 0 else G
-        cells = [(steps, examples, given) for steps, examples in picked.items()
-                 for given in sorted({min(k, steps - 1) for k in args.given}, reverse=True)]
         for steps, examples, given in cells:
             rows = [e for e in examples for _ in range(n)]
-            hints = [hint(e, given) for e in rows]
+            hints = [h for e in examples for h in [hint(e, given)] * n]  # one parse per problem, as rows repeat them
             prompts = [build_prompt(e.question, config.data.prompt_style, e.kind) + h for e, h in zip(rows, hints)]
             start = time.perf_counter()
             generations = generator.generate(prompts, SamplingConfig(max_new_tokens=config.grpo.max_new_tokens,
