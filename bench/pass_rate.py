@@ -6,8 +6,9 @@ For each step count, a seeded choice of training problems (never the held-out or
 splits) gets G samples at each temperature (greedy: one), at GRPO's token budget, with
 the preset's prompt; each is scored by the correctness reward. Prints the share right,
 the groups with a right and a wrong answer ("spread": the only groups whose
-advantages are not all zero), the mean completion length, the share cut by the budget
-and the seconds taken.
+correctness advantages are not all zero), the samples that reach a milestone of the
+reference solution (``rewards.progress`` > 0) and the groups whose progress differs,
+the mean completion length, the share cut by the budget and the seconds taken.
 
 With ``--given K``, the prompt also carries the reference solution's first K steps
 (at most all but the last) in the trace format, as a reverse curriculum (R3, Xi et
@@ -46,7 +47,7 @@ def main() -> None:
     from tracetune.generate import Generator, SamplingConfig
     from tracetune.grpo import prompt_examples, reference_steps
     from tracetune.models.registry import load_model
-    from tracetune.rewards import correctness
+    from tracetune.rewards import correctness, progress
 
     config = load_config(args.preset)
     loaded = load_model(args.model)
@@ -65,7 +66,8 @@ def main() -> None:
         steps = solution_steps(example.solution)[:given]
         return REASONING_OPEN + "".join(f"{line}\n" for line in numbered_steps(steps)) if steps else ""
 
-    print(f"{'T':>4} {'steps':>5} {'given':>5} {'right':>12} {'spread':>10} {'any right':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
+    print(f"{'T':>4} {'steps':>5} {'given':>5} {'right':>12} {'spread':>10} {'any right':>10} {'reached':>12} "
+          f"{'p. spread':>10} {'length':>7} {'cut':>6} {'seconds':>8}")
     cells = [(steps, examples, given) for steps, examples in picked.items()
              for given in sorted({min(k, steps - 1) for k in args.given}, reverse=True)]
     for temperature in args.temperatures:
@@ -82,10 +84,14 @@ def main() -> None:
                      for h, g, e in zip(hints, generations, rows)]
             groups = [right[i * n:(i + 1) * n] for i in range(len(examples))]
             spread = sum(1 for g in groups if any(g) and not all(g))
+            ways = [progress(h + g.text, e.question, e.solution) or 0.0 for h, g, e in zip(hints, generations, rows)]
+            reached = sum(w > 0 for w in ways)
+            progress_spread = sum(1 for i in range(len(examples)) if len(set(ways[i * n:(i + 1) * n])) > 1)
             length = sum(len(g.token_ids) for g in generations) / len(generations)
             cut = sum(g.finish_reason == "length" for g in generations) / len(generations)
             print(f"{temperature:>4g} {steps:>5} {given:>5} {sum(right):>5} / {len(right):<4} {spread:>4} / {len(groups):<3} "
-                  f"{sum(1 for g in groups if any(g)):>10} {length:>7.1f} {cut:>6.1%} {seconds:>8.1f}", flush=True)
+                  f"{sum(1 for g in groups if any(g)):>10} {reached:>5} / {len(ways):<4} {progress_spread:>4} / {len(groups):<3} "
+                  f"{length:>7.1f} {cut:>6.1%} {seconds:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

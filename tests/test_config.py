@@ -66,7 +66,7 @@ def test_reward_weights_parse():
 
 def test_the_default_weights_are_exactly_the_recipe():
     assert RewardWeights().as_dict() == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0,
-                                         "sound": 0.0}
+                                         "sound": 0.0, "progress": 0.0}
     weights = RewardWeights()
     assert (weights.correctness, weights.trace, weights.confidence, weights.arithmetic) == (0.6, 0.25, 0.15, 0.0)
     assert str(weights) == "0.6 correctness + 0.25 trace + 0.15 confidence"  # the formula logs print
@@ -88,11 +88,11 @@ def test_reward_weights_by_name_or_position(text, weights):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("correctness=0.6,speed=1", r"unknown reward 'speed'.*known: correctness, trace, confidence, arithmetic, judge, sound"),  # a typo names the known
+    ("correctness=0.6,speed=1", r"unknown reward 'speed'.*known: correctness, trace, confidence, arithmetic, judge, sound, progress"),  # a typo names the known
     ("trace=1,trace=2", "twice"),  # a name twice
     ("trace=lots", "name=number"),  # not a number
     ("0.6,trace=0.25", "name=number pairs"),  # mixed forms
-    ("1,2,3,4,5,6,7", "3 to 6 numbers"),  # more numbers than components
+    ("1,2,3,4,5,6,7,8", "3 to 7 numbers"),  # more numbers than components
     ("arithmetic=0", "not all 0"),  # nothing weighted
     ("trace=-1", ">= 0"),
 ])
@@ -106,7 +106,7 @@ def test_reward_weights_in_presets_overrides_and_saved_configs(tmp_path):
     path = tmp_path / "preset.yaml"
     path.write_text("rewards:\n  correctness: 0.6\n  trace: 0.25\n  confidence: 0.15\n")  # a preset without arithmetic
     assert load_config(path).rewards == RewardWeights()
-    with pytest.raises(ConfigError, match=r"rewards: unknown reward 'speed' \(known: correctness, trace, confidence, arithmetic, judge, sound\)"):
+    with pytest.raises(ConfigError, match=r"rewards: unknown reward 'speed' \(known: correctness, trace, confidence, arithmetic, judge, sound, progress\)"):
         load_config("default", ["rewards.speed=1"])
     with pytest.raises(ConfigError, match="rewards.arithmetic: expected float"):
         load_config("default", ["rewards.arithmetic=much"])

@@ -362,7 +362,7 @@ def test_grpo_run_logs_components_varies_seeds_and_records_weights(tmp_path, sft
     seeds = [s for r in records for s in r["rollout_seeds"]]
     assert len(set(seeds)) == len(seeds)  # a new rollout key every step
     assert records[0]["reward_weights"] == {"correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0,
-                                            "sound": 0.0}
+                                            "sound": 0.0, "progress": 0.0}
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "correctness", "trace", "confidence"} <= set(samples[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -27,6 +27,8 @@ from tracetune.rewards import (
     correctness_reward,
     make_composite_reward,
     parse_reference,
+    progress,
+    progress_reward,
     reward_components,
     sound_reward,
     soundness,
@@ -450,7 +452,8 @@ def test_combine_applies_weights_once():
 
 
 def test_every_registered_reward_is_named_for_its_metric_key():
-    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic", "judge", "sound"]  # the positional weights' order
+    assert list(REWARDS) == ["correctness", "trace", "confidence", "arithmetic", "judge", "sound",
+                             "progress"]  # the positional weights' order
     assert list(RewardWeights().as_dict()) == list(REWARDS)
     for name, reward in REWARDS.items():
         assert re.fullmatch(r"[a-z_]+", name) and reward.name == name and reward.label  # "reward/<name>" reads well
@@ -459,7 +462,8 @@ def test_every_registered_reward_is_named_for_its_metric_key():
 
 def test_the_recipe_weights_are_the_registered_defaults():
     assert {name: r.default_weight for name, r in REWARDS.items()} == {
-        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0, "sound": 0.0}
+        "correctness": 0.6, "trace": 0.25, "confidence": 0.15, "arithmetic": 0.0, "judge": 0.0, "sound": 0.0,
+        "progress": 0.0}
 
 
 def test_arithmetic_joins_the_composite_by_weight():
@@ -588,3 +592,80 @@ def test_arithmetic_work_is_bounded_on_very_long_text(piece):
 
     small, large = seconds(12_500), seconds(50_000)
     assert large < 8 * small + 0.05, (small, large)
+
+
+# ------------------------------------------------------------------- progress
+
+# (reasoning, expected progress) for Natalia's problem: milestones 24 and 72, so
+# M = 2 and up to M + 1 = 3 counted claims are free.
+PROGRESS_CASES = [
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.", 1.0),  # the reference's way
+    ("Step 1: 48 * 0.5 = 24.\nStep 2: 24 + 48 = 72.", 1.0),  # another route to the same points
+    ("Step 1: 48 / 2 = 24.", 0.5),  # half way
+    ("Step 1: 48 / 2 = 24.\nStep 2: 24 + 48 = 73.", 0.5),  # half way, then a slip: the slip is arithmetic's to cost
+    ("Step 1: 48 / 2 = 25.\nStep 2: 48 + 24 = 72.", 0.5),  # a slip, then the way again: 24 is the reference's, so grounded
+    ("Step 1: 48 + 24 = 72.", 0.5),  # a milestone used as an operand is grounded: 72 reached
+    ("Step 1: 48 / 2 = 25.\nStep 2: 48 + 25 = 73.", 0.0),  # no milestone reached
+    ("Natalia sold 24 in May, so 72 in all.", 0.0),  # numbers without claims reach nothing
+    ("Step 1: 48 / 2 = 24.\n" * 5, 0.5),  # a repeated claim counts once
+    ("Step 1: 12 + 12 = 24.\nStep 2: 36 * 2 = 72.", 0.0),  # right values from numbers the problem lacks: ungrounded
+    ("Step 1: 48 + 2 = 50. 48 - 2 = 46. 48 * 2 = 96. 48 / 2 = 24.", 0.375),  # a spray of sums: (1/2) * (3/4)
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\nStep 3: 72 - 24 = 48.\nStep 4: 72 + 0 = 72.", 1.0),  # a check, an identity (dropped): 3 counted
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\n" + "".join(f"Step {i}: 48 + {i} = {48 + i}.\n" for i in range(3, 9)),
+     3 / 8),  # a wall after the way: (2/2) * (3/8)
+]
+
+
+@pytest.mark.parametrize(("reasoning", "expected"), PROGRESS_CASES)
+def test_progress_rubric(reasoning, expected):
+    assert progress(wrap("72", reasoning), NATALIA_Q, NATALIA_SOLUTION) == pytest.approx(expected)
+
+
+def test_progress_worked_example_of_the_docstring():
+    assert progress(wrap("73", "48 / 2 = 24. 24 + 48 = 73."), NATALIA_Q, NATALIA_SOLUTION) == 0.5
+    assert progress(wrap("96", "48 + 2 = 50. 48 - 2 = 46. 48 * 2 = 96. 48 / 2 = 24."), NATALIA_Q, NATALIA_SOLUTION) == 0.375
+    assert progress(wrap("72", "48 / 2 = 24. 48 + 24 = 72."), NATALIA_Q, NATALIA_SOLUTION) == 1.0
+
+
+def test_progress_pays_nothing_outside_the_reasoning_or_for_the_question_s_own_claims():
+    assert progress("48 / 2 = 24. 48 + 24 = 72. <reasoning>Half.</reasoning><answer>72</answer>", NATALIA_Q, NATALIA_SOLUTION) == 0.0
+    assert progress(wrap("72", "Half of it."), NATALIA_Q, NATALIA_SOLUTION) == 0.0
+    # EGGS_Q states 3 x 4 = 12 itself: copying it reaches nothing; 5 * 12 = 60 is the one milestone.
+    assert progress(wrap("60", "3 x 4 = 12."), EGGS_Q, EGGS_SOLUTION) == 0.0
+    assert progress(wrap("60", "3 x 4 = 12. 5 * 12 = 60."), EGGS_Q, EGGS_SOLUTION) == 1.0
+
+
+def test_progress_is_undefined_without_new_reference_results():
+    assert progress(wrap("72", "48 / 2 = 24."), NATALIA_Q, "") is None  # no reference solution
+    # The one annotation's result is a number the question states: no way point to reach.
+    assert progress(wrap("5", "10 / 2 = 5."), "Ann has 10 pens and gives away 5. How many are left?", "<<10-5=5>>5") is None
+
+
+def test_progress_batch_form_joins_the_composite_by_weight():
+    completions = [wrap("72", "48 / 2 = 24. 48 + 24 = 73."), wrap("72", "48 / 2 = 24. 48 + 24 = 72.")]
+    columns = {"reference": ["72"] * 2, "question": [NATALIA_Q] * 2, "solution": [NATALIA_SOLUTION] * 2}
+    assert progress_reward(["p"] * 2, completions, question=columns["question"], solution=columns["solution"]) == [0.5, 1.0]
+    weights = RewardWeights(correctness=0.5, trace=0.0, confidence=0.0, progress=0.5)
+    assert make_composite_reward(weights)(["p"] * 2, completions, **columns) == [pytest.approx(0.75), pytest.approx(1.0)]
+    with pytest.raises(ValueError, match="progress"):
+        REWARDS["progress"](["p"], completions[:1], question=[NATALIA_Q])  # no solution column
+
+
+def test_gsm8k_reference_solutions_reach_their_own_milestones():
+    """The curated SFT targets (GSM8K's own solutions) walk the whole way: the rubric
+    reads what the policy is taught to write."""
+    from tracetune.data import load_examples
+
+    examples = load_examples("gsm8k", "test").examples
+    scores = [progress(curate_solution(e.solution, e.reference), e.question, e.solution) for e in examples]
+    defined = [s for s in scores if s is not None]
+    assert len(defined) >= 0.9 * len(scores)
+    assert sum(s == 1.0 for s in defined) / len(defined) >= 0.6, sorted(defined)[:20]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ARITHMETIC_TEXT, QUESTIONS, SOLUTIONS)
+def test_progress_stays_in_range_and_never_raises(text, question, solution):
+    for completion in (text, f"<reasoning>{text}</reasoning><answer>1</answer>"):
+        value = progress(completion, question, solution)
+        assert value is None or 0.0 <= value <= 1.0

@@ -129,8 +129,9 @@ NATALIA_SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sol
 
 def test_every_registered_reward_is_a_metric_with_a_label():
     # correctness is the accuracy, sound the sound accuracy; every other component is its own metric.
-    assert REWARD_METRICS == ("trace", "confidence", "arithmetic")  # the judge rates a sample apart (judge.json)
-    assert METRICS == ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", "trace", "confidence", "arithmetic", "composite")
+    assert REWARD_METRICS == ("trace", "confidence", "arithmetic", "progress")  # the judge rates a sample apart (judge.json)
+    assert METRICS == ("accuracy", "lenient_accuracy", "sound_accuracy", "format_rate", "trace", "confidence", "arithmetic",
+                       "progress", "composite")
     assert all(METRIC_LABELS[name] == REWARDS[name].label for name in REWARD_METRICS)
     # A record holds the rewards beside the score's own fields: no name may be both.
     assert not set(REWARD_METRICS) & {f.name for f in dataclasses.fields(SampleScore)}

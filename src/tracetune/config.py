@@ -48,7 +48,7 @@ class RewardWeights:
     a preset's ``rewards:`` section and ``rewards.<name>=`` overrides build it.
 
     >>> RewardWeights(trace=0).as_dict()
-    {'correctness': 0.6, 'trace': 0.0, 'confidence': 0.15, 'arithmetic': 0.0}
+    {'correctness': 0.6, 'trace': 0.0, 'confidence': 0.15, 'arithmetic': 0.0, 'judge': 0.0, 'sound': 0.0, 'progress': 0.0}
     >>> RewardWeights().trace, str(RewardWeights(arithmetic=0.2))
     (0.25, '0.6 correctness + 0.25 trace + 0.15 confidence + 0.2 arithmetic')
     """

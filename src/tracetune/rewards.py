@@ -14,9 +14,11 @@ The composite reward, declared once::
                              (judge.RewardJudge; the ``judge_score`` column)
       sound        {0, 1}    a right answer whose every "expr = value" claim      0
                              holds (``soundness``): right by reasoning, not luck
+      progress     [0, 1]    the reference solution's results its true claims    0
+                             compute (rubric: ``progress``)
 
     with (w_k) = RewardWeights(): the seed recipe's 0.6 / 0.25 / 0.15, and 0 for
-    arithmetic, judge and sound, which the recipe does not have.
+    arithmetic, judge, sound and progress, which the recipe does not have.
 
 A component may be undefined (None) for a row it cannot judge: correctness and
 confidence for an ``open`` row (no reference: it is judged, never checked), and
@@ -62,7 +64,7 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tracetune.arithmetic import Claim, arithmetic_claims, calculator_annotations, problem_numbers, shows_calculation
 from tracetune.config import RewardWeights
@@ -547,13 +549,24 @@ def _claim_key(claim: Claim) -> tuple[tuple[float, ...], str, float]:
     return tuple(sorted(round(o.value, 6) for o in claim.operands)), "".join(sorted(claim.operators)), round(claim.claimed, 6)
 
 
+class _Problem(NamedTuple):
+    anchors: tuple[float, ...]  # sorted
+    supports: tuple[float, ...]  # sorted
+    copied: frozenset[tuple]  # the question's own claims (``_claim_key``)
+    needed: int
+    milestones: tuple[float, ...]  # sorted
+
+
 @functools.lru_cache(maxsize=4096)  # the G completions of a prompt share its problem
-def _problem(question: str, solution: str) -> tuple[tuple[float, ...], tuple[float, ...], frozenset[tuple], int]:
-    """(anchors, supports, the question's own claims, the calculations needed).
+def _problem(question: str, solution: str) -> _Problem:
+    """What the arithmetic rubrics read in a problem and its reference solution.
 
     Anchors are the question's quantities and the reference solution's results (a
     model that computed one correctly, in words or in its head, may use it);
-    supports are the factors the question's words imply and FREE_CONSTANTS.
+    supports are the factors the question's words imply and FREE_CONSTANTS;
+    ``needed`` counts the calculations (the solution's calculator annotations);
+    milestones are the distinct results of those calculations that the question
+    does not state itself (``progress``'s way points).
     """
     numbers = problem_numbers(question)
     annotations = calculator_annotations(solution)
@@ -561,7 +574,9 @@ def _problem(question: str, solution: str) -> tuple[tuple[float, ...], tuple[flo
     anchors = tuple(sorted({*numbers.quantities, *results}))
     supports = tuple(sorted({*numbers.factors, *FREE_CONSTANTS}))
     copied = frozenset(map(_claim_key, arithmetic_claims(question, limit=SCAN_LIMIT)))
-    return anchors, supports, copied, len(annotations) or NEEDED_WITHOUT_SOLUTION
+    stated = sorted(numbers.quantities)
+    milestones = tuple(sorted({r for r in results if not _among(r, 0.0, stated)}))
+    return _Problem(anchors, supports, copied, len(annotations) or NEEDED_WITHOUT_SOLUTION, milestones)
 
 
 def _among(value: float, ulp: float, numbers: Sequence[float]) -> bool:
@@ -638,11 +653,12 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
     """
     counts = {"true": 0.0, "false": 0.0, "ungrounded": 0.0, "rounded": 0.0, "dropped": 0.0, "wall": 0.0}
     reasoning = parse_completion(completion).reasoning
-    anchors, supports, copied, needed = _problem(question, solution)
+    anchors, supports, copied, needed, milestones = _problem(question, solution)
     claims = arithmetic_claims(reasoning, limit=SCAN_LIMIT + 1) if reasoning is not None else []
     if len(claims) > SCAN_LIMIT:
         counts["wall"] = float(len(claims))
-        return {**counts, "needed": float(needed), "total": 0.0}
+        return {**counts, "needed": float(needed), "milestones": float(len(milestones)), "reached": 0.0, "total": 0.0}
+    reached: set[float] = set()  # milestones that a true grounded claim computed
     known = list(anchors)  # grows by each grounded claim's result
     seen: set[tuple] = set()
     cap = max(WALL_FACTOR * needed, WALL_MIN)
@@ -668,11 +684,13 @@ def arithmetic_breakdown(completion: str, question: str, solution: str = "") -> 
             counts["rounded"] += 1
         elif grounded:
             counts["true"] += 1
+            reached.update(m for m in milestones if _among(m, 0.0, (claim.claimed,)))
         else:
             counts["ungrounded"] += 1
     paid = min(counts["true"], needed)
     total = (paid / needed) * (paid / (paid + counts["false"])) if paid else 0.0
-    return {**counts, "needed": float(needed), "total": total}
+    return {**counts, "needed": float(needed), "milestones": float(len(milestones)), "reached": float(len(reached)),
+            "total": total}
 
 
 def arithmetic(completion: str, question: str, solution: str = "", kind: str = "numeric") -> float | None:
@@ -682,6 +700,50 @@ def arithmetic(completion: str, question: str, solution: str = "", kind: str = "
     if kind != "numeric" and not find_numbers(question):
         return None
     return arithmetic_breakdown(completion, question, solution)["total"]
+
+
+# Claims a completion may spend per milestone before its progress is diluted: the
+# reference's route plus one more calculation (another route, a check) is free.
+FREE_EXTRA_CLAIMS = 1
+
+
+def progress(completion: str, question: str, solution: str = "") -> float | None:
+    """How far along the reference solution's way the reasoning got, in [0, 1].
+
+    The way points (milestones) are the distinct results of the reference solution's
+    calculator annotations that the question does not state itself. A milestone is
+    reached when a true, grounded claim of the ``<reasoning>`` block computes it,
+    under the arithmetic rubric's own reading (``arithmetic_breakdown``: the same
+    claims, dropped, rounded and wall claims included, so a repeated, copied or
+    trivial claim, a claim outside the reasoning and a wall reach nothing). With M
+    milestones, H reached and C claims counted (every claim the rubric does not
+    drop, true or false, within its wall cap)::
+
+        progress = (H / M) * min(1, (M + FREE_EXTRA_CLAIMS) / C)        0 when H = 0
+
+    The second factor dilutes a spray of calculations: trying every sum and
+    product of the question's numbers reaches a milestone by luck, and pays less
+    than reaching it on purpose. None where there is nothing to measure against:
+    no reference solution, or none of its results is new (every such row is
+    renormalised away in the composite, as for any undefined component).
+
+    Why beside correctness: on the 270M's SFT policy one sample in sixty is right,
+    mostly by luck (the right number after false steps), so few groups of G hold a
+    right and a wrong answer; about one sample in ten reaches a milestone, and
+    one group in four differs in progress (bench/pass_rate.py, 2026-12-06).
+
+    Worked example (Natalia, milestones 24 and 72). "48 / 2 = 24. 24 + 48 = 73."
+    reaches 24 with 2 claims counted: (1/2) * min(1, 3/2) = 0.5. "48 + 2 = 50. 48 - 2
+    = 46. 48 * 2 = 96. 48 / 2 = 24." reaches 24 with 4 counted: (1/2) * (3/4) =
+    0.375. "48 / 2 = 24. 48 + 24 = 72." reaches both: 1.
+    """
+    parts = arithmetic_breakdown(completion, question, solution)
+    if not parts["milestones"]:
+        return None
+    if not parts["reached"]:
+        return 0.0
+    counted = parts["true"] + parts["false"] + parts["ungrounded"] + parts["rounded"]
+    return parts["reached"] / parts["milestones"] * min(1.0, (parts["milestones"] + FREE_EXTRA_CLAIMS) / counted)
 
 
 # ---------------------------------------------------------------------- registry
@@ -824,6 +886,12 @@ def sound_reward(prompts: Sequence[str], completions: Sequence[str], reference: 
     n = len(completions)
     return [soundness(c, r, k, o) for c, r, k, o in
             zip(completions, reference, _per_row(kind, n, "numeric"), _per_row(choices, n, None), strict=True)]
+
+
+@register("progress", columns=(("question", "solution"),), label="Avg progress reward")
+def progress_reward(prompts: Sequence[str], completions: Sequence[str], question: Sequence[str],
+                    solution: Sequence[str], **_: Any) -> list[float | None]:
+    return [progress(c, q, s or "") for c, q, s in zip(completions, question, solution, strict=True)]
 
 
 # Components are computed a chunk of completions at a time: every component parses
