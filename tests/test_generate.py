@@ -179,3 +179,45 @@ def test_the_last_rows_decode_on_in_a_smaller_batch_with_the_same_results(tiny, 
     assert [r.finish_reason for r in together] == ["length"] + ["stop"] * 4
     alone = [Generator(tiny.model, tiny.tokenizer, max_batch=1).generate([p], sampling)[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_a_prompt_repeated_in_the_batch_runs_its_prefill_once(tiny, monkeypatch):
+    """GRPO's G copies of a prompt: the distinct prompts run through the model once
+    (2 rows, not 8) and each row still draws its own sample; every row's first token
+    and log-prob are those of the prompt run on its own row."""
+    prompts = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
+    rows_run = []
+    real = generate._run_prefill
+    monkeypatch.setattr(generate, "_run_prefill", lambda params, tokens, *a, **k: rows_run.append(tokens.shape[0]) or real(params, tokens, *a, **k))
+    wide = Generator(tiny.model, tiny.tokenizer, max_batch=8)
+    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, seed=5, stop_strings=())
+    shared = wide.generate(prompts, sampling)
+    assert rows_run == [2]
+    assert len({tuple(r.token_ids) for r in shared[:4]}) > 1  # G copies still differ
+    # The same rows with the prompts all distinct (each run on its own row): the first
+    # token of each row is drawn from the same logits with the same key.
+    monkeypatch.setattr(generate, "_bucket_batch", lambda n: 8)  # no sharing: U is padded up to the batch
+    rows_run.clear()
+    unshared = wide.generate(prompts, sampling)
+    assert rows_run == [8]
+    assert [r.token_ids for r in shared] == [r.token_ids for r in unshared]
+    for a, b in zip(shared, unshared):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+
+
+def test_the_last_chunk_runs_only_the_steps_the_rows_need(tiny, monkeypatch):
+    """200 new tokens are 1 from the prefill and 199 decode steps, not 13 chunks of 16;
+    the results are those of full chunks cut to the budget."""
+    counts = []
+    real = generate._run_decode
+    monkeypatch.setattr(generate, "_run_decode", lambda *a, **k: counts.append(int(a[9])) or real(*a, **k))
+    gen = Generator(tiny.model, tiny.tokenizer, max_batch=4)
+    out = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=37, stop_strings=()))
+    assert all(len(r.token_ids) == 37 for r in out)
+    assert counts == [16, 16, 4]  # 36 decode steps after the prefill's token
+    monkeypatch.setattr(generate, "_run_decode", lambda *a, **k: real(*a[:9], jnp.int32(16), *a[10:], **k))
+    assert [r.token_ids for r in gen.generate(PROMPTS, SamplingConfig(max_new_tokens=37, stop_strings=()))] == \
+        [r.token_ids for r in out]  # whole chunks, cut to the budget: the same tokens
+    monkeypatch.setattr(generate, "_run_decode", lambda *a, **k: counts.append(int(a[9])) or real(*a, **k))
+    one = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=1, stop_strings=()))
+    assert all(len(r.token_ids) == 1 for r in one) and counts[-1] == 0  # the prefill's token is all there is

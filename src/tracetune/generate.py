@@ -394,9 +394,26 @@ def _row_keys(key, rows, positions):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "cache_size"))
-def _prefill(params, tokens, key, rows, temperature, top_k, top_p, *, config: Arch, mode: str, cache_size: int):
-    """tokens [B, P] left-padded with 0, prompts ``rows`` [B] -> first new token [B],
-    its log-prob, caches of ``cache_size`` slots, key_valid [B, S], last positions [B]."""
+def _prefill(params, tokens, key, rows, source, temperature, top_k, top_p, *, config: Arch, mode: str, cache_size: int):
+    """tokens [U, P] left-padded with 0, each output row's prompt index ``rows`` [B] and
+    its row of ``tokens`` ``source`` [B] -> first new token [B], its log-prob, caches
+    of ``cache_size`` slots, key_valid [B, S], last positions [B].
+
+    A prompt repeated in the batch (GRPO samples G completions of each) runs through
+    the model once and its cache is copied to its rows; each row still draws its
+    first token with its own key. With U == B rows, source is the identity.
+    """
+    logits, caches, key_valid, last = _prefill_rows(params, tokens, config, cache_size)  # [V, U], ..., [U]
+    if tokens.shape[0] != rows.shape[0]:  # the U distinct prompts ran: each is copied to its rows
+        caches = tuple((k[source], v[source]) for k, v in caches)
+        logits, key_valid, last = logits[:, source], key_valid[source], last[source]
+    token, logprob = _choose(logits, _row_keys(key, rows, last), mode, temperature, top_k, top_p)
+    return token, logprob, caches, key_valid, last
+
+
+def _prefill_rows(params, tokens, config: Arch, cache_size: int):
+    """The prompt pass of ``_prefill`` over tokens [B, P]: (last logits [V, B], caches,
+    key_valid [B, S], last positions [B])."""
     B, P = tokens.shape
     valid = tokens != 0  # [B, P]
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)  # RoPE positions start at 0 per row
@@ -409,8 +426,7 @@ def _prefill(params, tokens, key, rows, temperature, top_k, top_p, *, config: Ar
         for k, v in new_kv
     )  # keys [B, K, H, S], values [B, K, S, H]
     key_valid = jnp.pad(valid, ((0, 0), (0, pad)), constant_values=True)  # [B, S]
-    token, logprob = _choose(logits, _row_keys(key, rows, positions[:, -1]), mode, temperature, top_k, top_p)
-    return token, logprob, caches, key_valid, positions[:, -1]
+    return logits, caches, key_valid, positions[:, -1]
 
 
 @functools.partial(jax.jit, donate_argnames=("caches", "key_valid"))
@@ -421,13 +437,16 @@ def _insert(caches, key_valid, rows, new_caches, new_valid):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "steps", "stop_ids"), donate_argnames=("caches",))
-def _decode(params, caches, key_valid, token, last_position, slot, done, key, rows, temperature, top_k, top_p, *,
+def _decode(params, caches, key_valid, token, last_position, slot, done, key, rows, count, temperature, top_k, top_p, *,
             config: Arch, mode: str, steps: int, stop_ids: tuple[int, ...]):
-    """``steps`` decode steps from ``token``, whose key goes to each row's cache ``slot``.
+    """``count`` (at most ``steps``) decode steps from ``token``, whose key goes to each
+    row's cache ``slot``.
 
     token, last_position, slot, done, rows (prompt indices) [B]; returns tokens and
-    log-probs [B, steps], the next token, the updated state and caches. Rows that
-    are done emit padding (0). Inside the loop the caches are read-only; the chunk's
+    log-probs [B, steps] (0 past ``count``), the next token, the updated state and
+    caches. ``count`` is an argument, not a shape: the last chunk of a call runs only
+    the steps its rows still need in the same program (200 new tokens in chunks of 16
+    ran 208 decode steps). Rows that are done emit padding (0). Inside the loop the caches are read-only; the chunk's
     keys and values collect in small buffers, written into the caches once after
     the loop, each row at its own slot.
     """
@@ -469,7 +488,7 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, ro
         return nxt, position, done, buffers, out_tokens, out_logprobs
 
     init = (token, last_position, done, buffers, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B, steps), jnp.float32))
-    token, position, done, buffers, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, step, init)
+    token, position, done, buffers, out_tokens, out_logprobs = jax.lax.fori_loop(0, count, step, init)
     write_keys = jax.vmap(lambda c, b, at: jax.lax.dynamic_update_slice(c, b, (0, 0, at)))  # one row [K, H, S] at its slot
     write_values = jax.vmap(lambda c, b, at: jax.lax.dynamic_update_slice(c, b, (0, at, 0)))  # [K, S, H]
     caches = tuple((write_keys(kc, kb, slot), write_values(vc, vb, slot)) for (kc, vc), (kb, vb) in zip(caches, buffers))
@@ -556,15 +575,22 @@ class Generator:
         args = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
         def prefill(indices: list[int], size: int):
-            """The first token of prompts ``indices``, in ``size`` rows (the rest one BOS each, unused)."""
-            tokens = np.zeros((size, P), np.int32)
-            tokens[len(indices) :, -1] = self.tokenizer.bos_id
-            for r, index in enumerate(indices):
+            """The first token of prompts ``indices``, in ``size`` rows (the rest one BOS each, unused).
+            A prompt repeated among them runs once (``_prefill``'s ``source``)."""
+            distinct: dict[tuple[int, ...], int] = {}
+            source = np.array([distinct.setdefault(tuple(encoded[i]), len(distinct)) for i in indices]
+                              + [len(distinct)] * (size - len(indices)), np.int32)  # unused rows share one BOS row
+            U = _bucket_batch(int(source.max()) + 1)
+            if U >= size:
+                U, source = size, np.arange(size, dtype=np.int32)
+            tokens = np.zeros((U, P), np.int32)
+            tokens[:, -1] = self.tokenizer.bos_id
+            for r, index in zip(source, indices):
                 tokens[r, P - len(encoded[index]) :] = encoded[index]
             rows = np.full(size, -1, np.int32)
             rows[: len(indices)] = indices
-            return _run_prefill(self.params, jnp.asarray(tokens), key, jnp.asarray(rows), *args, config=self.config,
-                                mode=sampling.mode, cache_size=P + steps)
+            return _run_prefill(self.params, jnp.asarray(tokens), key, jnp.asarray(rows), jnp.asarray(source), *args,
+                                config=self.config, mode=sampling.mode, cache_size=P + steps)
 
         # Host state per row: which prompt (-1: none), its tokens and log-probs so far.
         row_prompt = np.full(B, -1)
@@ -579,14 +605,17 @@ class Generator:
             row_prompt[r], done[r], ids[r], logprobs[r] = index, False, [token[r : r + 1]], [logprob[r : r + 1]]
         pending = n - len(first)
         while True:
+            # The steps the rows still need, when no prompt waits for a free row: the last chunk runs no more.
+            count = CHUNK if pending else min(CHUNK, max(sampling.max_new_tokens - sum(map(len, ids[r]))
+                                                         for r in np.flatnonzero(row_prompt >= 0)))
             chunk_tokens, chunk_logprobs, token, position, done_dev, caches = _run_decode(
                 self.params, caches, key_valid, jnp.asarray(token), jnp.asarray(position), jnp.asarray(slot),
-                jnp.asarray(done), key, jnp.asarray(np.maximum(row_prompt, 0).astype(np.int32)), *args,
+                jnp.asarray(done), key, jnp.asarray(np.maximum(row_prompt, 0).astype(np.int32)), jnp.int32(count), *args,
                 config=self.config, mode=sampling.mode, steps=CHUNK, stop_ids=self.tokenizer.stop_ids,
             )
-            chunk_tokens, chunk_logprobs = np.asarray(chunk_tokens), np.asarray(chunk_logprobs)
+            chunk_tokens, chunk_logprobs = np.asarray(chunk_tokens)[:, :count], np.asarray(chunk_logprobs)[:, :count]
             token, position, done = np.asarray(token).copy(), np.asarray(position).copy(), np.asarray(done_dev).copy()
-            slot += CHUNK
+            slot += count
             for r in np.flatnonzero(row_prompt >= 0):
                 index = int(row_prompt[r])
                 ids[r].append(chunk_tokens[r])
