@@ -33,6 +33,7 @@ def test_overrides_are_typed_and_checked():
         ("grpo.rows_per_pass=3", r"grpo.rows_per_pass must divide the \d+ completions of a micro-batch"),
         ("grpo.row_gradients=sum", "grpo.row_gradients must be one of recompute, accumulate"),
         ("grpo.row_gradients=accumulate", "set grpo.rows_per_pass >= 1"),
+        ("grpo.prompt_width=9999", r"grpo.prompt_width must be 0 \(off\) or at most grpo.max_prompt_tokens"),
         ("seed", "section.field=value"),
     ]:
         with pytest.raises(ConfigError, match=message):

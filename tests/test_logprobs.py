@@ -220,6 +220,17 @@ def test_a_bucket_within_one_multiple_of_the_budget_becomes_the_budget():
     assert logprobs.trimmed_widths(prompt, np.ones((1, 8), np.int32), PAD, 64)[0] == 192  # the budget is a multiple
 
 
+def test_one_prompt_width_whenever_the_prompts_fit_it():
+    """grpo.prompt_width: 128 for any prompt up to 128 tokens, the budget past it; the
+    completion keeps its buckets."""
+    widths = []
+    for length in (1, 64, 65, 128, 129):
+        prompt = np.zeros((2, 192), np.int32)
+        prompt[1, -length:] = 7
+        widths.append(logprobs.trimmed_widths(prompt, np.ones((2, 64), np.int32), PAD, 64, prompt_width=128))
+    assert widths == [(128, 64)] * 4 + [(192, 64)]
+
+
 def train_example(model, rng, *, old=False, ref=True):
     prompt, completion = batch(rng)
     mask = completion != PAD

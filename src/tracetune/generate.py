@@ -23,10 +23,15 @@ arithmetic, checked against Tunix's forward pass in the tests) instead of Tunix'
   per row and step, not 262k of Gumbel noise), and top-k /
   top-p look only at the ``CANDIDATES`` most likely tokens (``lax.top_k``).
 
+A prompt repeated in a call (GRPO's G completions of each) runs its prefill once and
+its cache is copied to its rows, each row drawing its own tokens: a GRPO rollout of
+2 prompts x 4 prefilled in 0.21 s instead of 0.66-0.70 s on the 270M.
+
 Shapes are padded to buckets (batch to a power of two, prompt length to a
 multiple of 64) so that a new batch size or prompt length does not recompile.
 Prompts are left-padded to the call's prompt bucket; each row has its own cache
-slot. Decoding runs in chunks of ``CHUNK`` steps; between chunks the host checks
+slot. Decoding runs in chunks of ``CHUNK`` steps (the last one only as many as its rows
+still need, a loop bound rather than a shape); between chunks the host checks
 stop strings (``</answer>``), hands back the rows that have stopped, and, when a
 call has more prompts than rows, refills freed rows with the next prompts (in
 groups of a quarter of the batch: one more prefill shape). A batch is then no

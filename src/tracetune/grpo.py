@@ -260,7 +260,7 @@ class StepFacts:
                                                             rollout.finish_reasons))]
 
 
-def train_batch(rollout: StepRollout, pad_id: int, budget: tuple[int, int], multiple: int | None):
+def train_batch(rollout: StepRollout, pad_id: int, budget: tuple[int, int], multiple: int | None, prompt_width: int = 0):
     """(prompt_ids [B, P], completion_ids [B, C]) of a step's update.
 
     budget: (max_prompt_tokens, max_new_tokens), the widths Tunix pads to. With
@@ -272,7 +272,7 @@ def train_batch(rollout: StepRollout, pad_id: int, budget: tuple[int, int], mult
     completion_ids = rollout.completion_tokens(pad_id, budget[1])  # [B, budget C] right-padded
     if multiple is None:
         return prompt_ids, completion_ids
-    P, C = logprobs.trimmed_widths(prompt_ids, completion_ids, pad_id, multiple)
+    P, C = logprobs.trimmed_widths(prompt_ids, completion_ids, pad_id, multiple, prompt_width)
     return prompt_ids[:, -P:], completion_ids[:, :C]
 
 
@@ -285,10 +285,12 @@ class Cluster(rl_cluster_lib.RLCluster):
     rollout temperature as Tunix's loss uses it; "full" keeps Tunix's own path.
     """
 
-    def __init__(self, *args, logprobs: str = "full", pad_multiple: int = 32, tokenizer_tt: Tokenizer, **kwargs):
+    def __init__(self, *args, logprobs: str = "full", pad_multiple: int = 32, prompt_width: int = 0, tokenizer_tt: Tokenizer,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.logprob_path = logprobs
         self.pad_multiple = pad_multiple
+        self.prompt_width = prompt_width
         self.update_seconds = 0.0  # the wall time of the updates since the last take_update_seconds()
         engine = self.rollout
         # tracetune's engine reports everything a step needs itself; Tunix's engines
@@ -342,7 +344,8 @@ class Cluster(rl_cluster_lib.RLCluster):
         with self._get_mesh_and_logical_axis_rules_cm(role):
             return logprobs.frozen_completion_logprobs(
                 model, prompt_tokens, completion_tokens, self.rollout.pad_id(),
-                temperature=self.get_rollout_config(Mode.TRAIN).temperature, multiple=self.pad_multiple)
+                temperature=self.get_rollout_config(Mode.TRAIN).temperature, multiple=self.pad_multiple,
+                prompt_width=self.prompt_width)
 
     def update_actor(self, *args, **kwargs):
         trainer = self.actor_trainer
@@ -468,7 +471,7 @@ class Learner(grpo_learner.GRPOLearner):
         # the chunked path trains on the step's own longest, rounded up to a bucket.
         prompt_ids, completion_ids = train_batch(
             rollout, pad, (config.max_prompt_length, config.max_tokens_to_generate),
-            cluster.pad_multiple if cluster.logprob_path == "chunked" else None)
+            cluster.pad_multiple if cluster.logprob_path == "chunked" else None, cluster.prompt_width)
         prompt_ids, completion_ids = jnp.asarray(prompt_ids), jnp.asarray(completion_ids)
         reference = old = None
         if algo.beta != 0.0:
@@ -1018,7 +1021,8 @@ class GRPORun:
         )
         with restoring(self.run_dir / "checkpoints" / "actor"):  # the actor's trainer restores in here
             self.cluster = Cluster(actor=actor, reference=reference, tokenizer=tokenizer.sp, cluster_config=cluster_config,
-                                   logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple, tokenizer_tt=tokenizer)
+                                   logprobs=grpo.logprobs, pad_multiple=grpo.pad_multiple,
+                                   prompt_width=grpo.prompt_width, tokenizer_tt=tokenizer)
         check_shared_backbone(self.cluster)
         algorithm = algorithm_config(grpo)
         self.data = PromptBatches(examples, batch, grpo.seed, self.config.data.prompt_style, StopFlag(), grpo.curriculum,

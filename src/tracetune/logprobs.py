@@ -304,24 +304,29 @@ _run_frozen = memory.CompileFirst(_frozen_completion_logprobs)  # compile, hand 
 
 
 def frozen_completion_logprobs(model: nnx.Module, prompt_tokens, completion_tokens, pad_id: int, *,
-                               temperature: float = 1.0, multiple: int = 32) -> jax.Array:
+                               temperature: float = 1.0, multiple: int = 32, prompt_width: int = 0) -> jax.Array:
     """``completion_logprobs`` of a model not being trained (reference, old policy),
     on the batch with its all-padding columns cut: prompt columns from the left,
-    completion columns from the right, down to ``bucket(longest, multiple)``. The
-    result has the full ``[B, C]`` shape again, 0 in the cut columns (padding)."""
+    completion columns from the right, down to ``bucket(longest, multiple)`` (the
+    prompt to ``prompt_width`` where set: ``trimmed_widths``). The result has the
+    full ``[B, C]`` shape again, 0 in the cut columns (padding)."""
     prompt_tokens, completion_tokens = np.asarray(prompt_tokens), np.asarray(completion_tokens)
-    P, C = trimmed_widths(prompt_tokens, completion_tokens, pad_id, multiple)
+    P, C = trimmed_widths(prompt_tokens, completion_tokens, pad_id, multiple, prompt_width)
     graphdef, state = nnx.split(model)
     out = _run_frozen(graphdef, state, jnp.asarray(prompt_tokens[:, -P:]), jnp.asarray(completion_tokens[:, :C]),
                       pad_id, float(temperature))
     return jnp.pad(out, ((0, 0), (0, completion_tokens.shape[1] - C)))
 
 
-def trimmed_widths(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, pad_id: int, multiple: int) -> tuple[int, int]:
+def trimmed_widths(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, pad_id: int, multiple: int,
+                   prompt_width: int = 0) -> tuple[int, int]:
     """(P, C): the longest prompt and the longest completion of the batch, each rounded
     up to ``multiple``, and to the array's own width (the budget) when that is less
     than a multiple further: a budget of 200 in buckets of 64 gives 64, 128 or 200,
     not also 192, which would compile one more program to save 8 columns.
+
+    ``prompt_width`` (0: off) fixes P instead: that width whenever the prompts fit
+    it, else the budget (``GrpoConfig.prompt_width``: one width, one compile).
 
     prompt_tokens [B, P0] left-padded; completion_tokens [B, C0] right-padded.
     """
@@ -333,7 +338,12 @@ def trimmed_widths(prompt_tokens: np.ndarray, completion_tokens: np.ndarray, pad
         rounded = bucket(length, multiple)
         return rounded if rounded + multiple <= budget else budget
 
-    return width(prompt_len, prompt_tokens.shape[1]), width(completion_len, completion_tokens.shape[1])
+    budget = prompt_tokens.shape[1]
+    if prompt_width:
+        P = prompt_width if prompt_len <= prompt_width <= budget else budget
+    else:
+        P = width(prompt_len, budget)
+    return P, width(completion_len, completion_tokens.shape[1])
 
 
 # ------------------------------------------------------------ the GRPO loss
