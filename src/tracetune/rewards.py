@@ -728,9 +728,9 @@ def progress(completion: str, question: str, solution: str = "") -> float | None
     renormalised away in the composite, as for any undefined component).
 
     Why beside correctness: on the 270M's SFT policy one sample in sixty is right,
-    mostly by luck (the right number after false steps), so few groups of G hold a
-    right and a wrong answer; about one sample in ten reaches a milestone, and
-    one group in four differs in progress (bench/pass_rate.py, 2026-12-06).
+    by luck (the right number after false steps), so few groups of G hold a right
+    and a wrong answer; one sample in twelve reaches a milestone, and one group in
+    five differs in progress (docs/runs.md, 2026-12-06).
 
     Worked example (Natalia, milestones 24 and 72). "48 / 2 = 24. 24 + 48 = 73."
     reaches 24 with 2 claims counted: (1/2) * min(1, 3/2) = 0.5. "48 + 2 = 50. 48 - 2
