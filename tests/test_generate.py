@@ -188,7 +188,11 @@ def test_a_prompt_repeated_in_the_batch_runs_its_prefill_once(tiny, monkeypatch)
     prompts = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
     rows_run = []
     real = generate._run_prefill
-    monkeypatch.setattr(generate, "_run_prefill", lambda params, tokens, *a, **k: rows_run.append(tokens.shape[0]) or real(params, tokens, *a, **k))
+    def counted(params, tokens, *args, **kwargs):
+        rows_run.append(tokens.shape[0])
+        return real(params, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "_run_prefill", counted)
     wide = Generator(tiny.model, tiny.tokenizer, max_batch=8)
     sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, seed=5, stop_strings=())
     shared = wide.generate(prompts, sampling)

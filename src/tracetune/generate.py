@@ -451,9 +451,9 @@ def _decode(params, caches, key_valid, token, last_position, slot, done, key, ro
     log-probs [B, steps] (0 past ``count``), the next token, the updated state and
     caches. ``count`` is an argument, not a shape: the last chunk of a call runs only
     the steps its rows still need in the same program (200 new tokens in chunks of 16
-    ran 208 decode steps). Rows that are done emit padding (0). Inside the loop the caches are read-only; the chunk's
-    keys and values collect in small buffers, written into the caches once after
-    the loop, each row at its own slot.
+    ran 208 decode steps). Rows that are done emit padding (0). Inside the loop the
+    caches are read-only; the chunk's keys and values collect in small buffers,
+    written into the caches once after the loop, each row at its own slot.
     """
     B = token.shape[0]
     K, H = config.num_kv_heads, config.head_dim
