@@ -717,7 +717,7 @@ def progress(completion: str, question: str, solution: str = "") -> float | None
     claims, dropped, rounded and wall claims included, so a repeated, copied or
     trivial claim, a claim outside the reasoning and a wall reach nothing). With M
     milestones, H reached and C claims counted (every claim the rubric does not
-    drop, true or false, within its wall cap)::
+    drop, true or false, those past its wall cap included)::
 
         progress = (H / M) * min(1, (M + FREE_EXTRA_CLAIMS) / C)        0 when H = 0
 
