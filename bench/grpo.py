@@ -39,7 +39,7 @@ import sides
 SIDES = {
     "chunked": ["grpo.rollout_engine=tracetune", "grpo.logprobs=chunked"],
     "full": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full", "grpo.rows_per_pass=0",  # Tunix's loss takes the whole micro-batch
-             "grpo.row_gradients=recompute"],
+             "grpo.row_gradients=recompute", "grpo.prompt_width=0"],  # ... and pads prompts to the budget
     "vanilla": ["grpo.rollout_engine=vanilla", "grpo.logprobs=chunked"],
     "before": ["grpo.rollout_engine=tracetune", "grpo.logprobs=full"],  # names that commit knows
 }

@@ -40,6 +40,8 @@ def test_overrides_are_typed_and_checked():
             load_config("default", [bad])
     with pytest.raises(ConfigError, match="grpo.rows_per_pass needs grpo.logprobs=chunked"):
         load_config("default", ["grpo.rows_per_pass=1", "grpo.logprobs=full"])
+    with pytest.raises(ConfigError, match="grpo.prompt_width needs grpo.logprobs=chunked"):
+        load_config("cpu-demo", ["grpo.logprobs=full", "grpo.rows_per_pass=0", "grpo.row_gradients=recompute"])
 
 
 def test_saved_config_reproduces_the_run(tmp_path):

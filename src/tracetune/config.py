@@ -564,6 +564,9 @@ class GRPOConfig:
             raise ConfigError("grpo.row_gradients=accumulate sums the gradients of grpo.rows_per_pass's passes: set grpo.rows_per_pass >= 1")
         if self.rows_per_pass and self.logprobs != "chunked":
             raise ConfigError("grpo.rows_per_pass needs grpo.logprobs=chunked (Tunix's own loss takes the whole micro-batch)")
+        if self.prompt_width and self.logprobs != "chunked":
+            raise ConfigError("grpo.prompt_width needs grpo.logprobs=chunked (Tunix's own loss pads every prompt to "
+                              "grpo.max_prompt_tokens): set grpo.prompt_width=0")
         if self.beta < 0 or not 0 < self.epsilon < 1:
             raise ConfigError(f"grpo.beta must be >= 0 and grpo.epsilon in (0, 1), got {self.beta}, {self.epsilon}")
         if self.rollout_engine not in ("vanilla", "vllm", "tracetune"):
