@@ -1,6 +1,6 @@
-"""How often a policy's samples are right on GRPO's training problems, by the reference
-solution's number of steps (the `steps` curriculum's difficulty) and by temperature:
-the signal GRPO has to work with before it is spent.
+"""How often a policy's samples are right on GRPO's training problems (or the held-out
+ones), by the reference solution's number of steps (the `steps` curriculum's
+difficulty) and by temperature: the signal GRPO has to work with before it is spent.
 
 For each step count, a seeded choice of training problems (never the held-out or test
 splits) gets G samples at each temperature (greedy: one), at GRPO's token budget, with
@@ -16,8 +16,15 @@ al., 2024) would start GRPO: the policy writes the rest, and the hint and its
 continuation are scored together. It asks whether hints would give GRPO a signal the
 bare problems do not.
 
+With ``--split held-out --samples 16``, the problems come from the held-out validation
+split instead and get 16 samples each: "any right" is then pass@16, the share of
+problems the policy solves in some sample, which bounds what sharpening by RL can
+turn into greedy accuracy (Yue et al., 2025: RL raises pass@1 towards the base
+policy's pass@k, not past it).
+
     python bench/pass_rate.py --model runs/cpu-demo/sft/export/merged \\
         [--preset runs/cpu-demo/config.yaml] [--steps 2 3] [--problems 48] [--temperatures 0 0.9 0.7] [--given 0 1 2]
+        [--split held-out] [--samples 16]
 """
 
 from __future__ import annotations
@@ -32,11 +39,14 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a model name or a merged export (an SFT run's export/merged)")
     parser.add_argument("--preset", default="cpu-demo", help="preset or saved config.yaml: prompt style, G, token budget")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 3], help="reference solutions' step counts to sample")
-    parser.add_argument("--problems", type=int, default=48, help="training problems per step count")
+    parser.add_argument("--problems", type=int, default=48, help="problems per step count")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.9, 0.7], help="0: greedy, one sample")
     parser.add_argument("--seed", type=int, default=7, help="the choice of problems")
     parser.add_argument("--given", type=int, nargs="+", default=[0],
                         help="reference steps written into the prompt (at most all but the last): 0 = none")
+    parser.add_argument("--split", choices=["train", "held-out"], default="train",
+                        help="GRPO's training problems, or the held-out validation split (never the test split)")
+    parser.add_argument("--samples", type=int, default=0, help="samples per problem and temperature (0: the preset's G)")
     args = parser.parse_args()
     if min(args.given) < 0:
         parser.error("--given counts reference steps: 0 or more")
@@ -51,16 +61,17 @@ def main() -> None:
 
     config = load_config(args.preset)
     loaded = load_model(args.model)
-    train, _ = prompt_examples(config, loaded.tokenizer)  # the held-out problems are not among them
+    train, held_out = prompt_examples(config, loaded.tokenizer)  # the held-out problems are not among GRPO's
+    problems = train if args.split == "train" else held_out
     rng = random.Random(args.seed)
     picked = {}
     for steps in args.steps:
-        pool = [e for e in train if reference_steps(e) == steps]
+        pool = [e for e in problems if reference_steps(e) == steps]
         if len(pool) < args.problems:
-            raise SystemExit(f"--problems {args.problems}: only {len(pool)} training problems have {steps} reference steps")
+            raise SystemExit(f"--problems {args.problems}: only {len(pool)} {args.split} problems have {steps} reference steps")
         picked[steps] = rng.sample(pool, args.problems)
     generator = Generator(loaded.model, loaded.tokenizer)
-    G = config.grpo.num_generations
+    G = args.samples or config.grpo.num_generations
 
     def hint(example, given: int) -> str:  # the reference's first steps, as the trace would begin
         steps = solution_steps(example.solution)[:given]
