@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 
 from tracetune.errors import DamagedFile
-from tracetune.config import load_config
-from tracetune.data import Example
+from tracetune.config import ConfigError, load_config
+from tracetune.data import Example, curate_data, held_out_split
 from tracetune.evaluate import (
     EvalError,
     domain_of,
@@ -25,6 +25,7 @@ from tracetune.evaluate import (
     read_records,
     sample_record,
     score_generation,
+    shot_prefix,
     summarize,
     write_summary,
 )
@@ -100,6 +101,53 @@ def test_an_evaluation_directory_refuses_other_settings(tmp_path, tiny):
         evaluate(tiny, problems(other), tmp_path, other)
 
 
+def test_shots_put_training_traces_before_every_question_and_never_a_held_out_one(tmp_path, tiny, monkeypatch):
+    from tracetune.generate import Generator
+
+    config = load_config("tiny", ["eval.limit=3", "eval.shots=2", "eval.split=held-out"])
+    prefix = shot_prefix(config)
+    shots = curate_data(config.data)[0].train[:2]
+    assert prefix == "".join(f"{t.prompt}{t.completion}\n\n" for t in shots)
+    assert prefix.count("<answer>") == 2 and prefix.endswith("</answer>\n\n")
+    held_out = held_out_split(config.data)[1]
+    assert not any(f"Q: {e.question.strip()}\n" in prefix for e in held_out)
+    # The prefix reaches the decoder in front of the harness's own prompt.
+    seen: list[str] = []
+    stream = Generator.stream
+
+    def recording(self, prompts, sampling):
+        seen.extend(prompts)
+        return stream(self, prompts, sampling)
+
+    monkeypatch.setattr(Generator, "stream", recording)
+    examples = problems(config)
+    result = evaluate(tiny, examples, tmp_path, config)
+    assert seen == [prefix + f"Q: {e.question.strip()}\nA:\n" for e in examples]
+    assert result.settings["shots"] == 2
+    assert json.loads((tmp_path / "eval.json").read_text())["shots"] == 2
+    # Another number of shots is another harness: the directory refuses it.
+    plain = load_config("tiny", ["eval.limit=3", "eval.split=held-out"])
+    with pytest.raises(EvalError, match="shots: 2 -> 0"):
+        evaluate(tiny, problems(plain), tmp_path, plain)
+
+
+def test_an_evaluation_from_before_shots_resumes_as_zero_shot(tmp_path, tiny):
+    config = load_config("tiny", ["eval.limit=2"])
+    evaluate(tiny, problems(config), tmp_path, config)
+    settings = json.loads((tmp_path / "eval.json").read_text())
+    del settings["shots"]
+    (tmp_path / "eval.json").write_text(json.dumps(settings))
+    assert evaluate(tiny, problems(config), tmp_path, config).seconds == 0.0  # nothing to redo
+
+
+def test_more_shots_than_training_traces_is_a_config_error():
+    assert shot_prefix(load_config("tiny")) == ""
+    with pytest.raises(ConfigError, match="eval.shots=1000000, but the training data"):
+        shot_prefix(load_config("tiny", ["eval.shots=1000000"]))
+    with pytest.raises(ConfigError, match="eval.limit and eval.shots must be >= 0"):
+        load_config("tiny", ["eval.shots=-1"])
+
+
 def test_a_corrupt_line_inside_samples_names_the_line(tmp_path):
     (tmp_path / "samples.jsonl").write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(DamagedFile, match=r"samples.jsonl:2"):
@@ -109,15 +157,16 @@ def test_a_corrupt_line_inside_samples_names_the_line(tmp_path):
 def test_eval_command_writes_samples_metrics_and_prints_the_table(tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, "-m", "tracetune.cli", "eval", "--model", "tiny", "--preset", "tiny",
-                             "--limit", "4", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                             "--limit", "4", "--shots", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
                             env={"COLUMNS": "200", **__import__("os").environ})
     assert result.returncode == 0, result.stderr
-    assert "GSM8K accuracy" in result.stdout and "95% CI" in result.stdout
+    assert "GSM8K accuracy" in result.stdout and "95% CI" in result.stdout and "1-shot" in result.stdout
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 4
     assert {"question", "reference", "completion", "answer", "correct", "well_formed", "trace", "composite", "failure"} <= set(records[0])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["limit"] == 4 and metrics["metrics"]["accuracy"]["n"] == 4
+    assert metrics["settings"]["shots"] == 1
 
 
 # ------------------------------------------------------------------ per domain

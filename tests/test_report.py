@@ -114,6 +114,15 @@ def test_every_evaluation_and_training_run_states_its_reward_weights(run, tmp_pa
     assert "exported step 6 (best validation accuracy)" in training
 
 
+def test_the_harness_sentence_names_worked_examples_only_when_there_were_some(run, tmp_path):
+    assert "the `plain` prompt. Intervals" in write_report([run], tmp_path / "plain").read_text()
+    for variant in ("zero-shot", "sft", "grpo"):
+        path = run / "eval" / variant / "eval.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "shots": 4}))
+    report = write_report([run], tmp_path / "shots").read_text()
+    assert "the `plain` prompt after 4 worked training examples (`eval.shots`). Intervals" in report
+
+
 def test_evaluations_with_different_weights_say_so(run, tmp_path):
     other = {**WEIGHTS, "arithmetic": 0.2}
     (run / "eval" / "grpo" / "eval.json").write_text(json.dumps(

@@ -369,6 +369,7 @@ def eval_cmd(
     split: Annotated[Optional[str], typer.Option(help="Split of data.source to score, or held-out: the validation problems SFT and GRPO hold out of the train split (choose on these, not on test). Default: the preset's eval.split (test).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Score the first N problems (0 = all). Default: the preset's eval.limit.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Evaluation directory (eval.json, samples.jsonl, metrics.json, metrics.md). Default: runs/eval/<model>-<split>.")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="Worked examples before each question: the first N SFT traces of the training data (never a held-out or test problem). A base model's fair baseline: zero-shot it has not seen the trace format. Default: the preset's eval.shots (0).")] = None,
     judge: Annotated[bool, typer.Option("--judge/--no-judge", help="Also rate reasoning 1-5 with an LLM judge (an OpenAI-compatible endpoint; see --judge-url).")] = False,
     judge_url: Annotated[Optional[str], typer.Option(help="Judge base URL, e.g. http://127.0.0.1:8000/v1. Default: eval.judge_base_url, then $TRACETUNE_JUDGE_BASE_URL or $OPENAI_BASE_URL.")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="Judge model name. Default: eval.judge_model, then $TRACETUNE_JUDGE_MODEL.")] = None,
@@ -386,7 +387,7 @@ def eval_cmd(
     from tracetune.evaluate import evaluate, problems
     from tracetune.models.registry import load_model
 
-    cfg = _config(preset, set_, mesh, **{"eval.split": split, "eval.limit": limit, "eval.judge_base_url": judge_url,
+    cfg = _config(preset, set_, mesh, **{"eval.split": split, "eval.limit": limit, "eval.shots": shots, "eval.judge_base_url": judge_url,
                                    "eval.judge_model": judge_model, "eval.judge_samples": judge_samples})
     from tracetune import mesh as mesh_lib
 
@@ -403,8 +404,9 @@ def eval_cmd(
     with _progress() as progress:
         task = progress.add_task(f"evaluating {directory.name}", total=len(examples))
         result = evaluate(loaded, examples, directory, cfg, progress=lambda n: progress.advance(task, n))
+    shots_note = f", {cfg.eval.shots}-shot" if cfg.eval.shots else ""
     console.print(_metrics_table(f"{source} on {result.settings['source']} {cfg.eval.split} ({len(result.records)} problems, greedy, "
-                                 f"{cfg.eval.max_new_tokens} tokens)", result.metrics))
+                                 f"{cfg.eval.max_new_tokens} tokens{shots_note})", result.metrics))
     if result.domains:
         console.print(_domain_table(f"Per domain ({len(result.domains)}), 95% intervals", result.domains))
     if result.failure_rows:

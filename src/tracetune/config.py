@@ -592,11 +592,17 @@ class EvalConfig:
     judge_*: the LLM judge (any OpenAI-compatible chat endpoint). An empty
       ``judge_base_url`` falls back to TRACETUNE_JUDGE_BASE_URL / OPENAI_BASE_URL;
       with none set, ``tracetune run`` skips the judge and the report says so.
+    shots: worked examples written before every question: the first ``shots`` SFT
+      traces of the training data (never a held-out or test problem), each its
+      prompt, its target completion and a blank line. 0 (the default) is the plain
+      harness. A base model's fair baseline: zero-shot it has never seen the trace
+      format and scores nothing, so ``--shots 4`` asks what it can do once shown it.
     """
 
     split: str = "test"
     limit: int = 0
     max_new_tokens: int = 400
+    shots: int = 0
     batch_size: int = 32
     dtype: str = "float32"
     judge_samples: int = 50
@@ -605,8 +611,8 @@ class EvalConfig:
     judge_model: str = ""
 
     def __post_init__(self) -> None:
-        if self.limit < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("eval.limit must be >= 0, eval.max_new_tokens and eval.batch_size >= 1")
+        if self.limit < 0 or self.shots < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("eval.limit and eval.shots must be >= 0, eval.max_new_tokens and eval.batch_size >= 1")
         if self.judge_samples < 0 or self.judge_concurrency < 1:
             raise ConfigError("eval.judge_samples must be >= 0 and eval.judge_concurrency >= 1")
         if self.dtype not in ("float32", "bfloat16"):

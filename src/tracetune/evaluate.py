@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # generation needs JAX; reading a finished evaluation (report
 
 # What must be equal for a resumed evaluation to add to the samples it finds.
 HELD_OUT = "held-out"  # eval.split: the train split's held-out validation problems
-SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "reward_weights")
+SETTINGS = ("model", "source", "split", "limit", "max_new_tokens", "prompt_style", "shots", "reward_weights")
+SETTING_DEFAULTS = {"shots": 0}  # what an eval.json written before the setting existed means
 # Where the harness stops a completion: the answer's end, or the start of a new
 # question ("Q:" on a line of its own, the prompt's own newline included): the base
 # model answers the plain prompt by writing further questions to its budget (all 250
@@ -110,11 +111,13 @@ def stream_and_score(
     max_new_tokens: int,
     prompt_style: str = "plain",
     weights: RewardWeights = RewardWeights(),
+    prefix: str = "",
 ) -> Iterator[tuple[int, SampleScore, Generation]]:
-    """``generate_and_score`` one example at a time as each finishes: (index, score, generation)."""
+    """``generate_and_score`` one example at a time as each finishes: (index, score, generation).
+    ``prefix`` goes before every prompt (``shot_prefix``'s worked examples)."""
     from tracetune.generate import SamplingConfig
 
-    prompts = [build_prompt(e.question, prompt_style, e.kind) for e in examples]
+    prompts = [prefix + build_prompt(e.question, prompt_style, e.kind) for e in examples]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS)
     for index, generation in generator.stream(prompts, sampling):
         yield index, score_generation(examples[index], generation, weights), generation
@@ -323,6 +326,7 @@ def evaluate(
         "limit": harness.limit,
         "max_new_tokens": harness.max_new_tokens,
         "prompt_style": config.data.prompt_style,
+        "shots": harness.shots,
         "reward_weights": config.rewards.as_dict(),
         "decoding": "greedy",
         "stop_strings": list(STOP_STRINGS),
@@ -331,7 +335,7 @@ def evaluate(
     settings_path = out_dir / "eval.json"
     if settings_path.exists():
         saved = json.loads(settings_path.read_text())
-        changed = [k for k in SETTINGS if saved.get(k) != settings[k]]
+        changed = [k for k in SETTINGS if saved.get(k, SETTING_DEFAULTS.get(k)) != settings[k]]
         if changed:
             raise EvalError(f"{out_dir} holds an evaluation with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
                             "use another --out directory")
@@ -355,7 +359,8 @@ def evaluate(
         generator = Generator(loaded.model, loaded.tokenizer, max_batch=min(harness.batch_size, len(todo)))
         # Each record is appended as its problem finishes, so a stopped evaluation resumes from there.
         for index, score, generation in stream_and_score(generator, todo, max_new_tokens=harness.max_new_tokens,
-                                                          prompt_style=config.data.prompt_style, weights=config.rewards):
+                                                          prompt_style=config.data.prompt_style, weights=config.rewards,
+                                                          prefix=shot_prefix(config)):
             record = sample_record(score, generation, todo[index])
             records.append(record)
             append_jsonl(samples_path, record)
@@ -379,6 +384,26 @@ def load_result(out_dir: Path) -> EvalResult:
     records = read_records(out_dir / "samples.jsonl")
     metrics, rows = summarize(records)
     return EvalResult(out_dir, settings, records, metrics, rows, 0.0, directory_domains(out_dir, records))
+
+
+def shot_prefix(config: Config) -> str:
+    """The worked examples ``eval.shots`` puts before every question: the first
+    ``eval.shots`` SFT traces of the run's training data (``curate_data``: its train
+    part, so never a held-out validation problem, and never the test split), each
+    its prompt and target completion, then a blank line; "" with ``eval.shots`` 0.
+
+    >>> shot_prefix(Config())
+    ''
+    """
+    if not config.eval.shots:
+        return ""
+    from tracetune.data import curate_data
+
+    traces = curate_data(config.data)[0].train[: config.eval.shots]
+    if len(traces) < config.eval.shots:
+        raise ConfigError(f"eval.shots={config.eval.shots}, but the training data ({config.data.source!r}) "
+                          f"gives only {len(traces)} traces")
+    return "".join(f"{trace.prompt}{trace.completion}\n\n" for trace in traces)
 
 
 def problems(config: Config) -> list[Example]:

@@ -162,13 +162,19 @@ def eval_weights_text(variants: Sequence[Variant]) -> str:
         f"{v.label}: {weights_text(w)}" for v, w in zip(variants, weights)) + "."
 
 
+def shots_text(shots: int) -> str:
+    """What ``eval.shots`` put before each question, for the harness sentence."""
+    return f" after {shots} worked training examples (`eval.shots`)" if shots else ""
+
+
 def harness_text(variants: Sequence[Variant]) -> str:
     """The sentence that says how every variant was scored (the first one's eval.json)
     and with which composite weights; the report and the model card open their results with it."""
     first = variants[0].result.settings
     return (f"Every variant is scored by the same harness: {first['source']} {first['split']} "
             f"({len(variants[0].result.records)} problems), greedy decoding, {first['max_new_tokens']} new tokens, "
-            f"the `{first['prompt_style']}` prompt. Intervals are 95% (Wilson for rates, normal for means). "
+            f"the `{first['prompt_style']}` prompt{shots_text(first.get('shots', 0))}. "
+            "Intervals are 95% (Wilson for rates, normal for means). "
             + eval_weights_text(variants))
 
 
