@@ -138,12 +138,16 @@ def test_an_evaluation_from_before_shots_resumes_as_zero_shot(tmp_path, tiny):
     del settings["shots"]
     (tmp_path / "eval.json").write_text(json.dumps(settings))
     assert evaluate(tiny, problems(config), tmp_path, config).seconds == 0.0  # nothing to redo
+    shown = load_config("tiny", ["eval.limit=2", "eval.shots=1"])
+    with pytest.raises(EvalError, match="shots: 0 -> 1"):
+        evaluate(tiny, problems(shown), tmp_path, shown)
 
 
-def test_more_shots_than_training_traces_is_a_config_error():
+def test_more_shots_than_training_traces_is_a_config_error(tmp_path):
     assert shot_prefix(load_config("tiny")) == ""
-    with pytest.raises(ConfigError, match="eval.shots=1000000, but the training data"):
-        shot_prefix(load_config("tiny", ["eval.shots=1000000"]))
+    with pytest.raises(ConfigError, match=r"eval.shots=1000000, but the training data \('arithmetic'\) gives only"):
+        evaluate(None, [], tmp_path / "eval", load_config("tiny", ["eval.shots=1000000"]))
+    assert not (tmp_path / "eval").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="eval.limit and eval.shots must be >= 0"):
         load_config("tiny", ["eval.shots=-1"])
 

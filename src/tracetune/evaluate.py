@@ -318,6 +318,7 @@ def evaluate(
     """Score ``loaded`` (a LoadedModel) on ``examples`` into ``out_dir``, resuming
     from the samples already there."""
     harness = config.eval
+    prefix = shot_prefix(config)  # before eval.json is written: too many shots leaves no directory behind
     settings = {
         "variant": variant or out_dir.name,
         "model": loaded.source,
@@ -337,7 +338,7 @@ def evaluate(
         saved = json.loads(settings_path.read_text())
         changed = [k for k in SETTINGS if saved.get(k, SETTING_DEFAULTS.get(k)) != settings[k]]
         if changed:
-            raise EvalError(f"{out_dir} holds an evaluation with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
+            raise EvalError(f"{out_dir} holds an evaluation with other settings ({', '.join(f'{k}: {saved.get(k, SETTING_DEFAULTS.get(k))!r} -> {settings[k]!r}' for k in changed)}); "
                             "use another --out directory")
     else:
         with atomic_path(settings_path) as tmp:
@@ -360,7 +361,7 @@ def evaluate(
         # Each record is appended as its problem finishes, so a stopped evaluation resumes from there.
         for index, score, generation in stream_and_score(generator, todo, max_new_tokens=harness.max_new_tokens,
                                                           prompt_style=config.data.prompt_style, weights=config.rewards,
-                                                          prefix=shot_prefix(config)):
+                                                          prefix=prefix):
             record = sample_record(score, generation, todo[index])
             records.append(record)
             append_jsonl(samples_path, record)
@@ -399,10 +400,10 @@ def shot_prefix(config: Config) -> str:
         return ""
     from tracetune.data import curate_data
 
-    traces = curate_data(config.data)[0].train[: config.eval.shots]
+    curated, _, described = curate_data(config.data)
+    traces = curated.train[: config.eval.shots]
     if len(traces) < config.eval.shots:
-        raise ConfigError(f"eval.shots={config.eval.shots}, but the training data ({config.data.source!r}) "
-                          f"gives only {len(traces)} traces")
+        raise ConfigError(f"eval.shots={config.eval.shots}, but the training data ({described}) gives only {len(traces)} traces")
     return "".join(f"{trace.prompt}{trace.completion}\n\n" for trace in traces)
 
 
