@@ -335,10 +335,10 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path = out_dir / "eval.json"
     if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
-        changed = [k for k in SETTINGS if saved.get(k, SETTING_DEFAULTS.get(k)) != settings[k]]
+        saved = {k: SETTING_DEFAULTS.get(k) for k in SETTINGS} | json.loads(settings_path.read_text())
+        changed = [k for k in SETTINGS if saved[k] != settings[k]]
         if changed:
-            raise EvalError(f"{out_dir} holds an evaluation with other settings ({', '.join(f'{k}: {saved.get(k, SETTING_DEFAULTS.get(k))!r} -> {settings[k]!r}' for k in changed)}); "
+            raise EvalError(f"{out_dir} holds an evaluation with other settings ({', '.join(f'{k}: {saved[k]!r} -> {settings[k]!r}' for k in changed)}); "
                             "use another --out directory")
     else:
         with atomic_path(settings_path) as tmp:
